@@ -1,0 +1,305 @@
+"""Shared building blocks for strategies: attention unfusing, adapter injection, LoRA maths,
+parameter counting.
+
+Strategies share code through these functions, not through mixins or deep class hierarchies.
+Every adapter wraps a frozen ``nn.Linear`` (``base``) and adds a method-specific ``delta``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.backbones.base import ROLES, Backbone, Block
+
+# ----------------------------------------------------------------------------- attention
+
+
+class UnfusedAttention(nn.Module):
+    """Drop-in replacement for ``nn.MultiheadAttention`` made of four ``nn.Linear`` layers.
+
+    ``nn.MultiheadAttention`` fuses q/k/v into ``in_proj_weight`` and never calls ``out_proj`` as
+    a module, so wrapping its linears silently changes nothing. This module computes the same
+    function with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` linears and
+    ``F.scaled_dot_product_attention``. The number of heads is derived from the q projection's
+    output width and the fixed ``head_dim``, so structured pruning can slice whole heads.
+    ``causal=True`` replaces the additive causal mask of a text tower by ``is_causal`` (same
+    result, lets SDPA use its fused kernels).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        n_heads: int,
+        *,
+        bias: bool = True,
+        batch_first: bool = True,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        if embed_dim % n_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by {n_heads} heads")
+        self.embed_dim = embed_dim
+        self.n_heads = n_heads
+        self.head_dim = embed_dim // n_heads
+        self.batch_first = batch_first
+        self.causal = causal
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention, *, causal: bool = False) -> UnfusedAttention:
+        """Copy the weights of a self-attention ``nn.MultiheadAttention`` into a new module."""
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("only self-attention with a fused in_proj_weight can be unfused")
+        if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
+            raise ValueError("bias_k/bias_v, add_zero_attn and attention dropout are not supported")
+        d = mha.embed_dim
+        bias = mha.in_proj_bias is not None
+        new = cls(d, mha.num_heads, bias=bias, batch_first=mha.batch_first, causal=causal)
+        new = new.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        with torch.no_grad():
+            for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+                proj.weight.copy_(mha.in_proj_weight[i * d : (i + 1) * d])
+                if bias:
+                    proj.bias.copy_(mha.in_proj_bias[i * d : (i + 1) * d])
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        return new
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise NotImplementedError("UnfusedAttention does not return attention weights")
+        if key_padding_mask is not None:
+            raise NotImplementedError("key_padding_mask is not supported")
+        key = query if key is None else key
+        value = query if value is None else value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, length = query.shape[0], query.shape[1]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, t.shape[1], -1, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(query))
+        k = heads(self.k_proj(key))
+        v = heads(self.v_proj(value))
+        if self.causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = (
+                attn_mask.to(q.dtype)
+                if attn_mask is not None and attn_mask.is_floating_point()
+                else attn_mask
+            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+class AdaptedLinear(nn.Module):
+    """Base of every adapter: a frozen ``base`` linear plus a method-specific ``delta(x)``."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight W0 (adapters never change it)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.delta(x)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Parameters added by the method (everything except the frozen base layer)."""
+        base_ids = {id(p) for p in self.base.parameters()}
+        return [p for p in self.parameters() if id(p) not in base_ids]
+
+
+def base_linear(module: nn.Module) -> nn.Linear:
+    """The plain ``nn.Linear`` at a role, unwrapping any adapter."""
+    while isinstance(module, AdaptedLinear):
+        module = module.base
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
+    return module
+
+
+def select_blocks(backbone: Backbone, towers: Sequence[str]) -> list[Block]:
+    """The blocks of the named towers (``"vision"``, ``"text"``), in model order."""
+    unknown = set(towers) - {"vision", "text"}
+    if unknown:
+        raise ValueError(f"unknown tower(s) {sorted(unknown)}; valid: vision, text")
+    return [b for b in backbone.blocks if b.tower in towers]
+
+
+def inject(
+    backbone: Backbone,
+    factory: Callable[[nn.Linear, Block, str], AdaptedLinear],
+    *,
+    roles: Sequence[str] = ROLES,
+    towers: Sequence[str] = ("vision", "text"),
+) -> dict[str, AdaptedLinear]:
+    """Replace the linear at each ``role`` of each block of ``towers`` by ``factory(linear, block, role)``.
+
+    Returns ``{"vision.3.q": adapter, ...}`` in model order. The new modules are moved to the
+    base weight's device. Roles missing from a block (none for CLIP/ViT) are an error.
+    """
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"unknown role(s) {bad}; valid: {', '.join(ROLES)}")
+    adapters: dict[str, AdaptedLinear] = {}
+    for block in select_blocks(backbone, towers):
+        block_module = backbone.block_module(block)
+        for role in roles:
+            path = block.linears[role]
+            parent_path, _, attr = path.rpartition(".")
+            parent = block_module.get_submodule(parent_path) if parent_path else block_module
+            linear = getattr(parent, attr)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"{block.name}.{role} is already adapted ({type(linear).__name__})")
+            adapter = factory(linear, block, role).to(linear.weight.device)
+            setattr(parent, attr, adapter)
+            adapters[f"{block.name}.{role}"] = adapter
+    return adapters
+
+
+def freeze(module: nn.Module) -> None:
+    module.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- LoRA maths
+
+
+def init_lora_pair(
+    r: int, d_in: int, d_out: int, device: torch.device | None = None
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """A [r, d_in] kaiming-uniform (a=sqrt(5), as loralib/peft) and B [d_out, r] zeros."""
+    A = torch.empty(r, d_in, device=device)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    B = torch.zeros(d_out, r, device=device)
+    return nn.Parameter(A), nn.Parameter(B)
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * x A^T B^T``: the low-rank update applied to ``x`` without forming B A."""
+    return F.linear(F.linear(x, A), B) * scaling
+
+
+class LoRALinear(AdaptedLinear):
+    """Plain LoRA (Hu et al. 2021, Eq. 3): ``y = W0 x + b + (alpha / r) B A x``, B = 0 at start."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+        super().__init__(base)
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, base.weight.device)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_delta(x, self.A, self.B, self.scaling)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) B A`` as a dense [d_out, d_in] matrix."""
+        return (self.B @ self.A) * self.scaling
+
+    def reset(self) -> None:
+        """Fresh adapter (kaiming A, zero B), e.g. after merging it into the backbone."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            self.B.zero_()
+
+
+@torch.no_grad()
+def merge_into_base(adapter: AdaptedLinear, delta_weight: torch.Tensor) -> None:
+    """Add a dense update to the frozen base weight (in its own dtype)."""
+    adapter.base.weight.add_(delta_weight.to(adapter.base.weight.dtype))
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count(params: Iterable[torch.Tensor]) -> int:
+    """Number of elements of the unique tensors in ``params``."""
+    seen: set[int] = set()
+    total = 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def nbytes(params: Iterable[torch.Tensor]) -> int:
+    """Storage bytes of the unique tensors in ``params``."""
+    seen: set[int] = set()
+    total = 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- shared config
+
+
+def check_targets(roles: Sequence[str], towers: Sequence[str]) -> None:
+    """Validate the adapter target names of a strategy config (raises ConfigError)."""
+    from cl_bench.errors import ConfigError
+
+    bad_roles = [r for r in roles if r not in ROLES]
+    bad_towers = [t for t in towers if t not in ("vision", "text")]
+    if bad_roles or not roles:
+        raise ConfigError(
+            f"strategy.roles must be a non-empty subset of {', '.join(ROLES)}, got {list(roles)}"
+        )
+    if bad_towers or not towers:
+        raise ConfigError(f"strategy.towers must be a non-empty subset of vision, text, got {list(towers)}")
+
+
+def available_towers(backbone: Backbone, towers: Sequence[str]) -> tuple[str, ...]:
+    """The requested towers the backbone has (a vision-only backbone drops ``text``)."""
+    return tuple(t for t in towers if t in backbone.towers())

@@ -1,0 +1,283 @@
+"""transformers backbones (the only module that imports transformers).
+
+``hf-clip`` loads a ``CLIPModel`` and its tokenizer from a local directory (``save_pretrained``
+layout); ``hf-vit`` loads a ``ViTModel`` (image features = the final-norm CLS token, scored by a
+linear head). Nothing is downloaded: ``local_files_only=True`` everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl_bench.backbones.base import Backbone, Block
+from cl_bench.errors import ConfigError, WeightsError
+from cl_bench.registry import BACKBONES
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_HALF = (0.5, 0.5, 0.5)
+_CLIP_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "out": "self_attn.out_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+_VIT_LINEARS = {
+    "q": "attention.q_proj",
+    "k": "attention.k_proj",
+    "v": "attention.v_proj",
+    "out": "attention.o_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+
+
+def _blocks(
+    tower: str, prefix: str, layers: nn.ModuleList, n_heads: int, hidden: int, linears: dict[str, str]
+) -> list[Block]:
+    return [
+        Block(
+            tower=tower,
+            index=i,
+            path=f"{prefix}.{i}",
+            n_heads=n_heads,  # type: ignore[arg-type]
+            head_dim=hidden // n_heads,
+            linears=dict(linears),
+        )
+        for i in range(len(layers))
+    ]
+
+
+class HFCLIPBackbone(Backbone):
+    """A transformers ``CLIPModel``; ``tokenize`` is any callable list[str] -> ids [N, context]."""
+
+    kind = "clip"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        tokenize: Callable[[list[str]], torch.Tensor],
+        source: str,
+        pretrained: bool,
+        weights: str | None,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+    ) -> None:
+        vcfg, tcfg = model.config.vision_config, model.config.text_config
+        blocks = [
+            *_blocks(
+                "vision",
+                "vision_model.encoder.layers",
+                model.vision_model.encoder.layers,
+                vcfg.num_attention_heads,
+                vcfg.hidden_size,
+                _CLIP_LINEARS,
+            ),
+            *_blocks(
+                "text",
+                "text_model.encoder.layers",
+                model.text_model.encoder.layers,
+                tcfg.num_attention_heads,
+                tcfg.hidden_size,
+                _CLIP_LINEARS,
+            ),
+        ]
+        super().__init__(
+            name=name,
+            model=model,
+            source=source,
+            blocks=blocks,
+            feature_dim=int(model.config.projection_dim),
+            image_size=int(vcfg.image_size),
+            mean=mean,
+            std=std,
+            embedding_names=("vision_model.embeddings", "vision_model.pre_layrnorm", "text_model.embeddings"),
+            head_names=(
+                "vision_model.post_layernorm",
+                "visual_projection",
+                "text_model.final_layer_norm",
+                "text_projection",
+            ),
+            pretrained=pretrained,
+            weights=weights,
+            text_prefixes=("text_model.", "text_projection"),
+        )
+        self._tokenize = tokenize
+        model.logit_scale.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=images).pooler_output
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.get_text_features(input_ids=tokens).pooler_output
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._tokenize(list(texts))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+
+class HFViTBackbone(Backbone):
+    """A transformers ``ViTModel`` (no pooler): features are the final-norm CLS token."""
+
+    kind = "vision"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        source: str,
+        pretrained: bool,
+        weights: str | None,
+        mean: Sequence[float] = IMAGENET_HALF,
+        std: Sequence[float] = IMAGENET_HALF,
+    ) -> None:
+        cfg = model.config
+        blocks = _blocks(
+            "vision",
+            "layers" if hasattr(model, "layers") else "encoder.layer",
+            model.layers if hasattr(model, "layers") else model.encoder.layer,
+            cfg.num_attention_heads,
+            cfg.hidden_size,
+            _VIT_LINEARS,
+        )
+        super().__init__(
+            name=name,
+            model=model,
+            source=source,
+            blocks=blocks,
+            feature_dim=int(cfg.hidden_size),
+            image_size=int(cfg.image_size),
+            mean=mean,
+            std=std,
+            embedding_names=("embeddings",),
+            head_names=("layernorm",),
+            pretrained=pretrained,
+            weights=weights,
+        )
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).last_hidden_state[:, 0]
+
+
+def _preprocessing(
+    directory: Path, default_mean: Sequence[float], default_std: Sequence[float]
+) -> tuple[Sequence[float], Sequence[float]]:
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return default_mean, default_std
+    cfg = json.loads(path.read_text())
+    return cfg.get("image_mean", default_mean), cfg.get("image_std", default_std)
+
+
+def _require_dir(path: str, what: str) -> Path:
+    if not path:
+        raise ConfigError(f"{what} needs backbone.path=<directory saved with save_pretrained>")
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise WeightsError(f"{what}: no config.json in {directory} (expected a save_pretrained directory)")
+    return directory
+
+
+def load_hf_clip(path: str, *, name: str) -> HFCLIPBackbone:
+    from transformers import AutoTokenizer, CLIPModel
+
+    directory = _require_dir(path, name)
+    try:
+        model = CLIPModel.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(
+            f"{directory} could not be loaded as a CLIP model: {str(err).splitlines()[0]}"
+        ) from None
+    if tokenizer.vocab_size < 1000:
+        raise WeightsError(
+            f"{directory}: the tokenizer has only {tokenizer.vocab_size} entries (an offline hub stub?)"
+        )
+    context = int(model.config.text_config.max_position_embeddings)
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        out = tokenizer(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
+        return out["input_ids"]
+
+    mean, std = _preprocessing(directory, OPENAI_MEAN, OPENAI_STD)
+    return HFCLIPBackbone(
+        name=name,
+        model=model,
+        tokenize=tokenize,
+        source=f"transformers:{directory}",
+        pretrained=True,
+        weights=str(directory),
+        mean=mean,
+        std=std,
+    )
+
+
+def load_hf_vit(path: str, *, name: str) -> HFViTBackbone:
+    from transformers import ViTModel
+
+    directory = _require_dir(path, name)
+    try:
+        model = ViTModel.from_pretrained(directory, local_files_only=True, add_pooling_layer=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"{directory} could not be loaded as a ViT: {str(err).splitlines()[0]}") from None
+    mean, std = _preprocessing(directory, IMAGENET_HALF, IMAGENET_HALF)
+    return HFViTBackbone(
+        name=name,
+        model=model,
+        source=f"transformers:{directory}",
+        pretrained=True,
+        weights=str(directory),
+        mean=mean,
+        std=std,
+    )
+
+
+def build_clip_from_config(config: dict[str, Any]) -> nn.Module:
+    """A randomly initialised ``CLIPModel`` from a plain config dict (tiny test models)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel(CLIPConfig(**config))
+
+
+def build_vit_from_config(config: dict[str, Any]) -> nn.Module:
+    """A randomly initialised ``ViTModel`` (no pooler) from a plain config dict."""
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(**config), add_pooling_layer=False)
+
+
+@BACKBONES.register("hf-clip", description="transformers CLIPModel from a local save_pretrained directory")
+@dataclass(frozen=True)
+class HFClip:
+    """``path``: a directory with config.json, weights and tokenizer files."""
+
+    path: str = ""
+
+    def build(self) -> HFCLIPBackbone:
+        return load_hf_clip(self.path, name="hf-clip")
+
+
+@BACKBONES.register("hf-vit", description="transformers ViTModel from a local directory, with a linear head")
+@dataclass(frozen=True)
+class HFViT:
+    """``path``: a directory with config.json and weights."""
+
+    path: str = ""
+
+    def build(self) -> HFViTBackbone:
+        return load_hf_vit(self.path, name="hf-vit")

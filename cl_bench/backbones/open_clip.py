@@ -1,0 +1,215 @@
+"""open_clip CLIP backbones (the only module that imports open_clip).
+
+Models are created by name, with weights from a local file (``.pt``/``.bin``/``.safetensors``) or
+``local-dir:<dir>``; nothing is downloaded. Every ``nn.MultiheadAttention`` is replaced by an
+equivalent :class:`~cl_bench.adapters.UnfusedAttention` so strategies adapt plain linears.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl_bench.adapters import UnfusedAttention
+from cl_bench.backbones.base import Backbone, Block
+from cl_bench.errors import ConfigError, WeightsError
+from cl_bench.registry import BACKBONES
+
+log = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_LINEARS = {
+    "q": "attn.q_proj",
+    "k": "attn.k_proj",
+    "v": "attn.v_proj",
+    "out": "attn.out_proj",
+    "fc1": "mlp.c_fc",
+    "fc2": "mlp.c_proj",
+}
+
+
+class OpenCLIPBackbone(Backbone):
+    """An open_clip ``CLIP`` model with unfused attention in both towers."""
+
+    kind = "clip"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        tokenizer: Any,
+        source: str,
+        pretrained: bool,
+        weights: str | None,
+    ) -> None:
+        if not hasattr(model, "transformer") or not hasattr(model.visual, "transformer"):
+            raise ConfigError(f"{source}: only open_clip CLIP models with ViT towers are supported")
+        unfuse_attention(model.visual.transformer.resblocks, causal=False)
+        unfuse_attention(model.transformer.resblocks, causal=True)
+        blocks = [
+            *(
+                _block("vision", i, f"visual.transformer.resblocks.{i}", r)
+                for i, r in enumerate(model.visual.transformer.resblocks)
+            ),
+            *(
+                _block("text", i, f"transformer.resblocks.{i}", r)
+                for i, r in enumerate(model.transformer.resblocks)
+            ),
+        ]
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = model.visual.image_size
+        super().__init__(
+            name=name,
+            model=model,
+            source=source,
+            blocks=blocks,
+            feature_dim=int(model.text_projection.shape[-1])
+            if isinstance(model.text_projection, torch.Tensor)
+            else int(model.text_projection.out_features),
+            image_size=int(size[0] if isinstance(size, tuple | list) else size),
+            mean=cfg.get("mean", OPENAI_MEAN),
+            std=cfg.get("std", OPENAI_STD),
+            embedding_names=(
+                "visual.conv1",
+                "visual.class_embedding",
+                "visual.positional_embedding",
+                "visual.ln_pre",
+                "token_embedding",
+                "positional_embedding",
+            ),
+            head_names=("visual.ln_post", "visual.proj", "ln_final", "text_projection"),
+            pretrained=pretrained,
+            weights=weights,
+            text_prefixes=(
+                "transformer.",
+                "token_embedding",
+                "positional_embedding",
+                "ln_final",
+                "text_projection",
+            ),
+        )
+        self.tokenizer = tokenizer
+        model.logit_scale.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+
+def _block(tower: str, index: int, path: str, module: nn.Module) -> Block:
+    attn = module.attn
+    return Block(
+        tower=tower,
+        index=index,
+        path=path,
+        n_heads=attn.n_heads,
+        head_dim=attn.head_dim,  # type: ignore[arg-type]
+        linears=dict(_LINEARS),
+    )
+
+
+def unfuse_attention(resblocks: nn.ModuleList, *, causal: bool) -> None:
+    """Replace each block's ``nn.MultiheadAttention`` by an output-identical UnfusedAttention."""
+    for block in resblocks:
+        if isinstance(block.attn, nn.MultiheadAttention):
+            block.attn = UnfusedAttention.from_multihead(block.attn, causal=causal)
+
+
+def _check_weights(weights: str) -> str:
+    if weights.startswith("local-dir:"):
+        directory = Path(weights.removeprefix("local-dir:"))
+        if not directory.is_dir():
+            raise WeightsError(f"weights directory not found: {directory}")
+        return weights
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    return str(path)
+
+
+def load_open_clip(
+    model_name: str, weights: str, *, name: str, image_size: int = 0, config_dir: Path | None = None
+) -> OpenCLIPBackbone:
+    """Create an open_clip model (random init when ``weights`` is empty) and wrap it."""
+    import open_clip
+
+    if config_dir is not None and model_name not in open_clip.list_models():
+        open_clip.add_model_config(config_dir)
+    if model_name not in open_clip.list_models():
+        from cl_bench.registry import closest
+
+        raise ConfigError(
+            f"unknown open_clip model '{model_name}'{closest(model_name, open_clip.list_models())}"
+        )
+    pretrained = _check_weights(weights) if weights else None
+    kwargs: dict[str, Any] = {"force_image_size": image_size} if image_size else {}
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, KeyError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"weights {weights} could not be loaded into {model_name}: {first}") from None
+    tokenizer = open_clip.get_tokenizer(model_name)
+    source = f"open_clip:{model_name}"
+    return OpenCLIPBackbone(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        pretrained=pretrained is not None,
+        weights=weights or None,
+    )
+
+
+def clip_tokenizer(context_length: int) -> Any:
+    """open_clip's bundled CLIP BPE tokenizer (vocabulary 49408), for tiny HF CLIP models."""
+    import open_clip
+
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+@BACKBONES.register("open-clip", description="any open_clip CLIP ViT by name (backbone.model), local weights")
+@dataclass(frozen=True)
+class OpenCLIP:
+    """``model``: an open_clip model name; ``weights``: a local file or ``local-dir:<dir>`` (empty:
+    random weights, reported loudly); ``image_size``: 0 keeps the model's own."""
+
+    model: str = "ViT-B-16"
+    weights: str = ""
+    image_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 0:
+            raise ConfigError(f"backbone.image_size must be >= 0, got {self.image_size}")
+
+    def build(self) -> OpenCLIPBackbone:
+        return load_open_clip(self.model, self.weights, name="open-clip", image_size=self.image_size)
+
+
+@BACKBONES.register(
+    "clip-vit-b-16", description="open_clip CLIP ViT-B/16 at 224 px; weights from backbone.weights"
+)
+@dataclass(frozen=True)
+class ClipViTB16:
+    """open_clip ViT-B-16; set ``weights`` to the OpenAI checkpoint file for real results."""
+
+    weights: str = ""
+
+    def build(self) -> OpenCLIPBackbone:
+        return load_open_clip("ViT-B-16", self.weights, name="clip-vit-b-16")

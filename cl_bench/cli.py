@@ -1,0 +1,202 @@
+"""``cl-bench``: the command line, and the composition root.
+
+This is the only module that reads argv/environment and the only one in ``cl_bench`` that imports
+the component packages (``strategies``, ``scenarios``, ``reports``) to fill the registries. Heavy
+libraries are imported only by the commands that need them, so ``--help`` and ``list`` are fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cl_bench.errors import ClBenchError
+
+log = logging.getLogger("cl_bench")
+
+
+def load_components() -> None:
+    """Import every component module so its registrations run (cheap: no heavy libraries)."""
+    import strategies  # noqa: F401
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cl-bench",
+        description="Continual-learning benchmark harness for LoRA-family fine-tuning.",
+        epilog="Examples: cl-bench run --strategy lora --scenario split-digits | cl-bench list strategies | "
+        "cl-bench report runs/ -o report.html",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,report}")
+
+    run = sub.add_parser("run", help="train one strategy through one scenario and write a run record")
+    run.add_argument("--strategy", help="registered strategy name (cl-bench list strategies)")
+    run.add_argument("--scenario", help="registered scenario name (cl-bench list scenarios)")
+    run.add_argument("--backbone", help="registered backbone name (default: the scenario's)")
+    run.add_argument(
+        "--config",
+        metavar="RUN.TOML",
+        help="TOML file with run keys and [strategy]/[scenario]/[backbone] tables",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run key (lr=1e-3) or a component key (strategy.r=16, scenario.root=DIR); "
+        "repeatable, applied last",
+    )
+    run.add_argument("--out", help="directory of run records (default runs/)")
+    run.add_argument(
+        "--run-id", help="name of the run directory (default: <time>-<strategy>-<scenario>-s<seed>)"
+    )
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: CUDA when present")
+    run.add_argument("--seed", type=int, help="training seed")
+    run.add_argument("--order-seed", type=int, help="class-order seed (separate from the training seed)")
+    run.add_argument("--overwrite", action="store_true", help="replace a completed run with the same id")
+    run.add_argument("--report", action="store_true", help="also write report.html next to the record")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    lst = sub.add_parser("list", help="show registered strategies, scenarios and backbones")
+    lst.add_argument("kind", nargs="?", choices=("strategies", "scenarios", "backbones"))
+
+    rep = sub.add_parser("report", help="turn run records into one self-contained HTML report")
+    rep.add_argument("paths", nargs="+", metavar="RUNS_DIR", help="run directories or result.json files")
+    rep.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    return parser
+
+
+def _run_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from cl_bench import config
+
+    layers: list[dict[str, Any]] = []
+    if args.config:
+        layers.append(config.load_toml(args.config))
+    flags = {
+        "strategy": args.strategy,
+        "scenario": args.scenario,
+        "backbone": args.backbone,
+        "out": args.out,
+        "run_id": args.run_id,
+        "device": args.device,
+        "seed": args.seed,
+        "order_seed": args.order_seed,
+    }
+    layers.append({k: v for k, v in flags.items() if v is not None})
+    if args.overwrite:
+        layers.append({"overwrite": True})
+    if args.report:
+        layers.append({"report": True})
+    layers.append(config.parse_set(args.overrides))
+    return layers
+
+
+def _summary(record: Any, path: Path) -> str:
+    m, p, t = record.metrics, record.parameters, record.timing
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows = [
+        ("acc_final", fmt(m["acc_final"])),
+        ("acc_avg_incremental", fmt(m["acc_avg_incremental"])),
+        ("forgetting", fmt(m["forgetting"])),
+        ("bwt", fmt(m["bwt"])),
+        ("fwt", fmt(m["fwt"])),
+        ("trainable params", f"{p['trainable']:,} ({100 * p['trainable_fraction']:.2f}% of backbone)"),
+        (
+            "peak memory (train)",
+            f"{t['peak_memory_train_bytes'] / 2**20:,.1f} MiB ({record.experiences[-1].memory_kind})",
+        ),
+        ("time", f"{t['total_s']:.1f} s (train {t['train_s']:.1f} s, eval {t['eval_s']:.1f} s)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [
+        f"{record.config['strategy']} on {record.config['scenario']} ({record.config['backbone']}, "
+        f"{record.environment['device']}, {record.environment['precision']})"
+    ]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"  record: {path}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cl_bench import config, loop
+
+    cfg = config.resolve(_run_layers(args))
+    record = loop.run(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    run_dir = Path(record.config["out"]) / record.run_id
+    print(_summary(record, run_dir / "result.json"))
+    if record.config["report"]:
+        from reports.build import build_report
+
+        out = build_report([run_dir], run_dir / "report.html")
+        print(f"  report: {out}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
+
+    kinds = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "backbones": BACKBONES}
+    for kind, registry in kinds.items():
+        if args.kind and args.kind != kind:
+            continue
+        print(f"{kind}:")
+        entries = list(registry)
+        width = max(len(e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "")) for e in entries)
+        for e in entries:
+            label = e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "")
+            print(f"  {label:<{width}}  {e.description}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.build import build_report
+
+    out = build_report([Path(p) for p in args.paths], Path(args.output))
+    print(f"report: {out}")
+    return 0
+
+
+class _OwnInfoOnly(logging.Filter):
+    """cl-bench's own INFO and above; other libraries (open_clip logs to root) only from ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("cl_bench") or record.levelno >= logging.ERROR
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.addFilter(_OwnInfoOnly())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
+    os.environ.setdefault("WANDB_MODE", "disabled")  # avalanche imports wandb at module level
+    args = _parser().parse_args(argv)
+    _configure_logging()
+    commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report}
+    try:
+        load_components()
+        return commands[args.command](args)
+    except ClBenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

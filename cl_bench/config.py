@@ -1,0 +1,269 @@
+"""Typed, frozen run configuration.
+
+Precedence: dataclass defaults < the scenario's ``run_defaults`` < ``--config run.toml`` <
+command-line flags < repeated ``--set key=value``.
+Every component (strategy, scenario, backbone) declares its own frozen ``Config`` dataclass and
+:func:`build` turns a plain mapping into it, rejecting unknown keys (naming the valid ones and
+the closest match) and wrong types. No Hydra, no dotted import strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from cl_bench.errors import ConfigError
+from cl_bench.registry import SCENARIOS, closest
+
+C = TypeVar("C")
+
+Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+LabelSpace = Literal["seen", "all"]
+TrainClasses = Literal["seen", "current"]
+Schedule = Literal["cosine", "constant"]
+
+COMPONENTS = ("strategy", "scenario", "backbone")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run. Component arguments are built into their own Configs."""
+
+    strategy: str = ""
+    scenario: str = ""
+    backbone: str = ""  # empty: the scenario's default backbone
+    seed: int = 0  # training seed: init, batches, augmentation, sampling inside strategies
+    order_seed: int = 0  # class order of the scenario, separate from the training seed
+    epochs: int = 1  # epochs per experience (ignored when steps_per_experience > 0)
+    steps_per_experience: int = 0  # > 0: this many optimizer steps per experience, cycling the data
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float | None = None  # None: the strategy's default
+    weight_decay: float | None = None  # None: the strategy's default
+    lr_schedule: Schedule = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0  # 0: no clipping
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: Device = "auto"
+    compile: bool = False
+    augment: bool = True  # the scenario's augmentations (crop/flip for CIFAR, none for digits)
+    label_space: LabelSpace = "seen"  # METRICS.md: scoring label space of the accuracy matrix
+    train_classes: TrainClasses = "seen"  # classes that compete in the default training loss
+    log_every: int = 10
+    out: str = "runs"
+    run_id: str = ""  # empty: <timestamp>-<strategy>-<scenario>-s<seed>
+    overwrite: bool = False
+    report: bool = False
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    scenario_args: dict[str, Any] = field(default_factory=dict)
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps_per_experience", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+# ----------------------------------------------------------------------------- typed building
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        choices = [str(a) for a in get_args(tp)]
+        raise ConfigError(
+            f"{where}: {value!r} is not one of {', '.join(choices)}{closest(str(value), choices)}"
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
+    """Build the frozen dataclass ``cls`` from ``data``, strictly.
+
+    Unknown keys raise a ConfigError naming the valid keys and the closest match; values are
+    type-checked against the annotations (ints are accepted for floats, lists become tuples).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = sorted(fields)
+            listing = ", ".join(valid) or "none"
+            raise ConfigError(f"unknown key '{key}' in {where}{closest(key, valid)}; valid keys: {listing}")
+        values[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config dataclass (tuples become lists)."""
+    return _jsonable(dataclasses.asdict(config))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value (``8``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``).
+
+    Anything that is not valid TOML is taken as a bare string, so paths need no quotes.
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["lr=1e-3", "strategy.r=16"]`` into a nested mapping like a TOML file's."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        parts = key.split(".")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in COMPONENTS):
+            raise ConfigError(
+                f"--set key {key!r}: use a run key (e.g. lr=1e-3) or one of "
+                f"{', '.join(c + '.<key>' for c in COMPONENTS)}"
+            )
+        value = parse_value(text.strip())
+        if len(parts) == 2:
+            table = out.setdefault(parts[0], {})
+            if not isinstance(table, dict):
+                table = out[parts[0]] = {"name": table}
+            table[parts[1]] = value
+        elif parts[0] in COMPONENTS and isinstance(out.get(parts[0]), dict):
+            out[parts[0]]["name"] = value
+        else:
+            out[parts[0]] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run config file; a missing or malformed file is a one-line ConfigError."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+
+
+def _flatten(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """Map ``{strategy: {name: x, r: 8}}`` onto RunConfig's ``strategy``/``strategy_args`` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in layer.items():
+        if key in COMPONENTS and isinstance(value, Mapping):
+            args = dict(value)
+            if "name" in args:
+                flat[key] = args.pop("name")
+            flat[f"{key}_args"] = args
+        elif key in {f"{c}_args" for c in COMPONENTS}:
+            raise ConfigError(f"use a [{key[:-5]}] table (or --set {key[:-5]}.<key>=...), not {key}")
+        else:
+            flat[key] = value
+    return flat
+
+
+def resolve(layers: Sequence[Mapping[str, Any]]) -> RunConfig:
+    """Merge config layers (lowest precedence first) into a validated RunConfig.
+
+    Between the RunConfig defaults and the first layer sit the chosen scenario's
+    ``run_defaults`` (e.g. more epochs for the small digits demo), when the scenario is registered.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in _flatten(layer).items():
+            if key.endswith("_args"):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged[key] = value
+    scenario = merged.get("scenario")
+    if isinstance(scenario, str) and scenario in SCENARIOS:
+        for key, value in getattr(SCENARIOS.get(scenario), "run_defaults", {}).items():
+            merged.setdefault(key, value)
+    return build(RunConfig, merged, "run config")

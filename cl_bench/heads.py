@@ -1,0 +1,105 @@
+"""Classification heads: CLIP text prototypes (zero-shot capable) and a linear head.
+
+Both return logits over *all* classes of the scenario, ``[batch, n_classes]``; only the columns in
+``classes`` are computed, the others are ``-inf``. Labels therefore stay global everywhere, and the
+loss and the evaluator restrict the competing classes by choosing ``classes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.backbones.base import Backbone
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class Head(nn.Module):
+    n_classes: int
+
+    def forward(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def invalidate(self) -> None:
+        """Forget any cached computation (called at experience boundaries and before evaluation)."""
+
+
+def _scatter(columns: torch.Tensor, classes: torch.Tensor, n_classes: int) -> torch.Tensor:
+    out = columns.new_full((columns.shape[0], n_classes), float("-inf"))
+    return out.index_copy(1, classes, columns)
+
+
+class TextPrototypeHead(Head):
+    """CLIP head: ``logits = scale * normalize(image) @ normalize(text(prompt_c))^T``.
+
+    Class prompts ("a photo of a {name}.") are tokenized once. Text features are recomputed with
+    the current (possibly adapted) text tower whenever any text-tower parameter is trainable, so
+    gradients reach it; when the text tower is frozen they are computed once without gradient and
+    cached until :meth:`invalidate` (the loop calls it after every ``before_experience`` hook and
+    before every evaluation, so parameters a strategy adds are seen) or until the set of
+    trainable text parameters changes.
+    """
+
+    def __init__(
+        self, backbone: Backbone, class_names: Sequence[str], template: str = DEFAULT_TEMPLATE
+    ) -> None:
+        super().__init__()
+        if backbone.kind != "clip":
+            raise ValueError(f"backbone {backbone.name} has no text tower for a text-prototype head")
+        self.backbone = [backbone]  # a list, so the backbone is not registered twice as a submodule
+        self.n_classes = len(class_names)
+        self.prompts = [template.format(name) for name in class_names]
+        self.register_buffer("tokens", backbone.tokenize(self.prompts), persistent=False)
+        self._text_params: list[nn.Parameter] | None = None
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple[bool, ...] | None = None
+
+    def text_features(self, classes: torch.Tensor) -> torch.Tensor:
+        """L2-normalized text features of ``classes`` [len(classes), dim]."""
+        backbone = self.backbone[0]
+        if self._text_params is None:  # looked up lazily: strategies add adapter parameters later
+            self._text_params = backbone.text_parameters()
+        key = tuple(p.requires_grad for p in self._text_params)
+        if any(key) and torch.is_grad_enabled():
+            return F.normalize(backbone.encode_text(self.tokens[classes]), dim=-1)
+        if self._cache is None or key != self._cache_key:
+            with torch.no_grad():
+                self._cache = F.normalize(backbone.encode_text(self.tokens), dim=-1)
+            self._cache_key = key
+        return self._cache[classes]
+
+    def invalidate(self) -> None:
+        self._cache = None
+        self._cache_key = None
+        self._text_params = None
+
+    def forward(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        text = self.text_features(classes)
+        image = F.normalize(features, dim=-1)
+        scale = self.backbone[0].logit_scale
+        columns = scale * image @ text.to(image.dtype).t()
+        return _scatter(columns, classes, self.n_classes)
+
+
+class LinearHead(Head):
+    """A trainable linear classifier over all classes, for backbones without a text tower."""
+
+    def __init__(self, feature_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.linear = nn.Linear(feature_dim, n_classes)
+
+    def forward(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        columns = F.linear(features, self.linear.weight[classes], self.linear.bias[classes])
+        return _scatter(columns, classes, self.n_classes)
+
+
+def make_head(backbone: Backbone, class_names: Sequence[str]) -> Head:
+    """The text-prototype head for CLIP backbones, a linear head otherwise."""
+    if backbone.kind == "clip":
+        return TextPrototypeHead(backbone, class_names)
+    return LinearHead(backbone.feature_dim, len(class_names))

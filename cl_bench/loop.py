@@ -1,0 +1,417 @@
+"""``run(cfg) -> RunResult``: the one explicit training loop of cl-bench.
+
+Read top to bottom in :func:`run`: build the components, evaluate the untrained model (row b),
+then for every experience train with the strategy's hooks and evaluate a full row of the
+accuracy matrix (future experiences included). The run record is written when the run starts
+(``running``) and when it ends (``ok``, or ``failed`` with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cl_bench import memory, metrics, results
+from cl_bench.config import RunConfig, build, to_dict
+from cl_bench.data import ExperienceData, Preprocess, sample_ids
+from cl_bench.errors import ClBenchError, ConfigError, DivergenceError
+from cl_bench.evaluate import allowed_classes, autocast, n_correct, test_logits
+from cl_bench.heads import make_head
+from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
+from cl_bench.results import ExperienceRecord, RunResult
+from cl_bench.scenario import Scenario
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyContext
+
+log = logging.getLogger("cl_bench")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated, fully resolved run: component configs built, device and defaults decided."""
+
+    cfg: RunConfig
+    strategy_cls: type[Strategy]
+    strategy_cfg: Any
+    scenario_cfg: Any
+    backbone_cfg: Any
+    device: torch.device
+    precision: str
+    run_dir: Path
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """Resolve names, component configs, device and defaults; fails fast on any config error."""
+    if not cfg.strategy:
+        raise ConfigError(f"no strategy given; valid: {', '.join(STRATEGIES.names())}")
+    if not cfg.scenario:
+        raise ConfigError(f"no scenario given; valid: {', '.join(SCENARIOS.names())}")
+    strategy_name = STRATEGIES.canonical(cfg.strategy)
+    scenario_name = SCENARIOS.canonical(cfg.scenario)
+    strategy_cls = STRATEGIES.get(strategy_name)
+    strategy_cfg = build(strategy_cls.Config, cfg.strategy_args, f"strategy '{strategy_name}' config")
+    scenario_cfg = build(
+        SCENARIOS.get(scenario_name), cfg.scenario_args, f"scenario '{scenario_name}' config"
+    )
+    backbone_name = BACKBONES.canonical(cfg.backbone or scenario_cfg.default_backbone)
+    backbone_cfg = build(
+        BACKBONES.get(backbone_name), cfg.backbone_args, f"backbone '{backbone_name}' config"
+    )
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda requested but no CUDA device is available")
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    resolved = replace(
+        cfg,
+        strategy=strategy_name,
+        scenario=scenario_name,
+        backbone=backbone_name,
+        lr=cfg.lr if cfg.lr is not None else strategy_cls.default_lr,
+        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else strategy_cls.default_weight_decay,
+        device=device.type,
+        precision=precision,  # type: ignore[arg-type]
+        run_id=cfg.run_id or f"{datetime.now():%Y%m%d-%H%M%S}-{strategy_name}-{scenario_name}-s{cfg.seed}",
+    )
+    run_dir = Path(resolved.out) / resolved.run_id
+    status = results.existing_status(run_dir)
+    if status == "ok" and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds a completed run; pass --overwrite to replace it")
+    return Plan(resolved, strategy_cls, strategy_cfg, scenario_cfg, backbone_cfg, device, precision, run_dir)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
+    """Train ``cfg.strategy`` through ``cfg.scenario`` and write ``<out>/<run_id>/result.json``."""
+    p = plan(cfg)
+    cfg, device, precision = p.cfg, p.device, p.precision
+    record = RunResult(
+        run_id=cfg.run_id,
+        status="running",
+        created=_now(),
+        config={
+            **to_dict(cfg),
+            "strategy_args": to_dict(p.strategy_cfg),
+            "scenario_args": to_dict(p.scenario_cfg),
+            "backbone_args": to_dict(p.backbone_cfg),
+        },
+        strategy={"name": cfg.strategy, "class": p.strategy_cls.__name__, "paper": p.strategy_cls.paper},
+        scenario={"name": cfg.scenario},
+        backbone={"name": cfg.backbone},
+        environment=results.environment(device.type, _device_name(device), precision),
+    )
+    results.save(record, p.run_dir)
+    try:
+        _train_and_evaluate(p, record, progress)
+    except BaseException as err:
+        reason = str(err) if isinstance(err, ClBenchError) else f"{type(err).__name__}: {err}"
+        record.status, record.finished = "failed", _now()
+        record.failure = {"type": type(err).__name__, "reason": reason or type(err).__name__}
+        results.save(record, p.run_dir)
+        raise
+    record.status, record.finished = "ok", _now()
+    results.save(record, p.run_dir)
+    return record
+
+
+def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
+    cfg, device, precision = p.cfg, p.device, p.precision
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    scenario: Scenario = p.scenario_cfg.build(order_seed=cfg.order_seed)
+    backbone = p.backbone_cfg.build()
+    if not backbone.pretrained:
+        log.warning(
+            "backbone '%s' has NO PRETRAINED WEIGHTS (random init): accuracies measure the "
+            "method's mechanics, not its behaviour on a real CLIP",
+            backbone.name,
+        )
+    head = make_head(backbone, scenario.class_names)
+    train_data = [
+        ExperienceData.gather(scenario.train_source, sample_ids(e), device) for e in scenario.train_stream
+    ]
+    test_data = [
+        ExperienceData.gather(scenario.test_source, sample_ids(e), device) for e in scenario.test_stream
+    ]
+    steps = tuple(cfg.steps_per_experience or cfg.epochs * d.n_batches(cfg.batch_size) for d in train_data)
+    ctx = StrategyContext(
+        device=device,
+        precision=precision,
+        seed=cfg.seed,
+        n_experiences=scenario.n_experiences,
+        n_classes=scenario.n_classes,
+        steps_per_experience=steps,
+        batch_size=cfg.batch_size,
+    )
+    strategy = p.strategy_cls(p.strategy_cfg, backbone, head, ctx)
+    strategy.to(device)
+    if cfg.compile:
+        backbone.compile_towers()
+    augment = scenario.augmentations if cfg.augment else ()
+    preprocess = Preprocess(backbone.image_size, backbone.mean, backbone.std, device, augment)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    record.scenario = scenario.describe()
+    record.backbone = {**vars(backbone.info()), "n_classes": scenario.n_classes}
+    T, C = scenario.n_experiences, scenario.n_classes
+    all_classes = torch.arange(C, device=device)
+    per_exp = scenario.classes_per_experience
+
+    def evaluate_row(
+        row: int, cached: list[torch.Tensor] | None
+    ) -> tuple[list[int], list[torch.Tensor], float]:
+        """Correct counts per test experience for accuracy-matrix row ``row`` (-1: row b)."""
+        strategy.eval()
+        head.invalidate()
+        tic = time.perf_counter()
+        logits = cached or [
+            test_logits(
+                strategy,
+                data,
+                _info(j, per_exp, all_classes, len(data), 0, False, scenario),
+                preprocess,
+                cfg.eval_batch_size,
+                precision,
+            )
+            for j, data in enumerate(test_data)
+        ]
+        correct = [
+            n_correct(
+                logits[j],
+                data.targets,
+                allowed_classes(
+                    C, per_exp, row, j, label_space=cfg.label_space, protocol=scenario.protocol, device=device
+                ),
+            )
+            for j, data in enumerate(test_data)
+        ]
+        return correct, logits, time.perf_counter() - tic
+
+    n_test = [len(d) for d in test_data]
+    memory.reset_peak(device)
+    b_correct, b_logits, b_time = evaluate_row(-1, None)
+    accuracy: dict[str, Any] = {
+        "label_space": cfg.label_space,
+        "protocol": scenario.protocol,
+        "n_test": n_test,
+        "initial": [c / n for c, n in zip(b_correct, n_test, strict=True)],
+        "initial_correct": b_correct,
+        "matrix": [],
+        "correct": [],
+        "seen": [],
+    }
+    record.accuracy = accuracy
+    record.timing = {"setup_s": time.perf_counter() - started - b_time, "initial_eval_s": b_time}
+    results.save(record, p.run_dir)
+
+    bar = tqdm(total=sum(steps), disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+    step = 0
+    for i, data in enumerate(train_data):
+        train_classes = (
+            per_exp[i]
+            if (cfg.train_classes == "current" or scenario.protocol == "task")
+            else [c for exp in per_exp[: i + 1] for c in exp]
+        )
+        info = _info(
+            i,
+            per_exp,
+            torch.tensor(sorted(train_classes), device=device),
+            len(data),
+            steps[i],
+            True,
+            scenario,
+        )
+        bar.set_description(f"exp {i + 1}/{T}")
+        memory.reset_peak(device)
+        tic = time.perf_counter()
+        losses: list[float] = []
+        if strategy.trains:
+            strategy.train()
+            strategy.before_experience(info)
+            head.invalidate()
+            optimizer = strategy.make_optimizer(cfg.lr, cfg.weight_decay)  # type: ignore[arg-type]
+            scheduler = _scheduler(optimizer, cfg, steps[i])
+            window = torch.zeros((), device=device)
+            window_start, window_tic = step, time.perf_counter()
+            for x, y in data.batches(cfg.batch_size, shuffle=True, generator=generator, n_steps=steps[i]):
+                strategy.before_step(step)
+                with autocast(device, precision):
+                    logits = strategy.forward(preprocess(x, train=True, generator=generator), info)
+                    loss = strategy.loss(logits, y, info)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(strategy.trainable_parameters(), cfg.max_grad_norm)
+                strategy.after_backward(step)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                strategy.after_step(step)
+                window += loss.detach().float()
+                step += 1
+                bar.update(1)
+                if step - window_start == cfg.log_every or step == sum(steps[: i + 1]):
+                    mean = _check_finite(window.item() / (step - window_start), i, window_start, step)
+                    losses.append(mean)
+                    rate = (step - window_start) * cfg.batch_size / (time.perf_counter() - window_tic)
+                    bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
+                    window.zero_()
+                    window_start, window_tic = step, time.perf_counter()
+            strategy.after_experience(info)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time = time.perf_counter() - tic
+        peak_train = memory.peak_bytes(device)
+
+        memory.reset_peak(device)
+        correct, _, eval_time = evaluate_row(i, None if strategy.trains else b_logits)
+        peak_eval = memory.peak_bytes(device)
+        accuracy["correct"].append(correct)
+        accuracy["matrix"].append([c / n for c, n in zip(correct, n_test, strict=True)])
+        accuracy["seen"].append(sum(correct[: i + 1]) / sum(n_test[: i + 1]))
+        n_samples = _samples(steps[i], cfg.batch_size, len(data)) if strategy.trains else 0
+        record.experiences.append(
+            ExperienceRecord(
+                index=i,
+                classes=list(per_exp[i]),
+                n_train=len(data),
+                steps=steps[i] if strategy.trains else 0,
+                train_time_s=train_time,
+                eval_time_s=eval_time,
+                train_samples_per_s=n_samples / train_time if n_samples else 0.0,
+                eval_samples_per_s=sum(n_test) / eval_time if eval_time > 0 else 0.0,
+                peak_memory_train_bytes=peak_train,
+                peak_memory_eval_bytes=peak_eval,
+                memory_kind=memory.kind(device),
+                n_trainable=strategy.n_trainable() if strategy.trains else 0,
+                n_added=strategy.n_added(),
+                n_active=strategy.n_active(),
+                adapter_bytes=strategy.adapter_bytes(),
+                loss_first=losses[0] if losses else None,
+                loss_last=losses[-1] if losses else None,
+                loss_mean=float(np.mean(losses)) if losses else None,
+                strategy=strategy.report(),
+            )
+        )
+        results.save(record, p.run_dir)
+        bar.write(
+            f"exp {i + 1}/{T}: acc on seen {accuracy['seen'][-1]:.3f}, train {train_time:.1f}s, "
+            f"eval {eval_time:.1f}s"
+        )
+    bar.close()
+
+    variants: dict[str, Any] = {}
+    for label, make_context in strategy.final_variants().items():
+        with make_context():
+            memory.reset_peak(device)
+            correct, _, seconds = evaluate_row(T - 1, None)
+            row = [c / n for c, n in zip(correct, n_test, strict=True)]
+            variants[label] = {
+                "row": row,
+                "acc_final": float(np.mean(row)),
+                "eval_samples_per_s": sum(n_test) / seconds if seconds > 0 else 0.0,
+                "peak_memory_eval_bytes": memory.peak_bytes(device),
+            }
+    accuracy["variants"] = variants
+    record.metrics = metrics.derive(accuracy["matrix"], accuracy["initial"], accuracy["seen"])
+    n_backbone = record.backbone["n_parameters"]
+    last = record.experiences[-1]
+    record.parameters = {
+        "backbone": n_backbone,
+        "trainable": max(e.n_trainable for e in record.experiences),
+        "added": last.n_added,
+        "active": last.n_active,
+        "adapter_bytes": last.adapter_bytes,
+        "trainable_fraction": max(e.n_trainable for e in record.experiences) / n_backbone,
+    }
+    record.timing.update(
+        {
+            "train_s": sum(e.train_time_s for e in record.experiences),
+            "eval_s": b_time + sum(e.eval_time_s for e in record.experiences),
+            "total_s": time.perf_counter() - started,
+            "peak_memory_train_bytes": max(e.peak_memory_train_bytes for e in record.experiences),
+            "peak_memory_eval_bytes": max(e.peak_memory_eval_bytes for e in record.experiences),
+        }
+    )
+    record.strategy_report = strategy.final_report()
+
+
+def _info(
+    index: int,
+    per_exp: list[list[int]],
+    logit_classes: torch.Tensor,
+    n: int,
+    n_steps: int,
+    training: bool,
+    scenario: Scenario,
+) -> ExperienceInfo:
+    return ExperienceInfo(
+        index=index,
+        classes=tuple(per_exp[index]),
+        seen_classes=tuple(c for exp in per_exp[: index + 1] for c in exp),
+        logit_classes=logit_classes,
+        task_label=index if scenario.protocol == "task" else 0,
+        n_samples=n,
+        n_steps=n_steps,
+        training=training,
+    )
+
+
+def _samples(n_steps: int, batch_size: int, n: int) -> int:
+    """Samples seen in ``n_steps`` batches over a dataset of ``n`` (the last batch of an epoch is short)."""
+    per_epoch = math.ceil(n / batch_size)
+    full, rest = divmod(n_steps, per_epoch)
+    return full * n + min(rest * batch_size, n)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_steps: int) -> Any:
+    if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
+        return None
+    sched = torch.optim.lr_scheduler
+    main = (
+        sched.CosineAnnealingLR(optimizer, T_max=max(1, n_steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine"
+        else sched.ConstantLR(optimizer, factor=1.0)
+    )
+    if cfg.warmup_steps == 0:
+        return main
+    warm = sched.LinearLR(optimizer, start_factor=1.0 / (cfg.warmup_steps + 1), total_iters=cfg.warmup_steps)
+    return sched.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_steps])
+
+
+def _check_finite(value: float, exp: int, first: int, last: int) -> float:
+    if not math.isfinite(value):
+        raise DivergenceError(
+            f"non-finite loss ({value}) in experience {exp} between steps {first} and {last}; "
+            "lower lr, enable max_grad_norm, or use precision=fp32"
+        )
+    return value
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

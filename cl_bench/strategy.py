@@ -1,0 +1,206 @@
+"""The Strategy base class: typed no-op hooks with explicit arguments, one level of inheritance.
+
+The loop (``cl_bench/loop.py``) calls, per experience::
+
+    before_experience(exp); opt = make_optimizer(lr, weight_decay)
+    for each step:  before_step(step) -> forward -> loss -> backward -> [clip]
+                    -> after_backward(step) -> opt.step() -> after_step(step)
+    after_experience(exp)
+
+A strategy owns its state (adapters, extra optimizers, schedules, random generators) and never
+reaches into the loop. It reports its own figures through :meth:`report` (per experience) and
+:meth:`final_report`, and can ask the loop to evaluate the final model under named variants
+(:meth:`final_variants`, e.g. DyLoRA at several ranks or LoRAPrune's sliced model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.adapters import AdaptedLinear, count, nbytes
+from cl_bench.backbones.base import Backbone
+from cl_bench.heads import Head
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Base class of strategy configs; each strategy declares its own frozen subclass."""
+
+
+@dataclass(frozen=True)
+class ExperienceInfo:
+    """What a strategy knows about the experience being trained or evaluated."""
+
+    index: int
+    classes: tuple[int, ...]  # global labels of this experience
+    seen_classes: tuple[int, ...]  # classes of experiences 0..index
+    logit_classes: torch.Tensor  # classes scored by forward (long tensor on the device)
+    task_label: int
+    n_samples: int
+    n_steps: int  # optimizer steps of this experience (0 when evaluating)
+    training: bool
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """Run-level facts a strategy may need when it is built."""
+
+    device: torch.device
+    precision: str  # "fp32" | "bf16"
+    seed: int
+    n_experiences: int
+    n_classes: int
+    steps_per_experience: tuple[int, ...]
+    batch_size: int
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps_per_experience)
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator for the strategy's own sampling, seeded from the run seed and ``salt``."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (salt + 1))
+
+
+def adamw(
+    params: list[nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Optimizer:
+    """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU."""
+    if not params:
+        raise ValueError("no trainable parameters")
+    on_cuda = params[0].is_cuda
+    return torch.optim.AdamW(
+        params,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        fused=on_cuda or None,
+        foreach=None if on_cuda else True,
+    )
+
+
+class Strategy:
+    """Base strategy: trains every parameter that requires grad with AdamW and cross-entropy."""
+
+    Config: ClassVar[type[Any]] = StrategyConfig
+    paper: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 1e-3
+    default_weight_decay: ClassVar[float] = 0.0
+    trains: ClassVar[bool] = True  # False: the loop evaluates but never trains (zero-shot)
+
+    def __init__(self, cfg: Any, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        self.cfg = cfg
+        self.backbone = backbone
+        self.head = head
+        self.ctx = ctx
+
+    # -- what trains ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters handed to the optimizer (default: every parameter that requires grad)."""
+        seen: set[int] = set()
+        params = []
+        for module in (self.backbone, self.head):
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def adapters(self) -> dict[str, AdaptedLinear]:
+        """The adapter modules the method injected, by ``<tower>.<block>.<role>`` (none by default)."""
+        return {}
+
+    def added_parameters(self) -> list[torch.Tensor]:
+        """Tensors the method added to the backbone (adapter weights, gates, banks, masks)."""
+        return [p for a in self.adapters().values() for p in a.adapter_parameters()]
+
+    def n_trainable(self) -> int:
+        """Trainable parameters now (LISA overrides: its trainable set changes every K steps)."""
+        return count(p for p in self.trainable_parameters() if p.requires_grad)
+
+    def n_added(self) -> int:
+        return count(self.added_parameters())
+
+    def n_active(self) -> int | None:
+        """Added parameters used per input, where the method routes or gates (None: all of them)."""
+        return None
+
+    def adapter_bytes(self) -> int:
+        """Bytes needed to store what the method adds to the backbone."""
+        return nbytes(self.added_parameters())
+
+    # -- the step -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
+        """Logits over all classes (``-inf`` outside ``exp.logit_classes``)."""
+        return self.head(self.backbone.encode_image(x), exp.logit_classes)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y)
+
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """A fresh optimizer for this experience (rebuilt at every experience by the loop)."""
+        return adamw(self.trainable_parameters(), lr, weight_decay)
+
+    # -- hooks (no-ops) -------------------------------------------------------------------------
+    def before_experience(self, exp: ExperienceInfo) -> None:
+        """Before the optimizer of experience ``exp`` is built: add or reset parameters here."""
+
+    def before_step(self, step: int) -> None:
+        """Before the forward of global optimizer step ``step`` (0-based across the stream)."""
+
+    def after_backward(self, step: int) -> None:
+        """Gradients are populated (and clipped, if enabled); the optimizer has not stepped."""
+
+    def after_step(self, step: int) -> None:
+        """After ``optimizer.step()`` and the scheduler step."""
+
+    def after_experience(self, exp: ExperienceInfo) -> None:
+        """After the last step of ``exp``, before its evaluation row."""
+
+    # -- modes and state --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        self.backbone.train(mode)
+        self.head.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+    def to(self, device: torch.device) -> None:
+        self.backbone.to(device)
+        self.head.to(device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What must be saved to restore the trained method: every parameter of backbone and head."""
+        state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+
+    # -- figures ----------------------------------------------------------------------------------
+    def report(self) -> dict[str, float | int]:
+        """Scalar figures after the current experience (e.g. ranks, live gates, sparsity)."""
+        return {}
+
+    def final_report(self) -> dict[str, Any]:
+        """Figures after the stream: ``{"scalars": {...}, "curves": {...}, "per_layer": {...},
+        "events": {...}}`` (see docs/run-record.md)."""
+        return {}
+
+    def final_variants(self) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
+        """Named ways to evaluate the final model (each a context-manager factory), evaluated in order."""
+        return {}
+
+
+@contextlib.contextmanager
+def nothing() -> Iterator[None]:
+    yield

@@ -1,0 +1,9 @@
+"""Strategies, one file each, registered in cl_bench.registry.STRATEGIES on import.
+
+Adding a strategy touches three places: its file here, one import line below, and one row in
+the contract test matrix (tests/strategies/test_contract.py).
+"""
+
+from strategies import finetune, linear_probe, lora, zero_shot
+
+__all__ = ["finetune", "linear_probe", "lora", "zero_shot"]

@@ -1,0 +1,22 @@
+"""finetune: sequential full fine-tuning of every backbone parameter (the naive lower bound).
+
+CLIP's temperature (``logit_scale``) stays frozen, as in most CLIP fine-tuning; a linear head,
+where present, trains with the backbone. One AdamW per experience (rebuilt by the loop).
+"""
+
+from __future__ import annotations
+
+from cl_bench.registry import STRATEGIES
+from cl_bench.strategy import Strategy
+
+
+@STRATEGIES.register("finetune", description="baseline: full fine-tuning of all backbone parameters")
+class Finetune(Strategy):
+    paper = "sequential fine-tuning (the standard naive continual-learning baseline)"
+    default_lr = 1e-5
+    default_weight_decay = 0.0
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        for name, param in self.backbone.model.named_parameters():
+            param.requires_grad_(name != "logit_scale")

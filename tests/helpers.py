@@ -1,0 +1,96 @@
+"""Test helpers: registries filled once, tiny models, tiny scenarios, and a quick-run helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from cl_bench.cli import load_components
+
+load_components()
+
+from cl_bench import config, loop  # noqa: E402
+from cl_bench.backbones.base import Backbone  # noqa: E402
+from cl_bench.heads import make_head  # noqa: E402
+from cl_bench.registry import BACKBONES  # noqa: E402
+from cl_bench.results import RunResult  # noqa: E402
+from cl_bench.strategy import ExperienceInfo, StrategyContext  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_backbone(name: str = "tiny-clip", seed: int = 0, **args: Any) -> Backbone:
+    """A freshly built registered tiny backbone with deterministic random weights."""
+    torch.manual_seed(seed)
+    return config.build(BACKBONES.get(name), args, name).build()
+
+
+def tiny_context(steps: tuple[int, ...] = (4, 4), n_classes: int = 4, seed: int = 0) -> StrategyContext:
+    return StrategyContext(
+        device=torch.device("cpu"),
+        precision="fp32",
+        seed=seed,
+        n_experiences=len(steps),
+        n_classes=n_classes,
+        steps_per_experience=steps,
+        batch_size=8,
+    )
+
+
+def experience_info(
+    index: int, classes: tuple[int, ...], n_classes: int, *, training: bool = True, n_steps: int = 4
+) -> ExperienceInfo:
+    """An ExperienceInfo scoring every class (as in evaluation) for direct strategy tests."""
+    return ExperienceInfo(
+        index=index,
+        classes=classes,
+        seen_classes=classes,
+        logit_classes=torch.arange(n_classes),
+        task_label=0,
+        n_samples=8,
+        n_steps=n_steps,
+        training=training,
+    )
+
+
+def head_for(backbone: Backbone, n_classes: int) -> torch.nn.Module:
+    return make_head(backbone, [f"class {i}" for i in range(n_classes)])
+
+
+QUICK_SCENARIO = {"n_classes": 4, "n_experiences": 2, "train_per_class": 8, "test_per_class": 4}
+
+
+def quick_run(
+    tmp_path: Path,
+    strategy: str,
+    *,
+    scenario: str = "synthetic",
+    steps: int = 3,
+    strategy_args: dict[str, Any] | None = None,
+    scenario_args: dict[str, Any] | None = None,
+    **run: Any,
+) -> RunResult:
+    """A complete loop.run on CPU with a few steps per experience (seconds)."""
+    scenario_args = (
+        QUICK_SCENARIO if scenario_args is None and scenario == "synthetic" else (scenario_args or {})
+    )
+    layers = [
+        {
+            "strategy": {"name": strategy, **(strategy_args or {})},
+            "scenario": {"name": scenario, **scenario_args},
+            "steps_per_experience": steps,
+            "batch_size": 8,
+            "eval_batch_size": 64,
+            "device": "cpu",
+            "out": str(tmp_path / "runs"),
+            "run_id": f"{strategy}-test",
+            **run,
+        }
+    ]
+    return loop.run(config.resolve(layers), progress=False)
