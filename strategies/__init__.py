@@ -4,6 +4,17 @@ Adding a strategy touches three places: its file here, one import line below, an
 the contract test matrix (tests/strategies/test_contract.py).
 """
 
-from strategies import finetune, linear_probe, lora, zero_shot
+from strategies import (
+    allora,
+    dylora,
+    finetune,
+    linear_probe,
+    lisa,
+    lora,
+    loraprune,
+    mora,
+    sora,
+    zero_shot,
+)
 
-__all__ = ["finetune", "linear_probe", "lora", "zero_shot"]
+__all__ = ["allora", "dylora", "finetune", "linear_probe", "lisa", "lora", "loraprune", "mora", "sora", "zero_shot"]

@@ -19,6 +19,12 @@ CONTRACT: dict[str, dict] = {
     "finetune": {},
     "linear-probe": {},
     "lora": {},
+    "mora": {},
+    "loraprune": {},
+    "sora": {},
+    "dylora": {},
+    "lisa": {},
+    "allora": {},
 }
 
 

@@ -1,0 +1,1 @@
+"""allora: being implemented (see its issue)."""

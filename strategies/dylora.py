@@ -1,0 +1,1 @@
+"""dylora: being implemented (see its issue)."""

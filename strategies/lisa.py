@@ -1,0 +1,1 @@
+"""lisa: being implemented (see its issue)."""

@@ -1,0 +1,1 @@
+"""loraprune: being implemented (see its issue)."""

@@ -1,0 +1,1 @@
+"""mora: being implemented (see its issue)."""

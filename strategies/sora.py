@@ -1,0 +1,1 @@
+"""sora: being implemented (see its issue)."""
