@@ -17,4 +17,15 @@ from strategies import (
     zero_shot,
 )
 
-__all__ = ["allora", "dylora", "finetune", "linear_probe", "lisa", "lora", "loraprune", "mora", "sora", "zero_shot"]
+__all__ = [
+    "allora",
+    "dylora",
+    "finetune",
+    "linear_probe",
+    "lisa",
+    "lora",
+    "loraprune",
+    "mora",
+    "sora",
+    "zero_shot",
+]
