@@ -44,6 +44,8 @@ class TextPrototypeHead(Head):
     trainable text parameters changes.
     """
 
+    tokens: torch.Tensor
+
     def __init__(
         self, backbone: Backbone, class_names: Sequence[str], template: str = DEFAULT_TEMPLATE
     ) -> None:
@@ -81,6 +83,7 @@ class TextPrototypeHead(Head):
         text = self.text_features(classes)
         image = F.normalize(features, dim=-1)
         scale = self.backbone[0].logit_scale
+        assert scale is not None, "CLIP backbones define logit_scale"
         columns = scale * image @ text.to(image.dtype).t()
         return _scatter(columns, classes, self.n_classes)
 

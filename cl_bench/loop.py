@@ -47,6 +47,8 @@ class Plan:
     device: torch.device
     precision: str
     run_dir: Path
+    lr: float
+    weight_decay: float
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -71,22 +73,35 @@ def plan(cfg: RunConfig) -> Plan:
         raise ConfigError("device=cuda requested but no CUDA device is available")
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    lr = cfg.lr if cfg.lr is not None else strategy_cls.default_lr
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else strategy_cls.default_weight_decay
     resolved = replace(
         cfg,
         strategy=strategy_name,
         scenario=scenario_name,
         backbone=backbone_name,
-        lr=cfg.lr if cfg.lr is not None else strategy_cls.default_lr,
-        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else strategy_cls.default_weight_decay,
-        device=device.type,
-        precision=precision,  # type: ignore[arg-type]
+        lr=lr,
+        weight_decay=weight_decay,
+        device="cuda" if device.type == "cuda" else "cpu",
+        precision="bf16" if precision == "bf16" else "fp32",
         run_id=cfg.run_id or f"{datetime.now():%Y%m%d-%H%M%S}-{strategy_name}-{scenario_name}-s{cfg.seed}",
     )
     run_dir = Path(resolved.out) / resolved.run_id
     status = results.existing_status(run_dir)
     if status == "ok" and not cfg.overwrite:
         raise ConfigError(f"{run_dir} already holds a completed run; pass --overwrite to replace it")
-    return Plan(resolved, strategy_cls, strategy_cfg, scenario_cfg, backbone_cfg, device, precision, run_dir)
+    return Plan(
+        resolved,
+        strategy_cls,
+        strategy_cfg,
+        scenario_cfg,
+        backbone_cfg,
+        device,
+        precision,
+        run_dir,
+        lr,
+        weight_decay,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -246,7 +261,7 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
             strategy.train()
             strategy.before_experience(info)
             head.invalidate()
-            optimizer = strategy.make_optimizer(cfg.lr, cfg.weight_decay)  # type: ignore[arg-type]
+            optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
             scheduler = _scheduler(optimizer, cfg, steps[i])
             window = torch.zeros((), device=device)
             window_start, window_tic = step, time.perf_counter()

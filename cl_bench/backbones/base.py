@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        self.model = model
+        self.model: Any = model  # Any: loaders reach into model-specific attributes
         self.source = source
         self.blocks = list(blocks)
         self.feature_dim = feature_dim

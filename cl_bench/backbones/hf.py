@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_bench.backbones.base import Backbone, Block
+from cl_bench.backbones.base import Backbone, Block, Tower
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
 
@@ -42,14 +42,14 @@ _VIT_LINEARS = {
 
 
 def _blocks(
-    tower: str, prefix: str, layers: nn.ModuleList, n_heads: int, hidden: int, linears: dict[str, str]
+    tower: Tower, prefix: str, layers: Any, n_heads: int, hidden: int, linears: dict[str, str]
 ) -> list[Block]:
     return [
         Block(
             tower=tower,
             index=i,
             path=f"{prefix}.{i}",
-            n_heads=n_heads,  # type: ignore[arg-type]
+            n_heads=n_heads,
             head_dim=hidden // n_heads,
             linears=dict(linears),
         )
@@ -66,7 +66,7 @@ class HFCLIPBackbone(Backbone):
         self,
         *,
         name: str,
-        model: nn.Module,
+        model: Any,
         tokenize: Callable[[list[str]], torch.Tensor],
         source: str,
         pretrained: bool,
@@ -139,7 +139,7 @@ class HFViTBackbone(Backbone):
         self,
         *,
         name: str,
-        model: nn.Module,
+        model: Any,
         source: str,
         pretrained: bool,
         weights: str | None,
@@ -208,7 +208,7 @@ def load_hf_clip(path: str, *, name: str) -> HFCLIPBackbone:
         raise WeightsError(
             f"{directory}: the tokenizer has only {tokenizer.vocab_size} entries (an offline hub stub?)"
         )
-    context = int(model.config.text_config.max_position_embeddings)
+    context = int(model.config.text_config.max_position_embeddings)  # type: ignore[union-attr]
 
     def tokenize(texts: list[str]) -> torch.Tensor:
         out = tokenizer(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cl_bench.adapters import UnfusedAttention
-from cl_bench.backbones.base import Backbone, Block
+from cl_bench.backbones.base import Backbone, Block, Tower
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
 
@@ -44,7 +44,7 @@ class OpenCLIPBackbone(Backbone):
         self,
         *,
         name: str,
-        model: nn.Module,
+        model: Any,
         tokenizer: Any,
         source: str,
         pretrained: bool,
@@ -113,19 +113,19 @@ class OpenCLIPBackbone(Backbone):
         return self.model.logit_scale.exp()
 
 
-def _block(tower: str, index: int, path: str, module: nn.Module) -> Block:
+def _block(tower: Tower, index: int, path: str, module: Any) -> Block:
     attn = module.attn
     return Block(
         tower=tower,
         index=index,
         path=path,
         n_heads=attn.n_heads,
-        head_dim=attn.head_dim,  # type: ignore[arg-type]
+        head_dim=attn.head_dim,
         linears=dict(_LINEARS),
     )
 
 
-def unfuse_attention(resblocks: nn.ModuleList, *, causal: bool) -> None:
+def unfuse_attention(resblocks: Any, *, causal: bool) -> None:
     """Replace each block's ``nn.MultiheadAttention`` by an output-identical UnfusedAttention."""
     for block in resblocks:
         if isinstance(block.attn, nn.MultiheadAttention):
