@@ -8,6 +8,7 @@ libraries are imported only by the commands that need them, so ``--help`` and ``
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -20,9 +21,19 @@ from cl_bench.errors import ClBenchError
 log = logging.getLogger("cl_bench")
 
 
+COMPONENT_MODULES = (
+    "cl_bench.backbones.open_clip",
+    "cl_bench.backbones.hf",
+    "cl_bench.backbones.tiny",
+    "scenarios",
+    "strategies",
+)
+
+
 def load_components() -> None:
     """Import every component module so its registrations run (cheap: no heavy libraries)."""
-    import strategies  # noqa: F401
+    for name in COMPONENT_MODULES:
+        importlib.import_module(name)
 
 
 def _parser() -> argparse.ArgumentParser:
