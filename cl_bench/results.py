@@ -206,3 +206,235 @@ def environment(device: str, device_name: str, precision: str) -> dict[str, Any]
             )
         },
     }
+
+
+# ----------------------------------------------------------------------------- reading many records
+
+from collections.abc import Sequence  # noqa: E402 (added with this section)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
+
+    The same temp-file, fsync, rename pattern as :func:`write_json_atomic`, for the HTML report and
+    its CSV tables: an interrupted ``cl-bench report`` never leaves half a page behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class RecordProblem:
+    """A file that looked like a run record but was skipped, and why (one line)."""
+
+    path: Path
+    reason: str
+
+
+def _candidate_files(path: Path) -> list[Path]:
+    """Record files under ``path``: the path itself, ``<dir>/result.json``, or every ``*.json`` below.
+
+    A run directory (it holds ``result.json``) yields just that record. Any other directory is
+    searched recursively for ``*.json`` files, skipping hidden names (temporary files of atomic
+    writes, notebook checkpoints); every one of them is expected to be a record, so a stray or
+    corrupt JSON file is reported rather than silently ignored. Files without the ``.json`` suffix
+    inside a directory (reports, CSVs, logs) are not records and are not looked at.
+    """
+    if path.is_dir():
+        if (path / RESULT_FILE).is_file():
+            return [path / RESULT_FILE]
+        return sorted(
+            p
+            for p in path.rglob("*.json")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    return [path]
+
+
+def _incomplete_ok_record(data: dict[str, Any]) -> str | None:
+    """Why a record marked ``ok`` cannot be reported (sections missing), or None if it can."""
+    if data.get("status") != "ok":
+        return None
+    accuracy = data.get("accuracy")
+    if not isinstance(accuracy, dict) or not accuracy.get("matrix"):
+        return "status ok but the record has no accuracy matrix"
+    if not isinstance(data.get("metrics"), dict):
+        return "status ok but the record has no metrics"
+    return None
+
+
+def find_records(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[RecordProblem]]:
+    """Load every run record found under ``paths``; return ``(records, problems)``.
+
+    Each path is a ``result.json`` (or any record file), a run directory, or a directory of runs
+    searched recursively. Unreadable, truncated, non-JSON and newer-schema files, records of an
+    unknown status, ``ok`` records without their results, and a second record with an already
+    seen ``run_id`` become :class:`RecordProblem` entries instead of errors, so one bad file never
+    hides the others. Each returned record gains a ``_path`` key (where it was read from). Records
+    come back in a deterministic order: scenario, strategy, seed, run_id.
+    """
+    records: list[dict[str, Any]] = []
+    problems: list[RecordProblem] = []
+    seen_files: set[Path] = set()
+    seen_ids: dict[str, Path] = {}
+    for given in paths:
+        root = Path(given)
+        if not root.exists():
+            problems.append(RecordProblem(root, "no such file or directory"))
+            continue
+        candidates = _candidate_files(root)
+        if root.is_dir() and not candidates:
+            problems.append(RecordProblem(root, "directory holds no run record (*.json)"))
+        for file in candidates:
+            resolved = file.resolve()
+            if resolved in seen_files:
+                continue
+            seen_files.add(resolved)
+            try:
+                data = load(file)
+            except RecordError as err:
+                reason = str(err)
+                prefix = f"{file}: "
+                problems.append(
+                    RecordProblem(file, reason[len(prefix) :] if reason.startswith(prefix) else reason)
+                )
+                continue
+            status = data.get("status")
+            why = (
+                f"unknown status {status!r} (expected running, ok or failed)"
+                if status not in ("running", "ok", "failed")
+                else _incomplete_ok_record(data)
+            )
+            if why is None and str(data["run_id"]) in seen_ids:
+                first = seen_ids[str(data["run_id"])]
+                why = f"duplicate run_id {data['run_id']!r}, already read from {first}"
+            if why is not None:
+                problems.append(RecordProblem(file, why))
+                continue
+            seen_ids[str(data["run_id"])] = file
+            data["_path"] = str(file)
+            records.append(data)
+    records.sort(key=record_sort_key)
+    return records, problems
+
+
+def record_sort_key(record: dict[str, Any]) -> tuple[str, str, int, str]:
+    """The report order of runs: scenario, strategy, seed, run_id."""
+    config = record.get("config") or {}
+    seed = config.get("seed")
+    return (
+        str(config.get("scenario", "")),
+        str(config.get("strategy", "")),
+        seed if isinstance(seed, int) else -1,
+        str(record.get("run_id", "")),
+    )
+
+
+def _weighted_rate(experiences: list[dict[str, Any]], rate_key: str, time_key: str) -> float | None:
+    """Samples per second over the whole run: sum(rate * time) / sum(time) over experiences."""
+    pairs = [(e.get(rate_key), e.get(time_key)) for e in experiences]
+    pairs = [(r, t) for r, t in pairs if isinstance(r, int | float) and isinstance(t, int | float) and t > 0]
+    total_time = sum(t for _, t in pairs)
+    if total_time <= 0:
+        return None
+    return sum(r * t for r, t in pairs) / total_time
+
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "acc_final",
+    "acc_last_seen",
+    "acc_avg_incremental",
+    "forgetting",
+    "forgetting_first_last",
+    "bwt",
+    "fwt",
+    "transfer",
+    "avg",
+    "last",
+    "plasticity",
+)
+
+
+def run_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat row of a record: identity, status, every metric, parameter and memory/time figure.
+
+    Parameter and resource columns are ``None`` when the record lacks them (a failed run). Train and
+    eval throughput are time-weighted over experiences (total samples / total time).
+    """
+    config = record.get("config") or {}
+    metrics = record.get("metrics") or {}
+    params = record.get("parameters") or {}
+    timing = record.get("timing") or {}
+    experiences = record.get("experiences") or []
+    env = record.get("environment") or {}
+    backbone = record.get("backbone") or {}
+    failure = record.get("failure") or {}
+    last_exp = experiences[-1] if experiences else {}
+    reason = failure.get("reason")
+    if failure.get("type") and reason:
+        reason = f"{failure['type']}: {reason}"
+    return {
+        "run_id": record.get("run_id"),
+        "status": record.get("status"),
+        "strategy": config.get("strategy"),
+        "scenario": config.get("scenario"),
+        "backbone": config.get("backbone", backbone.get("name")),
+        "seed": config.get("seed"),
+        "order_seed": config.get("order_seed"),
+        "n_experiences": len((record.get("accuracy") or {}).get("matrix") or []) or None,
+        **{name: metrics.get(name) for name in METRIC_COLUMNS},
+        "backbone_parameters": params.get("backbone"),
+        "n_trainable": params.get("trainable"),
+        "n_added": params.get("added"),
+        "n_active": params.get("active"),
+        "adapter_bytes": params.get("adapter_bytes"),
+        "trainable_fraction": params.get("trainable_fraction"),
+        "peak_memory_train_bytes": timing.get("peak_memory_train_bytes"),
+        "peak_memory_eval_bytes": timing.get("peak_memory_eval_bytes"),
+        "memory_kind": last_exp.get("memory_kind"),
+        "train_samples_per_s": _weighted_rate(experiences, "train_samples_per_s", "train_time_s"),
+        "eval_samples_per_s": _weighted_rate(experiences, "eval_samples_per_s", "eval_time_s"),
+        "train_time_s": timing.get("train_s"),
+        "eval_time_s": timing.get("eval_s"),
+        "wall_time_s": timing.get("total_s"),
+        "pretrained": backbone.get("pretrained"),
+        "device": env.get("device"),
+        "precision": env.get("precision", config.get("precision")),
+        "git_sha": env.get("git_sha"),
+        "failure": reason,
+        "path": record.get("_path"),
+    }
+
+
+def load_runs(path: str | Path | Sequence[str | Path]) -> Any:
+    """All run records under ``path`` as a pandas DataFrame, one row per run (see :func:`run_row`).
+
+    For notebooks: ``load_runs("runs/").query("status == 'ok'").groupby("strategy").acc_final.mean()``.
+    Failed and incomplete runs are included (filter on ``status``); files that cannot be read are
+    skipped with a warning naming them. Rows are ordered by scenario, strategy, seed, run_id.
+    """
+    import warnings
+
+    import pandas as pd
+
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    records, problems = find_records(paths)
+    for problem in problems:
+        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
+    columns = list(run_row({}).keys())
+    return pd.DataFrame([run_row(r) for r in records], columns=columns)

@@ -133,10 +133,14 @@ def unfuse_attention(resblocks: Any, *, causal: bool) -> None:
 
 
 def _check_weights(weights: str) -> str:
+    """Fail fast, before open_clip is involved, when the weights location does not exist."""
     if weights.startswith("local-dir:"):
         directory = Path(weights.removeprefix("local-dir:"))
-        if not directory.is_dir():
-            raise WeightsError(f"weights directory not found: {directory}")
+        if not (directory / "open_clip_config.json").is_file():
+            raise WeightsError(
+                f"weights directory {directory} has no open_clip_config.json (expected an "
+                "open_clip local-dir: config plus a weights file)"
+            )
         return weights
     path = Path(weights)
     if not path.is_file():
@@ -147,7 +151,13 @@ def _check_weights(weights: str) -> str:
 def load_open_clip(
     model_name: str, weights: str, *, name: str, image_size: int = 0, config_dir: Path | None = None
 ) -> OpenCLIPBackbone:
-    """Create an open_clip model (random init when ``weights`` is empty) and wrap it."""
+    """Create an open_clip model and wrap it.
+
+    ``weights``: empty (random init, reported loudly by the loop), a checkpoint file loaded into
+    ``model_name`` (strictly: mismatched keys or shapes are a WeightsError), or
+    ``local-dir:<dir>``, a directory with ``open_clip_config.json`` and a weights file, which then
+    defines the architecture itself.
+    """
     import open_clip
 
     if config_dir is not None and model_name not in open_clip.list_models():
@@ -158,21 +168,28 @@ def load_open_clip(
         raise ConfigError(
             f"unknown open_clip model '{model_name}'{closest(model_name, open_clip.list_models())}"
         )
-    pretrained = _check_weights(weights) if weights else None
+    location = _check_weights(weights) if weights else None
+    local_dir = location is not None and location.startswith("local-dir:")
+    source_name = location if local_dir and location else model_name
     kwargs: dict[str, Any] = {"force_image_size": image_size} if image_size else {}
+    if location and not local_dir:
+        kwargs["pretrained"] = location
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, KeyError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"weights {weights} could not be loaded into {model_name}: {first}") from None
-    tokenizer = open_clip.get_tokenizer(model_name)
-    source = f"open_clip:{model_name}"
+        model = open_clip.create_model(source_name, require_pretrained=location is not None, **kwargs)
+        tokenizer = open_clip.get_tokenizer(source_name)
+    except Exception as err:  # torch.load raises many types (pickle, zip, shape) for one cause: bad weights
+        if location is None:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise WeightsError(
+            f"weights {weights} could not be loaded into {model_name}: {type(err).__name__}: {first}"
+        ) from None
     return OpenCLIPBackbone(
         name=name,
         model=model,
         tokenizer=tokenizer,
-        source=source,
-        pretrained=pretrained is not None,
+        source=f"open_clip:{source_name}",
+        pretrained=location is not None,
         weights=weights or None,
     )
 

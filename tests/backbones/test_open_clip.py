@@ -1,0 +1,117 @@
+"""open_clip loading: unfused attention is output-identical; weights load from files and local-dir:."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from cl_bench import config
+from cl_bench.adapters import UnfusedAttention
+from cl_bench.backbones.open_clip import unfuse_attention
+from cl_bench.errors import WeightsError
+from cl_bench.registry import BACKBONES
+from tests.helpers import tiny_backbone
+
+
+def raw_model(name: str = "tiny-clip"):
+    import open_clip
+
+    from cl_bench.backbones.tiny import CONFIG_DIR
+
+    if name not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+    torch.manual_seed(0)
+    return open_clip.create_model(name)
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "ViT-B-16"])
+def test_unfused_attention_is_output_identical(name: str) -> None:
+    original = raw_model(name).eval()
+    unfused = copy.deepcopy(original)
+    unfuse_attention(unfused.visual.transformer.resblocks, causal=False)
+    unfuse_attention(unfused.transformer.resblocks, causal=True)
+    assert all(isinstance(b.attn, UnfusedAttention) for b in unfused.visual.transformer.resblocks)
+    size = (
+        original.visual.image_size[0]
+        if isinstance(original.visual.image_size, tuple)
+        else original.visual.image_size
+    )
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(1, 49406, (3, original.context_length), generator=torch.Generator().manual_seed(2))
+    tokens[:, 5] = 49407  # an end-of-text token for the pooling
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unfused.encode_image(images), original.encode_image(images), rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            unfused.encode_text(tokens), original.encode_text(tokens), rtol=0, atol=1e-5
+        )
+
+
+def test_non_causal_path_with_an_explicit_mask_matches_multihead_attention() -> None:
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    unfused = UnfusedAttention.from_multihead(mha)
+    x = torch.randn(2, 5, 16)
+    mask = torch.triu(torch.full((5, 5), float("-inf")), diagonal=1)
+    expected, _ = mha(x, x, x, need_weights=False, attn_mask=mask)
+    got, _ = unfused(x, x, x, need_weights=False, attn_mask=mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_backbone_describes_blocks_heads_and_pretraining() -> None:
+    backbone = tiny_backbone("tiny-clip")
+    assert [b.name for b in backbone.blocks] == [f"vision.{i}" for i in range(4)] + [
+        f"text.{i}" for i in range(4)
+    ]
+    assert {(b.n_heads, b.head_dim) for b in backbone.blocks} == {(4, 16)}
+    assert isinstance(backbone.linear(backbone.blocks[0], "q"), torch.nn.Linear)
+    assert backbone.pretrained is False
+    assert backbone.info().n_parameters == sum(p.numel() for p in backbone.model.parameters())
+
+
+def test_weights_file_loads_exactly_and_is_reported_as_pretrained(tmp_path) -> None:
+    source = raw_model()
+    path = tmp_path / "tiny.pt"
+    torch.save(source.state_dict(), path)
+    backbone = config.build(BACKBONES.get("tiny-clip"), {"weights": str(path)}, "tiny-clip").build()
+    assert backbone.pretrained is True
+    assert backbone.weights == str(path)
+    loaded = backbone.model.visual.transformer.resblocks[0].attn.q_proj.weight
+    torch.testing.assert_close(
+        loaded, source.visual.transformer.resblocks[0].attn.in_proj_weight[:64], rtol=0, atol=0
+    )
+
+
+def test_local_dir_weights_define_model_and_weights(tmp_path) -> None:
+    from cl_bench.backbones.tiny import CONFIG_DIR
+
+    source = raw_model()
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps(
+            {"model_cfg": json.loads((CONFIG_DIR / "tiny-clip.json").read_text()), "preprocess_cfg": {}}
+        )
+    )
+    torch.save(source.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    backbone = config.build(BACKBONES.get("tiny-clip"), {"weights": f"local-dir:{tmp_path}"}, "x").build()
+    assert backbone.pretrained is True
+    torch.testing.assert_close(backbone.model.token_embedding.weight, source.token_embedding.weight)
+
+
+def test_missing_and_mismatched_weights_are_one_line_errors(tmp_path) -> None:
+    build = BACKBONES.get("tiny-clip")
+    with pytest.raises(WeightsError, match="weights file not found"):
+        build(weights=str(tmp_path / "nope.pt")).build()
+    with pytest.raises(WeightsError, match="no open_clip_config.json"):
+        build(weights=f"local-dir:{tmp_path}").build()
+    state = raw_model().state_dict()
+    state["token_embedding.weight"] = torch.zeros(10, 64)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match="could not be loaded into tiny-clip") as err:
+        build(weights=str(tmp_path / "bad.pt")).build()
+    assert "\n" not in str(err.value)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not be loaded"):
+        build(weights=str(tmp_path / "garbage.pt")).build()

@@ -1,0 +1,82 @@
+"""Metrics against a hand-computed 3x3 matrix, plus the cross-checks of METRICS.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cl_bench import metrics
+
+# R[i][j]: accuracy on test experience j after training experience i (future columns included).
+R = [
+    [0.90, 0.20, 0.10],
+    [0.95, 0.80, 0.30],
+    [0.50, 0.70, 0.95],
+]
+B = [0.30, 0.25, 0.20]
+A_SEEN = [0.90, 0.70, 0.70]
+
+# Hand computations (see METRICS.md for the formulas):
+EXPECTED = {
+    "acc_final": (0.50 + 0.70 + 0.95) / 3,
+    "acc_last_seen": 0.70,
+    "acc_avg_incremental": (0.90 + 0.70 + 0.70) / 3,
+    # j=0: max(R00, R10) - R20 = 0.95 - 0.50 = 0.45; j=1: R11 - R21 = 0.10
+    "forgetting": (0.45 + 0.10) / 2,
+    # j=0: R00 - R20 = 0.40; j=1: R11 - R21 = 0.10
+    "forgetting_first_last": (0.40 + 0.10) / 2,
+    "bwt": (-0.40 - 0.10) / 2,
+    # (R01 - b1) + (R12 - b2) = -0.05 + 0.10
+    "fwt": (-0.05 + 0.10) / 2,
+    # j=1: R01 = 0.2; j=2: mean(R02, R12) = 0.2
+    "transfer": 0.20,
+    "avg": 5.40 / 9,
+    "last": (0.50 + 0.70 + 0.95) / 3,
+    "plasticity": (0.90 + 0.80 + 0.95) / 3,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_hand_computed_values(name: str) -> None:
+    assert metrics.derive(R, B, A_SEEN)[name] == pytest.approx(EXPECTED[name], abs=1e-12)
+
+
+def test_every_metric_has_a_formula_and_a_source() -> None:
+    derived = metrics.derive(R, B, A_SEEN)
+    assert set(derived) == set(metrics.FORMULAS) == set(metrics.SOURCES) == set(EXPECTED)
+
+
+def test_single_experience_leaves_transfer_metrics_absent() -> None:
+    derived = metrics.derive([[0.8]], [0.1], [0.8])
+    for name in ("forgetting", "forgetting_first_last", "bwt", "fwt", "transfer"):
+        assert derived[name] is None
+    assert derived["acc_final"] == pytest.approx(0.8)
+    assert derived["plasticity"] == pytest.approx(0.8)
+
+
+def test_forgetting_max_differs_from_first_minus_last_when_accuracy_rises_later() -> None:
+    assert metrics.forgetting(R) > metrics.forgetting_first_last(R)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_first_last_forgetting_is_minus_bwt_on_any_matrix(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m = rng.random((seed + 2, seed + 2))
+    assert metrics.forgetting_first_last(m) == pytest.approx(-metrics.bwt(m), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_avalanche_functional_forgetting_agrees_with_first_last(seed: int) -> None:
+    from avalanche.evaluation.functional import forgetting as avalanche_forgetting
+
+    rng = np.random.default_rng(seed)
+    m = rng.random((seed + 2, seed + 2))
+    per_experience = avalanche_forgetting(m)[-1, :-1]  # last row: forgetting of each earlier experience
+    assert float(np.mean(per_experience)) == pytest.approx(metrics.forgetting_first_last(m), abs=1e-12)
+
+
+def test_rejects_non_square_matrix_and_wrong_baseline_length() -> None:
+    with pytest.raises(ValueError, match="square"):
+        metrics.acc_final([[0.1, 0.2]])
+    with pytest.raises(ValueError, match="baseline"):
+        metrics.fwt(R, [0.1])
