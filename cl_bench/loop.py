@@ -266,20 +266,20 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
             window = torch.zeros((), device=device)
             window_start, window_tic = step, time.perf_counter()
             for x, y in data.batches(cfg.batch_size, shuffle=True, generator=generator, n_steps=steps[i]):
-                strategy.before_step(step)
-                with autocast(device, precision):
-                    logits = strategy.forward(preprocess(x, train=True, generator=generator), info)
-                    loss = strategy.loss(logits, y, info)
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(strategy.trainable_parameters(), cfg.max_grad_norm)
-                strategy.after_backward(step)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                strategy.after_step(step)
-                window += loss.detach().float()
+                images = preprocess(x, train=True, generator=generator)
+                loss = train_step(
+                    strategy,
+                    optimizer,
+                    scheduler,
+                    images,
+                    y,
+                    info,
+                    step,
+                    device=device,
+                    precision=precision,
+                    max_grad_norm=cfg.max_grad_norm,
+                )
+                window += loss.float()
                 step += 1
                 bar.update(1)
                 if step - window_start == cfg.log_every or step == sum(steps[: i + 1]):
@@ -366,6 +366,39 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
         }
     )
     record.strategy_report = strategy.final_report()
+
+
+def train_step(
+    strategy: Strategy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    images: torch.Tensor,
+    y: torch.Tensor,
+    info: ExperienceInfo,
+    step: int,
+    *,
+    device: torch.device,
+    precision: str,
+    max_grad_norm: float = 0.0,
+) -> torch.Tensor:
+    """One optimizer step with every hook, in the loop's order; returns the detached loss.
+
+    Nothing here waits for the device: the loss stays a tensor (benchmarks time this function).
+    """
+    strategy.before_step(step)
+    with autocast(device, precision):
+        logits = strategy.forward(images, info)
+        loss = strategy.loss(logits, y, info)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(strategy.trainable_parameters(), max_grad_norm)
+    strategy.after_backward(step)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    strategy.after_step(step)
+    return loss.detach()
 
 
 def _info(
