@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -96,25 +97,8 @@ def _finite(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(data), indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``data`` as JSON (non-finite numbers as null) with :func:`write_text_atomic`."""
+    write_text_atomic(path, json.dumps(_finite(data), indent=1, allow_nan=False))
 
 
 def save(result: RunResult, run_dir: Path) -> Path:
@@ -210,14 +194,12 @@ def environment(device: str, device_name: str, precision: str) -> dict[str, Any]
 
 # ----------------------------------------------------------------------------- reading many records
 
-from collections.abc import Sequence  # noqa: E402 (added with this section)
-
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
 
-    The same temp-file, fsync, rename pattern as :func:`write_json_atomic`, for the HTML report and
-    its CSV tables: an interrupted ``cl-bench report`` never leaves half a page behind.
+    Temporary file in the same directory, fsync, rename, fsync of the directory: an interrupted
+    run or ``cl-bench report`` never leaves half a record or half a page behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -267,7 +249,11 @@ def _candidate_files(path: Path) -> list[Path]:
 
 
 def _incomplete_ok_record(data: dict[str, Any]) -> str | None:
-    """Why a record marked ``ok`` cannot be reported (sections missing), or None if it can."""
+    """Why a record cannot be reported (its config names no strategy or scenario, or it is marked
+    ``ok`` without its results), or None if it can."""
+    config = data.get("config")
+    if not isinstance(config, dict) or not config.get("strategy") or not config.get("scenario"):
+        return "the record's config names no strategy or scenario"
     if data.get("status") != "ok":
         return None
     accuracy = data.get("accuracy")
@@ -347,8 +333,11 @@ def record_sort_key(record: dict[str, Any]) -> tuple[str, str, int, str]:
 
 def _weighted_rate(experiences: list[dict[str, Any]], rate_key: str, time_key: str) -> float | None:
     """Samples per second over the whole run: sum(rate * time) / sum(time) over experiences."""
-    pairs = [(e.get(rate_key), e.get(time_key)) for e in experiences]
-    pairs = [(r, t) for r, t in pairs if isinstance(r, int | float) and isinstance(t, int | float) and t > 0]
+    pairs: list[tuple[float, float]] = []
+    for exp in experiences:
+        rate, time = exp.get(rate_key), exp.get(time_key)
+        if isinstance(rate, int | float) and isinstance(time, int | float) and time > 0:
+            pairs.append((float(rate), float(time)))
     total_time = sum(t for _, t in pairs)
     if total_time <= 0:
         return None

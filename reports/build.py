@@ -1,0 +1,589 @@
+"""``build_report``: run records in, one self-contained HTML report and its CSV tables out.
+
+The page opens offline: CSS is inline, figures are embedded SVG data URIs, there is no script and
+no external resource. It reads JSON only (``cl_bench.results`` and ``cl_bench.metrics``, which
+need numpy alone), so it never imports torch, avalanche, open_clip or transformers.
+
+Strategy-specific figures are drawn generically from the record conventions of
+``docs/run-record.md``, so a new strategy needs no reporter code: per-experience
+``experiences[i].strategy`` numbers become small line plots and a table; ``strategy_report``
+``scalars``/``curves``/``per_layer``/``events`` become a table, line plots, bar charts and event
+summaries; ``accuracy.variants`` becomes a table against the main model (and an accuracy-vs-rank
+plot when the labels are ``rank=N``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from cl_bench.errors import ClBenchError
+from cl_bench.metrics import FORMULAS, SOURCES
+from cl_bench.results import METRIC_COLUMNS, RecordProblem, find_records, write_text_atomic
+from reports import plots, tables
+
+TEMPLATES = Path(__file__).parent / "templates"
+MIB = 2**20
+DASH = "—"
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fmt_float(value: Any, digits: int = 3) -> str:
+    """A fraction or score with fixed decimals; missing or non-finite values as a dash."""
+    return f"{value:.{digits}f}" if _is_num(value) else DASH
+
+
+def fmt_int(value: Any) -> str:
+    """A count with thousands separators."""
+    return f"{round(value):,}" if _is_num(value) else DASH
+
+
+def fmt_bytes(value: Any) -> str:
+    """A byte count in binary units."""
+    if not _is_num(value):
+        return DASH
+    for unit, size in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:,.1f} {unit}"
+    return f"{round(value)} B"
+
+
+def fmt_rate(value: Any) -> str:
+    """Samples per second, three significant digits at least."""
+    if not _is_num(value):
+        return DASH
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def fmt_seconds(value: Any) -> str:
+    return f"{value:,.1f} s" if _is_num(value) else DASH
+
+
+def fmt_percent(value: Any) -> str:
+    return f"{100 * value:.2f} %" if _is_num(value) else DASH
+
+
+def fmt_value(value: Any) -> str:
+    """Any scalar from a strategy figure: integers as counts, floats to 4 significant digits."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return DASH if value is None else str(value)
+    if not math.isfinite(value):
+        return DASH
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def stat_parts(
+    mean: Any, std: Any, n: Any, n_runs: int, fmt: Callable[[Any], str], always_std: bool = True
+) -> dict[str, str]:
+    """A group statistic for display: ``value`` (the mean), ``spread`` (``± std``) and ``note``.
+
+    The spread is the sample std over seeds (absent with one run); ``always_std=False`` drops a zero
+    spread (parameter counts identical across seeds read better as one number). ``note`` is
+    ``(n=k)`` when only k of the group's runs define the value.
+    """
+    if not _is_num(mean):
+        return {"value": DASH, "spread": "", "note": ""}
+    spread = f"± {fmt(std)}" if _is_num(std) and (always_std or std > 0) else ""
+    note = f"(n={int(n)})" if _is_num(n) and int(n) < n_runs else ""
+    return {"value": fmt(mean), "spread": spread, "note": note}
+
+
+def fmt_stat(
+    mean: Any, std: Any, n: Any, n_runs: int, fmt: Callable[[Any], str], always_std: bool = True
+) -> str:
+    """:func:`stat_parts` on one line: ``0.600 ± 0.141``, ``0.600 ± 0.141 (n=2)``, ``0.600``."""
+    parts = stat_parts(mean, std, n, n_runs, fmt, always_std)
+    return " ".join(v for v in (parts["value"], parts["spread"], parts["note"]) if v)
+
+
+# ----------------------------------------------------------------------------- view models
+
+
+def _anchor(run_id: str) -> str:
+    return "run-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
+
+
+def _direction(metric: str) -> str:
+    return "lower is better" if metric in tables.LOWER_IS_BETTER else "higher is better"
+
+
+def _metric_defs() -> list[dict[str, str]]:
+    return [
+        {
+            "name": name,
+            "formula": FORMULAS[name],
+            "source": SOURCES.get(name, ""),
+            "direction": _direction(name),
+        }
+        for name in METRIC_COLUMNS
+    ]
+
+
+def _group_key(row: pd.Series) -> tuple[Any, ...]:
+    return tuple(None if pd.isna(row[k]) else row[k] for k in tables.GROUP)
+
+
+def _overview_view(
+    overview: pd.DataFrame, colors: dict[str, str], differences: dict[tuple[Any, ...], list[str]]
+) -> list[dict[str, Any]]:
+    best = tables.best_in_scenario(overview, tables.OVERVIEW_METRICS)
+    rows = []
+    for pos, (_, row) in enumerate(overview.reset_index(drop=True).iterrows()):
+        n_runs = int(row["n_runs"])
+        rows.append(
+            {
+                "scenario": row["scenario"],
+                "strategy": row["strategy"],
+                "backbone": row["backbone"],
+                "color": colors.get(row["strategy"], "#333"),
+                "n": n_runs,
+                "seeds": row["seeds"],
+                "differs": differences.get(_group_key(row), []),
+                "cells": [
+                    {
+                        **stat_parts(row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"], n_runs, fmt_float),
+                        "best": (pos, m) in best,
+                    }
+                    for m in tables.OVERVIEW_METRICS
+                ],
+            }
+        )
+    return rows
+
+
+def _aggregate_view(
+    frame: pd.DataFrame, columns: Sequence[tuple[str, str, Callable[[Any], str]]], colors: dict[str, str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for _, row in frame.iterrows():
+        n_runs = int(row["n_runs"])
+        rows.append(
+            {
+                "scenario": row["scenario"],
+                "strategy": row["strategy"],
+                "backbone": row["backbone"],
+                "color": colors.get(row["strategy"], "#333"),
+                "n": n_runs,
+                "cells": [
+                    {
+                        **stat_parts(
+                            row[f"{c}_mean"], row[f"{c}_std"], row[f"{c}_n"], n_runs, f, always_std=False
+                        ),
+                        "best": False,
+                    }
+                    for c, _, f in columns
+                ],
+            }
+        )
+    return rows
+
+
+PARAMETER_VIEW: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("n_trainable", "trainable", fmt_int),
+    ("n_added", "added by the method", fmt_int),
+    ("n_active", "active per input", fmt_int),
+    ("adapter_bytes", "stored adapter", fmt_bytes),
+    ("trainable_fraction", "% of the backbone", fmt_percent),
+    ("backbone_parameters", "backbone", fmt_int),
+)
+RESOURCE_VIEW: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("peak_memory_train_bytes", "peak memory, train", fmt_bytes),
+    ("peak_memory_eval_bytes", "peak memory, eval", fmt_bytes),
+    ("train_samples_per_s", "train samples/s", fmt_rate),
+    ("eval_samples_per_s", "eval samples/s", fmt_rate),
+    ("train_time_s", "train time", fmt_seconds),
+    ("eval_time_s", "eval time", fmt_seconds),
+    ("wall_time_s", "wall time", fmt_seconds),
+)
+EXPERIENCE_VIEW: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("index", "exp", fmt_int),
+    ("n_train", "train samples", fmt_int),
+    ("steps", "steps", fmt_int),
+    ("train_time_s", "train", fmt_seconds),
+    ("eval_time_s", "eval", fmt_seconds),
+    ("train_samples_per_s", "train samples/s", fmt_rate),
+    ("eval_samples_per_s", "eval samples/s", fmt_rate),
+    ("peak_memory_train_bytes", "mem train", fmt_bytes),
+    ("peak_memory_eval_bytes", "mem eval", fmt_bytes),
+    ("n_trainable", "trainable", fmt_int),
+    ("n_added", "added", fmt_int),
+    ("n_active", "active", fmt_int),
+    ("adapter_bytes", "adapter", fmt_bytes),
+    ("loss_first", "loss first", lambda v: fmt_float(v, 3)),
+    ("loss_last", "loss last", lambda v: fmt_float(v, 3)),
+)
+
+
+def _table(frame: pd.DataFrame, view: Sequence[tuple[str, str, Callable[[Any], str]]]) -> dict[str, Any]:
+    return {
+        "headers": [label for _, label, _ in view],
+        "rows": [[f(None if pd.isna(row[c]) else row[c]) for c, _, f in view] for _, row in frame.iterrows()],
+    }
+
+
+def _curve_series(curve: dict[str, Any]) -> tuple[list[Any], dict[str, list[Any]]] | None:
+    """``x`` and named ``y`` series of a ``strategy_report.curves`` entry, or None if malformed."""
+    x, y = curve.get("x"), curve.get("y")
+    if not isinstance(x, list) or not x:
+        return None
+    if isinstance(y, list):
+        return x, {curve.get("y_label") or "y": y}
+    if isinstance(y, dict) and all(isinstance(v, list) for v in y.values()):
+        return x, {str(k): v for k, v in y.items()}
+    return None
+
+
+def _strategy_view(record: dict[str, Any], color: str) -> dict[str, Any]:
+    """The strategy's own figures of one run, from the generic record conventions."""
+    view: dict[str, Any] = {
+        "per_experience": None,
+        "scalars": [],
+        "curves": [],
+        "per_layer": [],
+        "events": [],
+        "variants": None,
+    }
+    per_exp = tables.strategy_scalars_frame(record)
+    if not per_exp.empty and len(per_exp.columns):
+        view["per_experience"] = {
+            "plot": plots.small_multiples(per_exp, color),
+            "headers": ["exp", *per_exp.columns],
+            "rows": [
+                [str(idx), *(fmt_value(None if pd.isna(v) else v) for v in row)]
+                for idx, row in zip(per_exp.index, per_exp.itertuples(index=False), strict=True)
+            ],
+        }
+    report = record.get("strategy_report") or {}
+    scalars = report.get("scalars") or {}
+    if isinstance(scalars, dict) and scalars:
+        view["scalars"] = [(str(k), fmt_value(v)) for k, v in scalars.items()]
+    curves = []
+    for name, curve in (report.get("curves") or {}).items():
+        series = _curve_series(curve) if isinstance(curve, dict) else None
+        if series is None:
+            continue
+        x, ys = series
+        curves.append(
+            {
+                "name": str(name),
+                "plot": plots.line_plot(
+                    x,
+                    ys,
+                    x_label=str(curve.get("x_label", "")),
+                    y_label=str(curve.get("y_label", "")),
+                    title=str(name),
+                    color=color,
+                ),
+            }
+        )
+    if curves:
+        view["curves"] = curves
+    per_layer = []
+    for name, values in (report.get("per_layer") or {}).items():
+        if isinstance(values, dict) and values:
+            per_layer.append(
+                {
+                    "name": str(name),
+                    "n": len(values),
+                    "plot": plots.bar_plot(list(values), list(values.values()), title=str(name), color=color),
+                }
+            )
+    if per_layer:
+        view["per_layer"] = per_layer
+    events = []
+    for name, entries in (report.get("events") or {}).items():
+        items = entries if isinstance(entries, list) else [entries]
+        events.append(
+            {
+                "name": str(name),
+                "count": len(items),
+                "first": [json.dumps(e, separators=(", ", ": "))[:160] for e in items[:5]],
+            }
+        )
+    if events:
+        view["events"] = events
+    variants = tables.variants_frame(record)
+    if not variants.empty:
+        view["variants"] = {
+            "plot": None,
+            "rows": [
+                [
+                    row.variant,
+                    fmt_float(row.acc_final),
+                    "" if row.variant == "(main)" else _signed(row.acc_delta),
+                    fmt_rate(row.eval_samples_per_s),
+                    ""
+                    if row.variant == "(main)"
+                    else (f"{row.speedup:.2f}×" if _is_num(row.speedup) else DASH),
+                    fmt_bytes(row.peak_memory_eval_bytes),
+                ]
+                for row in variants.itertuples(index=False)
+            ],
+        }
+        ranks = tables.rank_variants(record)
+        if len(ranks) >= 2:
+            main_acc = (record.get("metrics") or {}).get("acc_final")
+            view["variants"]["plot"] = plots.line_plot(
+                ranks["rank"].tolist(),
+                {"acc_final": ranks["acc_final"].tolist()},
+                x_label="rank",
+                y_label="acc_final",
+                title="accuracy vs rank (final model)",
+                color=color,
+                reference=("main model", float(main_acc)) if isinstance(main_acc, int | float) else None,
+                log2_x=True,
+            )
+    view["present"] = any(view.values())
+    return view
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.3f}" if _is_num(value) else DASH
+
+
+def _run_view(record: dict[str, Any], color: str, open_: bool) -> dict[str, Any]:
+    config = record.get("config") or {}
+    accuracy = record.get("accuracy") or {}
+    metrics = record.get("metrics") or {}
+    env = record.get("environment") or {}
+    backbone = record.get("backbone") or {}
+    run_id = str(record["run_id"])
+    return {
+        "id": run_id,
+        "anchor": _anchor(run_id),
+        "open": open_,
+        "strategy": config.get("strategy"),
+        "strategy_class": (record.get("strategy") or {}).get("class"),
+        "paper": (record.get("strategy") or {}).get("paper"),
+        "scenario": config.get("scenario"),
+        "backbone": config.get("backbone"),
+        "pretrained": backbone.get("pretrained"),
+        "seed": config.get("seed"),
+        "order_seed": config.get("order_seed"),
+        "color": color,
+        "label_space": accuracy.get("label_space"),
+        "protocol": accuracy.get("protocol"),
+        "metrics": [
+            {"name": m, "value": fmt_float(metrics.get(m)), "formula": FORMULAS[m]} for m in METRIC_COLUMNS
+        ],
+        "heatmap": plots.accuracy_heatmap(accuracy.get("matrix") or [], accuracy.get("initial")),
+        "curves": plots.run_curves(record, color),
+        "experiences": _table(tables.experiences_frame(record), EXPERIENCE_VIEW),
+        "memory_kind": ((record.get("experiences") or [{}])[-1]).get("memory_kind"),
+        "strategy_figures": _strategy_view(record, color),
+        "provenance": {
+            "git": f"{env.get('git_sha') or 'unknown'}"
+            + (" (uncommitted changes)" if env.get("git_dirty") else ""),
+            "device": " / ".join(str(v) for v in (env.get("device"), env.get("device_name")) if v),
+            "precision": env.get("precision"),
+            "python": env.get("python"),
+            "platform": env.get("platform"),
+            "hostname": env.get("hostname"),
+            "created": record.get("created"),
+            "finished": record.get("finished"),
+            "weights": backbone.get("weights") or backbone.get("source"),
+            "versions": ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v),
+            "path": record.get("_path"),
+            "config": json.dumps(config, indent=1, sort_keys=False),
+        },
+    }
+
+
+def _provenance_rows(records: Iterable[dict[str, Any]], colors: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for record in records:
+        config = record.get("config") or {}
+        env = record.get("environment") or {}
+        versions = env.get("versions") or {}
+        backbone = record.get("backbone") or {}
+        sha = env.get("git_sha")
+        rows.append(
+            {
+                "run_id": record["run_id"],
+                "anchor": _anchor(str(record["run_id"])),
+                "status": record.get("status"),
+                "strategy": config.get("strategy"),
+                "color": colors.get(str(config.get("strategy")), "#333"),
+                "scenario": config.get("scenario"),
+                "backbone": config.get("backbone"),
+                "pretrained": backbone.get("pretrained"),
+                "seed": config.get("seed"),
+                "order_seed": config.get("order_seed"),
+                "git": (sha[:10] if sha else "unknown") + ("*" if env.get("git_dirty") else ""),
+                "device": " / ".join(str(v) for v in (env.get("device"), env.get("device_name")) if v),
+                "precision": env.get("precision"),
+                "cl_bench": versions.get("cl-bench"),
+                "torch": versions.get("torch"),
+                "created": record.get("created"),
+            }
+        )
+    return rows
+
+
+def _versions_summary(records: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each package with the distinct versions the runs used (one value in the common case)."""
+    seen: dict[str, list[str]] = {}
+    for record in records:
+        env = record.get("environment") or {}
+        pairs = [("python", env.get("python")), *(env.get("versions") or {}).items()]
+        for name, version in pairs:
+            values = seen.setdefault(str(name), [])
+            text = str(version) if version else "not installed"
+            if text not in values:
+                values.append(text)
+    return [(name, ", ".join(values)) for name, values in seen.items()]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _csv_paths(output: Path) -> dict[str, Path]:
+    names = ("overview", "runs", "parameters", "resources", "variants", "excluded")
+    return {name: output.with_name(f"{output.stem}_{name}.csv") for name in names}
+
+
+def _variants_all(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    frames = []
+    for record in records:
+        frame = tables.variants_frame(record)
+        if not frame.empty:
+            frame.insert(0, "run_id", record["run_id"])
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "variant"])
+
+
+def build_report(paths: list[Path], output: Path) -> Path:
+    """Write the HTML report of every run record under ``paths`` to ``output``; return its path.
+
+    Next to it go the tables as CSV (``<stem>_overview.csv``, ``_runs.csv``, ``_parameters.csv``,
+    ``_resources.csv``, ``_variants.csv``, ``_excluded.csv``). Unreadable files are named on stderr
+    and in the report, failed or incomplete runs are listed apart and never averaged. Raises
+    ClBenchError when no completed run record is found, so an empty report never looks good.
+    """
+    output = Path(output)
+    records, problems = find_records(paths)
+    for problem in problems:
+        _warn(f"skipped {problem.path}: {problem.reason}")
+    ok = [r for r in records if r["status"] == "ok"]
+    excluded = [r for r in records if r["status"] != "ok"]
+    for record in excluded:
+        _warn(f"run {record['run_id']} left out of the averages: {tables.failure_reason(record)}")
+    if not ok:
+        where = ", ".join(str(p) for p in paths)
+        raise ClBenchError(
+            f"no usable run record in {where} ({len(excluded)} failed or incomplete, "
+            f"{len(problems)} unreadable): nothing to report"
+        )
+    html = render(ok, excluded, problems, paths, output)
+    csvs = _csv_paths(output)
+    runs = tables.runs_frame(records)
+    ok_runs = runs[runs["status"] == "ok"]
+    frames = {
+        "overview": tables.aggregate(ok_runs, tables.OVERVIEW_METRICS),
+        "runs": runs,
+        "parameters": tables.aggregate(ok_runs, tables.PARAMETER_COLUMNS),
+        "resources": tables.aggregate(ok_runs, tables.RESOURCE_COLUMNS),
+        "variants": _variants_all(ok),
+        "excluded": tables.problems_frame(excluded, problems),
+    }
+    for name, frame in frames.items():
+        write_text_atomic(csvs[name], frame.to_csv(index=False))
+    write_text_atomic(output, html)
+    return output
+
+
+def render(
+    ok: list[dict[str, Any]],
+    excluded: list[dict[str, Any]],
+    problems: list[RecordProblem],
+    paths: Sequence[Path],
+    output: Path,
+) -> str:
+    """The HTML page for completed runs ``ok`` (sorted), with ``excluded`` runs and ``problems`` listed."""
+    colors = plots.strategy_colors([str(r["config"]["strategy"]) for r in ok + excluded])
+    runs = tables.runs_frame(ok)
+    overview = tables.aggregate(runs, tables.OVERVIEW_METRICS)
+    differences = tables.config_differences(ok)
+
+    scenarios = []
+    for scenario in sorted({str(r["config"]["scenario"]) for r in ok}):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for record in ok:
+            if str(record["config"]["scenario"]) == scenario:
+                config = record["config"]
+                label = str(config["strategy"])
+                if (
+                    len({str(r["config"].get("backbone")) for r in ok if r["config"]["scenario"] == scenario})
+                    > 1
+                ):
+                    label += f" / {config.get('backbone')}"
+                groups.setdefault(label, []).append(record)
+        scenarios.append({"name": scenario, "plot": plots.scenario_curves(groups, colors)})
+
+    not_pretrained = [r for r in ok + excluded if (r.get("backbone") or {}).get("pretrained") is False]
+    excluded_rows = tables.problems_frame(excluded, []).to_dict("records")
+    for row in excluded_rows:
+        row["color"] = colors.get(row["strategy"], "#333")
+    context = {
+        "title": "cl-bench report",
+        "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "inputs": [str(p) for p in paths],
+        "n_ok": len(ok),
+        "n_excluded": len(excluded),
+        "n_unreadable": len(problems),
+        "csv_files": [p.name for p in _csv_paths(output).values()],
+        "metric_defs": _metric_defs(),
+        "overview_metrics": [
+            {"name": m, "formula": FORMULAS[m], "direction": "↓" if m in tables.LOWER_IS_BETTER else "↑"}
+            for m in tables.OVERVIEW_METRICS
+        ],
+        "overview": _overview_view(overview, colors, differences),
+        "parameter_headers": [label for _, label, _ in PARAMETER_VIEW],
+        "parameters": _aggregate_view(
+            tables.aggregate(runs, tables.PARAMETER_COLUMNS), PARAMETER_VIEW, colors
+        ),
+        "resource_headers": [label for _, label, _ in RESOURCE_VIEW],
+        "resources": _aggregate_view(tables.aggregate(runs, tables.RESOURCE_COLUMNS), RESOURCE_VIEW, colors),
+        "memory_kinds": sorted({str(k) for k in runs["memory_kind"].dropna()}),
+        "scenarios": scenarios,
+        "runs": [_run_view(r, colors[str(r["config"]["strategy"])], open_=len(ok) <= 8) for r in ok],
+        "excluded": excluded_rows,
+        "problems": [{"path": str(p.path), "reason": p.reason} for p in problems],
+        "not_pretrained": [
+            {"run_id": r["run_id"], "backbone": (r.get("backbone") or {}).get("name")} for r in not_pretrained
+        ],
+        "not_pretrained_backbones": sorted(
+            {str((r.get("backbone") or {}).get("name")) for r in not_pretrained}
+        ),
+        "provenance": _provenance_rows(ok + excluded, colors),
+        "versions": _versions_summary(ok + excluded),
+        "strategies": [{"name": n, "color": c} for n, c in colors.items()],
+    }
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("report.html.j2").render(**context)

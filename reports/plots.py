@@ -1,0 +1,352 @@
+"""Matplotlib figures for the report, returned as ``data:image/svg+xml;base64,...`` URIs.
+
+Figures are built with :class:`matplotlib.figure.Figure` and never through ``pyplot``, so no GUI
+backend is ever selected and no global figure state leaks into a notebook that imports this
+module; rendering uses matplotlib's non-interactive canvases (SVG here, Agg for rasters), which
+is what ``matplotlib.use("Agg")`` would give without changing the process-wide backend. SVG keeps
+line plots sharp and small: text stays text (``svg.fonttype = none``) and element ids are salted
+deterministically so that the same records give the same bytes. Each figure is an ``<img>``
+source, so the ids of different figures cannot collide in the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+Color = str
+
+# Okabe-Ito (colour-blind safe) first, then the rest of tab20 for larger comparisons.
+_PALETTE: tuple[Color, ...] = (
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#8C6D31",
+    "#000000",
+    "#7F7F7F",
+    "#BCBD22",
+    "#17BECF",
+    "#9467BD",
+)
+
+_STYLE: dict[str, Any] = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "cl-bench-report",
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e5e5e5",
+    "grid.linewidth": 0.6,
+    "axes.edgecolor": "#888888",
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+    "lines.linewidth": 1.8,
+    "lines.markersize": 4,
+}
+
+
+def strategy_colors(names: Sequence[str]) -> dict[str, Color]:
+    """One colour per strategy name, the same in every plot of a report (sorted-name order)."""
+    ordered = sorted(set(names))
+    return {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(ordered)}
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    """The report's matplotlib style; NaN-only slices (undefined cells) are gaps, not warnings."""
+    with mpl.rc_context(cast(Any, _STYLE)), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def to_data_uri(fig: Figure) -> str:
+    """Serialise ``fig`` as an SVG data URI (no date metadata, so output is reproducible)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _ticks(positions: Iterable[Any], labels: Sequence[str], most: int = 16) -> tuple[list[float], list[str]]:
+    """At most ``most`` evenly thinned ticks (long streams stay readable), always keeping the first."""
+    values = [float(p) for p in positions]
+    step = max(1, math.ceil(len(values) / most))
+    return values[::step], list(labels)[::step]
+
+
+def _honest_y(ax: Any, *series: np.ndarray) -> None:
+    """Start the y axis at 0 for non-negative data, so a flat or tiny change does not look dramatic."""
+    values = np.concatenate([np.ravel(v) for v in series]) if series else np.array([])
+    values = values[np.isfinite(values)]
+    if values.size and values.min() >= 0:
+        top = values.max()
+        ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)
+
+
+def _finite(values: Sequence[Any]) -> np.ndarray:
+    """Floats with ``None``/non-numbers as NaN (matplotlib leaves gaps there)."""
+    return np.array(
+        [float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan for v in values],
+        dtype=np.float64,
+    )
+
+
+def accuracy_heatmap(matrix: Sequence[Sequence[Any]], initial: Sequence[Any] | None) -> str:
+    """The accuracy matrix with the before-training row ``b`` on top; cells annotated for small T.
+
+    Rows: ``b``, then "after experience i"; columns: test experience j. The diagonal (accuracy on
+    the experience just learned) is outlined; cells right of it are zero-shot on future experiences.
+    """
+    rows = [_finite(r) for r in matrix]
+    T = len(rows[0]) if rows else 0
+    b = _finite(initial) if initial is not None and len(initial) == T else None
+    has_b = b is not None
+    data = np.vstack(([b] if b is not None else []) + rows) if T else np.zeros((0, 0))
+    labels = (["b"] if has_b else []) + [str(i) for i in range(len(rows))]
+    with _style():
+        cell = min(0.42, 7.0 / max(T, 1))
+        fig = _figure(cell * max(T, 3) + 1.6, cell * max(len(labels), 3) + 1.0)
+        ax = fig.add_subplot()
+        ax.grid(False)
+        mesh = ax.pcolormesh(
+            np.ma.masked_invalid(data), cmap="viridis", vmin=0.0, vmax=1.0, edgecolors="white", linewidth=0.8
+        )
+        ax.invert_yaxis()
+        ax.set_xticks(*_ticks(np.arange(T) + 0.5, [str(j) for j in range(T)]))
+        ax.set_yticks(*_ticks(np.arange(len(labels)) + 0.5, labels))
+        ax.set_xlabel("test experience j")
+        ax.set_ylabel("after training experience i")
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        offset = 1 if has_b else 0
+        if has_b:
+            ax.axhline(1, color="white", linewidth=3)
+        for i in range(len(rows)):
+            if i < T:
+                ax.add_patch(
+                    mpl.patches.Rectangle(
+                        (i, i + offset), 1, 1, fill=False, edgecolor="#222222", linewidth=1.2
+                    )
+                )
+        if T <= 12:
+            for (r, c), value in np.ndenumerate(data):
+                if math.isfinite(value):
+                    ax.text(
+                        c + 0.5,
+                        r + 0.5,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7 if T > 8 else 8,
+                        color="black" if value > 0.6 else "white",
+                    )
+        fig.colorbar(mesh, ax=ax, shrink=0.8, label="accuracy")
+        return to_data_uri(fig)
+
+
+def run_curves(record: dict[str, Any], color: Color) -> str:
+    """Accuracy over experiences for one run: seen classes, all experiences, the one just learned."""
+    accuracy = record.get("accuracy") or {}
+    matrix = np.array([_finite(r) for r in accuracy.get("matrix") or []])
+    T = matrix.shape[0]
+    initial = accuracy.get("initial")
+    with _style():
+        fig = _figure(4.6, 3.0)
+        ax = fig.add_subplot()
+        x = np.arange(T)
+        seen = _finite(accuracy.get("seen") or [])
+        if len(seen) == T:
+            ax.plot(x, seen, color=color, marker="o", label="A_seen[i] (seen classes)")
+        all_mean = np.nanmean(matrix, axis=1) if T else np.array([])
+        if initial is not None and len(initial) == T:
+            xs = np.arange(-1, T)
+            ys = np.concatenate([[np.nanmean(_finite(initial))], all_mean])
+        else:
+            xs, ys = x, all_mean
+        ax.plot(xs, ys, color=color, linestyle="--", marker="s", label="mean_j R[i][j] (all experiences)")
+        ax.plot(
+            x,
+            np.diag(matrix) if T else [],
+            color=color,
+            linestyle=":",
+            marker="^",
+            label="R[i][i] (just learned)",
+        )
+        ticks = list(xs)
+        ax.set_xticks(*_ticks(ticks, ["b" if t == -1 else str(t) for t in ticks]))
+        ax.set_xlabel("after training experience i")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="best")
+        return to_data_uri(fig)
+
+
+def _mean_std(series: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise mean, sample std and count of ragged series (shorter runs leave NaN)."""
+    length = max((len(s) for s in series), default=0)
+    data = np.full((len(series), length), np.nan)
+    for i, s in enumerate(series):
+        data[i, : len(s)] = _finite(s)
+    count = np.sum(np.isfinite(data), axis=0)
+    safe = np.maximum(count, 1)
+    mean = np.where(count > 0, np.nansum(data, axis=0) / safe, np.nan)
+    squares = np.nansum((data - mean) ** 2, axis=0)
+    std = np.where(count > 1, np.sqrt(squares / np.maximum(count - 1, 1)), np.nan)
+    return mean, std, count
+
+
+def scenario_curves(groups: Mapping[str, Sequence[dict[str, Any]]], colors: Mapping[str, Color]) -> str:
+    """All strategies of one scenario on one figure: mean over seeds with a +-1 std band.
+
+    Left: ``A_seen[i]`` (accuracy on all classes seen so far). Right: the mean over every test
+    experience of row i (before training as ``b``), which includes zero-shot accuracy on the
+    future experiences.
+    """
+    with _style():
+        fig = _figure(10.5, 3.2)
+        left, right = fig.subplots(1, 2)
+        max_T = 0
+        for label, records in groups.items():
+            strategy = records[0]["config"]["strategy"]
+            color = colors.get(strategy, "#333333")
+            seen = [(r.get("accuracy") or {}).get("seen") or [] for r in records]
+            rows = []
+            for r in records:
+                acc = r.get("accuracy") or {}
+                matrix = [_finite(row) for row in acc.get("matrix") or []]
+                initial = acc.get("initial")
+                head = [float(np.nanmean(_finite(initial)))] if initial else [math.nan]
+                rows.append(head + [float(np.nanmean(row)) for row in matrix])
+            suffix = f" (n={len(records)})"
+            for ax, series, start in ((left, seen, 0), (right, rows, -1)):
+                mean, std, _ = _mean_std(series)
+                if not len(mean):
+                    continue
+                x = np.arange(start, start + len(mean))
+                max_T = max(max_T, len(mean) + start)
+                ax.plot(x, mean, color=color, marker="o", label=label + suffix)
+                if len(records) > 1:
+                    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        for ax, title, start in (
+            (left, "accuracy on seen classes  A_seen[i]", 0),
+            (right, "mean accuracy on all experiences  mean_j R[i][j]", -1),
+        ):
+            ticks = list(range(start, max_T))
+            ax.set_xticks(*_ticks(ticks, ["b" if t == -1 else str(t) for t in ticks]))
+            ax.set_title(title, loc="left")
+            ax.set_xlabel("after training experience i")
+            ax.set_ylim(0, 1.02)
+        left.set_ylabel("accuracy")
+        if groups:
+            fig.legend(*left.get_legend_handles_labels(), loc="outside right upper")
+        return to_data_uri(fig)
+
+
+def line_plot(
+    x: Sequence[Any],
+    ys: Mapping[str, Sequence[Any]],
+    *,
+    x_label: str = "",
+    y_label: str = "",
+    title: str = "",
+    color: Color = "#0072B2",
+    reference: tuple[str, float] | None = None,
+    log2_x: bool = False,
+) -> str:
+    """A small line plot of one or several named series over ``x`` (a strategy curve).
+
+    ``reference`` draws a labelled horizontal line (the main model's value); ``log2_x`` puts
+    positive numeric x (ranks 1, 2, 4, 8...) on a base-2 axis with a tick at each value.
+    """
+    with _style():
+        fig = _figure(4.4, 2.8)
+        ax = fig.add_subplot()
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in x)
+        xs = _finite(x) if numeric else np.arange(len(x), dtype=np.float64)
+        drawn = []
+        for i, (name, y) in enumerate(ys.items()):
+            c = color if i == 0 else _PALETTE[(i + 1) % len(_PALETTE)]
+            values = _finite(y)[: len(xs)]
+            drawn.append(values)
+            ax.plot(xs[: len(values)], values, marker="o", color=c, label=name if len(ys) > 1 else None)
+        if not numeric:
+            ax.set_xticks(*_ticks(xs, [str(v) for v in x]))
+        elif log2_x and np.all(xs > 0):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.minorticks_off()
+        elif all(float(v).is_integer() for v in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if reference is not None and math.isfinite(reference[1]):
+            ax.axhline(reference[1], color="#888888", linestyle="--", linewidth=1, label=reference[0])
+            drawn.append(np.array([reference[1]]))
+        _honest_y(ax, *drawn)
+        if len(ys) > 1 or reference is not None:
+            ax.legend(loc="best")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        if title:
+            ax.set_title(title, loc="left")
+        return to_data_uri(fig)
+
+
+def small_multiples(frame: Any, color: Color, x_label: str = "after training experience i") -> str:
+    """One small line plot per column of ``frame`` (index = x), e.g. a strategy's per-experience scalars."""
+    names = list(frame.columns)
+    n_cols = min(len(names), 4)
+    n_rows = math.ceil(len(names) / n_cols)
+    with _style():
+        fig = _figure(2.5 * n_cols + 0.3, 2.1 * n_rows + 0.2)
+        axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+        x = np.asarray(frame.index, dtype=np.float64)
+        for ax, name in zip(axes, names, strict=False):
+            values = frame[name].to_numpy(dtype=np.float64)
+            ax.plot(x, values, color=color, marker="o")
+            _honest_y(ax, values)
+            ax.set_title(name, loc="left", fontsize=9)
+            ax.set_xticks(*_ticks(x, [str(int(v)) for v in x], most=8))
+            ax.set_xlabel(x_label, fontsize=8)
+        for ax in axes[len(names) :]:
+            ax.set_visible(False)
+        return to_data_uri(fig)
+
+
+def bar_plot(
+    labels: Sequence[str], values: Sequence[Any], *, title: str = "", color: Color = "#0072B2"
+) -> str:
+    """Bars over ``labels`` in the given order (a per-layer strategy figure); long lists thin labels."""
+    n = len(labels)
+    with _style():
+        fig = _figure(min(max(4.4, 0.16 * n + 1.5), 11.0), 3.0)
+        ax = fig.add_subplot()
+        ax.grid(axis="x", visible=False)
+        ax.bar(np.arange(n), _finite(values), color=color, width=0.8)
+        step = max(1, math.ceil(n / 60))
+        ax.set_xticks(
+            np.arange(n)[::step], [str(v) for v in labels][::step], rotation=90, fontsize=6 if n > 24 else 8
+        )
+        if title:
+            ax.set_title(title, loc="left")
+        return to_data_uri(fig)

@@ -1,0 +1,221 @@
+"""Hand-made run records (schema version 1, docs/run-record.md) for reporter tests.
+
+``make_record`` builds a complete, valid record from an accuracy matrix, deriving the metrics
+with ``cl_bench.metrics.derive`` exactly as the loop does, so hand-computed expectations in the
+tests only depend on the matrices chosen here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from cl_bench import metrics
+
+ENVIRONMENT: dict[str, Any] = {
+    "git_sha": "0123456789abcdef0123456789abcdef01234567",
+    "git_dirty": False,
+    "python": "3.11.7",
+    "platform": "Linux-test",
+    "hostname": "testhost",
+    "device": "cpu",
+    "device_name": "x86_64",
+    "precision": "fp32",
+    "versions": {"cl-bench": "0.1.0", "torch": "2.4.0", "numpy": "2.0.0"},
+}
+
+
+def make_record(
+    run_id: str,
+    strategy: str = "lora",
+    scenario: str = "synthetic",
+    seed: int = 0,
+    *,
+    matrix: list[list[float]] | None = None,
+    initial: list[float] | None = None,
+    status: str = "ok",
+    pretrained: bool = True,
+    backbone: str = "tiny-clip",
+    n_trainable: int = 1000,
+    n_active: int | None = None,
+    exp_strategy: list[dict[str, float]] | None = None,
+    strategy_report: dict[str, Any] | None = None,
+    variants: dict[str, Any] | None = None,
+    config_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A complete record; ``status`` "failed"/"running" records carry a failure or a partial stream."""
+    matrix = matrix if matrix is not None else [[0.8, 0.3], [0.6, 0.9]]
+    T = len(matrix)
+    initial = initial if initial is not None else [0.25] * T
+    seen = [sum(matrix[i][: i + 1]) / (i + 1) for i in range(T)]
+    experiences = [
+        {
+            "index": i,
+            "classes": [2 * i, 2 * i + 1],
+            "n_train": 32,
+            "steps": 5,
+            "train_time_s": 2.0,
+            "eval_time_s": 0.5,
+            "train_samples_per_s": 80.0,
+            "eval_samples_per_s": 400.0 + 100 * i,
+            "peak_memory_train_bytes": 2**30,
+            "peak_memory_eval_bytes": 2**29,
+            "memory_kind": "cpu_peak_rss",
+            "n_trainable": n_trainable,
+            "n_added": n_trainable,
+            "n_active": n_active,
+            "adapter_bytes": 4 * n_trainable,
+            "loss_first": 1.5,
+            "loss_last": 0.5,
+            "loss_mean": 1.0,
+            "strategy": (exp_strategy[i] if exp_strategy else {}),
+        }
+        for i in range(T)
+    ]
+    config = {
+        "strategy": strategy,
+        "scenario": scenario,
+        "backbone": backbone,
+        "seed": seed,
+        "order_seed": 0,
+        "lr": 0.001,
+        "out": "runs",
+        "run_id": run_id,
+        "strategy_args": {"r": 8},
+        "scenario_args": {"n_experiences": T, "data_seed": 0},
+        "backbone_args": {},
+        **(config_extra or {}),
+    }
+    record: dict[str, Any] = {
+        "schema_version": 1,
+        "run_id": run_id,
+        "status": status,
+        "created": "2026-01-01T00:00:00+00:00",
+        "finished": "2026-01-01T00:01:00+00:00",
+        "failure": None,
+        "config": config,
+        "strategy": {"name": strategy, "class": strategy.upper(), "paper": "A paper 2024"},
+        "scenario": {"name": scenario, "protocol": "class", "n_experiences": T, "n_classes": 2 * T},
+        "backbone": {
+            "name": backbone,
+            "kind": "clip",
+            "source": f"open_clip:{backbone}",
+            "pretrained": pretrained,
+            "weights": "/weights/model.bin" if pretrained else None,
+            "n_parameters": 100_000,
+        },
+        "environment": copy.deepcopy(ENVIRONMENT),
+        "accuracy": {
+            "matrix": matrix,
+            "initial": initial,
+            "seen": seen,
+            "n_test": [16] * T,
+            "label_space": "seen",
+            "protocol": "class",
+            "variants": variants or {},
+        },
+        "metrics": metrics.derive(matrix, initial, seen),
+        "experiences": experiences,
+        "parameters": {
+            "backbone": 100_000,
+            "trainable": n_trainable,
+            "added": n_trainable,
+            "active": n_active,
+            "adapter_bytes": 4 * n_trainable,
+            "trainable_fraction": n_trainable / 100_000,
+        },
+        "timing": {
+            "setup_s": 1.0,
+            "initial_eval_s": 0.5,
+            "train_s": 2.0 * T,
+            "eval_s": 0.5 * T,
+            "total_s": 1.5 + 2.5 * T,
+            "peak_memory_train_bytes": 2**30,
+            "peak_memory_eval_bytes": 2**29,
+        },
+        "strategy_report": strategy_report or {},
+    }
+    if status == "failed":
+        record["failure"] = {"type": "DivergenceError", "reason": "loss became nan at step 3"}
+        record["metrics"] = {}
+    elif status == "running":
+        record["finished"] = None
+        record["experiences"] = experiences[:1]
+    return record
+
+
+def write_record(root: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` as ``root/<run_id>/result.json`` and return that path."""
+    path = root / record["run_id"] / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return path
+
+
+def last_row(acc: float, T: int = 2) -> list[list[float]]:
+    """A T x T matrix whose final row averages to ``acc`` (so ``acc_final == acc``)."""
+    rows = [[0.5] * T for _ in range(T - 1)]
+    return [*rows, [acc] * T]
+
+
+def standard_set(root: Path) -> dict[str, Path]:
+    """Runs of two scenarios, three strategies, a failed and a running run, written under ``root``.
+
+    lora on synthetic: seeds 0, 1 with acc_final 0.5 and 0.7 (mean 0.600, sample std 0.141);
+    finetune on synthetic: seed 0 with acc_final 0.4; lora on split-digits: seed 0, acc_final 0.9;
+    a failed lora seed 2 (acc would be 0.0) and a running finetune seed 1 must stay out of the means.
+    Records are written in an order unlike the report order on purpose.
+    """
+    records = [
+        make_record("z-lora-s1", "lora", "synthetic", 1, matrix=[[0.9, 0.2], [0.6, 0.8]]),
+        make_record("b-finetune-s0", "finetune", "synthetic", 0, matrix=last_row(0.4), n_trainable=100_000),
+        make_record("a-lora-digits", "lora", "split-digits", 0, matrix=last_row(0.9)),
+        make_record("y-lora-s0", "lora", "synthetic", 0, matrix=[[0.7, 0.1], [0.5, 0.5]]),
+        make_record("c-lora-s2-failed", "lora", "synthetic", 2, matrix=last_row(0.0), status="failed"),
+        make_record("d-finetune-s1-running", "finetune", "synthetic", 1, status="running"),
+    ]
+    return {r["run_id"]: write_record(root, r) for r in records}
+
+
+def strategy_figures_record(run_id: str = "sora-fig", pretrained: bool = False) -> dict[str, Any]:
+    """A record exercising every generic strategy-figure convention of docs/run-record.md."""
+    return make_record(
+        run_id,
+        "sora",
+        "synthetic",
+        0,
+        matrix=[[0.8, 0.2, 0.1], [0.6, 0.85, 0.2], [0.5, 0.7, 0.9]],
+        pretrained=pretrained,
+        n_active=600,
+        exp_strategy=[
+            {"live_gates": 40, "total_gates": 48},
+            {"live_gates": 31, "total_gates": 48},
+            {"live_gates": 27, "total_gates": 48},
+        ],
+        strategy_report={
+            "scalars": {"achieved_sparsity": 0.4375},
+            "curves": {
+                "accuracy_vs_rank": {
+                    "x": [1, 2, 4, 8],
+                    "y": {"train": [0.4, 0.5, 0.6, 0.61], "eval": [0.41, 0.52, 0.6, 0.6]},
+                    "x_label": "rank",
+                    "y_label": "acc_final",
+                }
+            },
+            "per_layer": {"live_gates_per_layer": {"vision.0.q": 5, "vision.0.k": 8, "vision.1.q": 3}},
+            "events": {"sampled_blocks": [[0, "vision", [3, 7]], [20, "vision", [1, 4]]]},
+        },
+        variants={
+            "rank=4": {"row": [0.5, 0.6, 0.8], "acc_final": 0.6333, "eval_samples_per_s": 900.0},
+            "rank=1": {"row": [0.3, 0.4, 0.5], "acc_final": 0.4, "eval_samples_per_s": 1100.0},
+            "rank=2": {"row": [0.4, 0.5, 0.7], "acc_final": 0.5333, "eval_samples_per_s": 1000.0},
+            "sliced": {
+                "row": [0.5, 0.7, 0.9],
+                "acc_final": 0.7,
+                "eval_samples_per_s": 1200.0,
+                "peak_memory_eval_bytes": 2**28,
+            },
+        },
+    )

@@ -1,0 +1,273 @@
+"""``build_report`` on hand-made records: numbers, ordering, exclusions, CSVs, strategy figures.
+
+Spreads are sample standard deviations (ddof=1) over seeds: acc_final 0.5 and 0.7 give
+0.600 ± 0.141 (sqrt(0.02) = 0.1414).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cl_bench.errors import ClBenchError
+from cl_bench.metrics import FORMULAS
+from cl_bench.results import find_records
+from reports import tables
+from reports.build import build_report, fmt_bytes, fmt_stat
+from tests.reports.conftest import Built
+from tests.reports.records import make_record, strategy_figures_record, write_record
+
+CSV_NAMES = ("overview", "runs", "parameters", "resources", "variants", "excluded")
+
+
+def _build(paths: list[Path], out: Path) -> str:
+    build_report(paths, out)
+    return out.read_text(encoding="utf-8")
+
+
+def _overview(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out.with_name(f"{out.stem}_overview.csv")).set_index(["scenario", "strategy"])
+
+
+def test_overview_is_mean_and_sample_std_over_seeds(standard_report: Built) -> None:
+    page = standard_report.page
+    overview = _overview(standard_report.out)
+    lora = overview.loc[("synthetic", "lora")]
+    assert lora["n_runs"] == 2  # the failed seed 2 is not counted
+    assert lora["seeds"] == "0,1"
+    assert lora["acc_final_mean"] == pytest.approx(0.6)
+    assert lora["acc_final_std"] == pytest.approx(math.sqrt(0.02))  # ddof=1: 0.1414
+    assert lora["acc_final_n"] == 2
+    assert lora["forgetting_mean"] == pytest.approx(0.25)  # (0.9-0.6 + 0.7-0.5) / 2
+    assert lora["bwt_mean"] == pytest.approx(-0.25)
+    finetune = overview.loc[("synthetic", "finetune")]
+    assert finetune["n_runs"] == 1  # the running seed 1 is not counted
+    assert finetune["acc_final_mean"] == pytest.approx(0.4)
+    assert math.isnan(finetune["acc_final_std"])
+    assert overview.loc[("split-digits", "lora"), "acc_final_mean"] == pytest.approx(0.9)
+    assert ">0.600<small>± 0.141</small>" in page
+    assert ">0.250<small>± 0.071</small>" in page
+
+
+def test_best_value_per_scenario_follows_the_metric_direction(standard_report: Built) -> None:
+    page = standard_report.page
+    records, _ = find_records([standard_report.runs])
+    ok = [r for r in records if r["status"] == "ok"]
+    overview = tables.aggregate(tables.runs_frame(ok), tables.OVERVIEW_METRICS)
+    marks = tables.best_in_scenario(overview, tables.OVERVIEW_METRICS)
+    row = {(r.scenario, r.strategy): i for i, r in enumerate(overview.itertuples())}
+    lora, finetune = row[("synthetic", "lora")], row[("synthetic", "finetune")]
+    assert (lora, "acc_final") in marks  # higher is better: 0.6 > 0.4
+    assert (finetune, "forgetting") in marks  # lower is better: 0.1 < 0.25
+    assert (finetune, "bwt") in marks  # higher is better: -0.1 > -0.25
+    assert (lora, "forgetting") not in marks
+    assert not any(pos == row[("split-digits", "lora")] for pos, _ in marks)  # alone in its scenario
+    assert page.count('class="stat best"') == len(marks)
+
+
+def test_failed_and_running_runs_are_listed_apart(standard_report: Built) -> None:
+    page = standard_report.page
+    excluded_section = page[page.index('id="excluded"') :]
+    assert "c-lora-s2-failed" in excluded_section
+    assert "DivergenceError: loss became nan at step 3" in excluded_section
+    assert "d-finetune-s1-running" in excluded_section
+    assert "status running: 1 of 2 experiences recorded" in excluded_section
+    runs_section = page[page.index('id="runs"') : page.index('id="excluded"')]
+    assert "c-lora-s2-failed" not in runs_section
+    excluded = pd.read_csv(standard_report.out.with_name("report_excluded.csv"))
+    assert excluded[["run_id", "kind"]].values.tolist() == [
+        ["d-finetune-s1-running", "incomplete"],
+        ["c-lora-s2-failed", "failed"],
+    ]
+    err = standard_report.stderr.splitlines()
+    assert any("c-lora-s2-failed left out of the averages" in line for line in err)
+
+
+def test_csv_tables_are_written_next_to_the_html(standard_report: Built) -> None:
+    site = standard_report.out.parent
+    assert sorted(p.name for p in site.iterdir()) == sorted(
+        ["report.html", *(f"report_{name}.csv" for name in CSV_NAMES)]
+    )
+    runs = pd.read_csv(site / "report_runs.csv")
+    assert len(runs) == 6
+    assert set(runs["status"]) == {"ok", "failed", "running"}
+    params = pd.read_csv(site / "report_parameters.csv").set_index(["scenario", "strategy"])
+    assert params.loc[("synthetic", "finetune"), "n_trainable_mean"] == 100_000
+    assert params.loc[("synthetic", "lora"), "trainable_fraction_mean"] == pytest.approx(0.01)
+    resources = pd.read_csv(site / "report_resources.csv").set_index(["scenario", "strategy"])
+    assert resources.loc[("synthetic", "lora"), "peak_memory_train_bytes_mean"] == 2**30
+    assert resources.loc[("synthetic", "lora"), "wall_time_s_mean"] == pytest.approx(6.5)
+
+
+def test_ordering_is_deterministic(standard_report: Built, tmp_path: Path) -> None:
+    runs_dir = standard_report.runs
+    first = standard_report.page
+    second = _build([runs_dir / "z-lora-s1", runs_dir], tmp_path / "report.html")
+
+    def stable(page: str) -> str:
+        page = re.sub(r"generated \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", page)
+        return re.sub(r"from .*?</span>", "", page, count=1)
+
+    assert stable(first) == stable(second)
+    runs_section = first[first.index('id="runs"') :]
+    positions = [
+        runs_section.index(f"run-{run_id}") for run_id in ("a-lora-digits", "b-finetune-s0", "y-lora-s0")
+    ]
+    positions.append(runs_section.index("run-z-lora-s1"))
+    assert positions == sorted(positions)
+    overview = pd.read_csv(standard_report.out.with_name("report_overview.csv"))
+    assert overview[["scenario", "strategy"]].values.tolist() == [
+        ["split-digits", "lora"],
+        ["synthetic", "finetune"],
+        ["synthetic", "lora"],
+    ]
+
+
+def test_broken_files_are_named_and_do_not_stop_the_report(
+    broken_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report.html"
+    page = _build([broken_dir], out)
+    unreadable = page[page.index('id="unreadable"') :]
+    for name in ("t-truncated/result.json", "notes.json", "n-newer/result.json"):
+        assert name in unreadable
+    assert "schema version 99 is newer" in unreadable
+    assert "truncated or corrupt" in unreadable
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 3
+    assert _overview(out).loc[("synthetic", "lora"), "n_runs"] == 2
+    excluded = pd.read_csv(tmp_path / "report_excluded.csv")
+    assert (excluded["kind"] == "unreadable").sum() == 3
+
+
+def test_no_usable_record_is_an_error_not_an_empty_report(broken_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "report.html"
+    with pytest.raises(ClBenchError, match="no usable run record"):
+        build_report([empty], out)
+    only_bad = tmp_path / "bad"
+    write_record(only_bad, make_record("failed", status="failed"))
+    (only_bad / "junk.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ClBenchError, match=r"1 failed or incomplete, 1 unreadable"):
+        build_report([only_bad], out)
+    assert not out.exists()
+
+
+def test_strategy_figures_are_rendered_from_record_conventions(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, strategy_figures_record())
+    out = tmp_path / "report.html"
+    page = _build([runs], out)
+    figures = page[page.index("own figures") :]
+    # experiences[i].strategy: one small plot per name and a table
+    assert "live_gates" in figures
+    assert "total_gates" in figures
+    assert "<td>40</td><td>48</td>" in figures
+    # strategy_report sections
+    assert "achieved_sparsity" in figures
+    assert "0.4375" in figures
+    assert 'alt="accuracy_vs_rank of sora-fig"' in figures
+    assert "live_gates_per_layer over 3 layers" in figures
+    assert "<b>sampled_blocks</b>: 2 entries" in figures
+    # accuracy.variants: a table against the main model, and accuracy vs rank for rank=N labels
+    variants = tables.variants_frame(strategy_figures_record())
+    assert variants["variant"].tolist() == ["(main)", "rank=4", "rank=1", "rank=2", "sliced"]
+    sliced = variants.set_index("variant").loc["sliced"]
+    assert sliced["speedup"] == pytest.approx(1200.0 / 600.0)  # main: final experience's eval samples/s
+    assert "2.00×" in figures
+    assert tables.rank_variants(strategy_figures_record())["rank"].tolist() == [1, 2, 4]
+    assert 'alt="accuracy vs rank of sora-fig"' in figures
+    # one <img> each: heatmap, curves, scenario curves, per-experience, one curve, one per-layer, rank
+    assert page.count("<img ") == 7
+    assert_self_contained(page)
+    variants_csv = pd.read_csv(tmp_path / "report_variants.csv")
+    assert variants_csv["variant"].tolist() == ["(main)", "rank=4", "rank=1", "rank=2", "sliced"]
+
+
+def test_a_run_without_strategy_figures_has_no_empty_section(standard_report: Built) -> None:
+    assert "own figures" not in standard_report.page
+
+
+def test_backbone_without_pretrained_weights_is_flagged(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, strategy_figures_record(pretrained=False))
+    write_record(runs, make_record("pretrained-one", pretrained=True))
+    page = _build([runs], tmp_path / "report.html")
+    assert "Backbone without pretrained weights: tiny-clip" in page
+    assert "1 run used randomly initialised weights" in page
+    assert page.count("NOT PRETRAINED") == 1
+
+    clean = tmp_path / "clean"
+    write_record(clean, make_record("pretrained-only", pretrained=True))
+    assert "Backbone without pretrained weights" not in _build([clean], tmp_path / "clean.html")
+
+
+def test_every_metric_formula_and_the_provenance_are_printed(standard_report: Built) -> None:
+    page = standard_report.page
+    for name, formula in FORMULAS.items():
+        assert html.escape(formula) in page, name
+    assert "0123456789abcdef0123456789abcdef01234567" in page
+    assert "0123456789" in page[page.index('id="provenance"') :]
+    assert "torch 2.4.0" in page
+    assert "training 1, class order 0" in page
+    assert "&#34;lr&#34;: 0.001" in page  # the resolved config, escaped
+
+
+def test_a_group_mixing_configurations_is_flagged(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, make_record("lr1", seed=0))
+    write_record(runs, make_record("lr2", seed=1, config_extra={"lr": 0.01}))
+    page = _build([runs], tmp_path / "report.html")
+    assert "mixed config" in page
+    assert "<code>lr</code>" in page
+    assert "<code>seed</code>" not in page
+
+
+def assert_self_contained(page: str) -> None:
+    """No script, no stylesheet link, every image an embedded SVG, links only to anchors or the CSVs."""
+    assert "<script" not in page
+    assert "<link" not in page
+    assert "@import" not in page
+    sources = re.findall(r'\ssrc="([^"]*)"', page)
+    assert sources
+    for src in sources:
+        assert src.startswith("data:image/svg+xml;base64,")
+        svg = ET.fromstring(base64.b64decode(src.split(",", 1)[1]))
+        assert svg.tag.endswith("svg")
+    for href in re.findall(r'\shref="([^"]*)"', page):
+        assert href.startswith("#") or re.fullmatch(r"report_\w+\.csv", href), href
+
+
+def test_the_page_is_self_contained(standard_report: Built) -> None:
+    assert_self_contained(standard_report.page)
+    assert len(standard_report.page) < 600_000
+
+
+def test_a_single_run_report_next_to_its_record(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = runs_dir / "y-lora-s0"
+    out = build_report([run_dir], run_dir / "report.html")
+    assert out == run_dir / "report.html"
+    assert (run_dir / "report_overview.csv").is_file()
+    capsys.readouterr()
+    build_report([runs_dir], runs_dir / "all.html")  # the report files found there are not records
+    assert "warning: skipped" not in capsys.readouterr().err
+
+
+def test_formatting_helpers() -> None:
+    from reports.build import fmt_float
+
+    assert fmt_stat(0.6, math.sqrt(0.02), 2, 2, fmt_float) == "0.600 ± 0.141"
+    assert fmt_stat(0.6, math.nan, 1, 1, fmt_float) == "0.600"
+    assert fmt_stat(0.6, 0.1, 1, 2, fmt_float) == "0.600 ± 0.100 (n=1)"
+    assert fmt_stat(None, None, 0, 2, fmt_float) == "—"
+    assert fmt_stat(5.0, 0.0, 2, 2, fmt_float, always_std=False) == "5.000"
+    assert fmt_bytes(2**30) == "1.0 GiB"
+    assert fmt_bytes(512) == "512 B"
