@@ -18,6 +18,7 @@ class Example:
     name: str = "x"
     flag: bool = False
     opt: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
 
 
 def test_build_coerces_ints_to_floats_and_lists_to_tuples() -> None:
@@ -32,7 +33,7 @@ def test_build_coerces_ints_to_floats_and_lists_to_tuples() -> None:
         (
             {"rr": 4},
             "unknown key 'rr' in example (did you mean 'r'?); "
-            "valid keys: alpha, flag, mode, name, opt, r, ranks",
+            "valid keys: alpha, betas, flag, mode, name, opt, r, ranks",
         ),
         ({"r": "4"}, "example.r: expected an integer, got '4'"),
         ({"r": True}, "example.r: expected an integer, got True"),
@@ -46,6 +47,14 @@ def test_build_rejects_bad_input_with_one_line(data: dict, message: str) -> None
     with pytest.raises(ConfigError) as err:
         config.build(Example, data, "example")
     assert str(err.value) == message
+
+
+def test_fixed_length_tuples_are_checked_per_position() -> None:
+    assert config.build(Example, {"betas": [0.9, 1]}, "example").betas == (0.9, 1.0)
+    with pytest.raises(ConfigError, match="expected 2 values"):
+        config.build(Example, {"betas": [0.9]}, "example")
+    with pytest.raises(ConfigError, match=r"example.betas\[1\]: expected a number"):
+        config.build(Example, {"betas": [0.9, "x"]}, "example")
 
 
 def test_parse_set_types_values_and_routes_components() -> None:
