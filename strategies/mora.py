@@ -1,1 +1,448 @@
-"""mora: being implemented (see its issue)."""
+"""mora: MoRA / MoRAM, a self-activated sparse mixture of rank-1 experts (arXiv 2506.21035).
+
+Paper: "MoRA: ... Self-Activated Sparse Mixture-of-Rank ..." (v1/v2), renamed in v5 "Little by
+Little: Continual Learning via Incremental Mixture of Rank-1 Associative Memory Experts" (MoRAM,
+ICML 2026). Official code: github.com/Artificer-AI-Lab/MoRAM, ``XTAIL/loralib/moram.py`` and
+``XTAIL/models/moram.py``; this file follows it with the runner values (STRATEGIES.md, Part A).
+
+Every adapted linear layer (q, k, v, out, fc1, fc2 of every block of both towers) holds a frozen
+bank of rank-1 experts (keys A_i, values B_i) and a trainable block of r new ones. For a token x,
+with R = r * (experiences so far) ranks stacked as A [R, d_in], B [d_out, R] (the paper's
+self-activation, top-k budget and rank-pruning equations, which the project page summarises as
+Eqs. 2-8)::
+
+    z   = A x                                   key match of every rank-1 expert
+    s   = z / max(||z||_2, 1e-12)               signed self-activation, across the R ranks
+    w   = softmax(s_topk / tau)                 top-k budget, k = max(topk, 2); 0 off the top-k
+    w_i = w_i * 1[s_i >= delta]                 eval only (delta > 0), no renormalisation
+    y   = W0 x + b + B (w * z)                  no alpha / r scaling, no dropout
+
+At each new experience the current block joins the bank bitwise and a fresh block starts
+(A kaiming-uniform, B = 0); the loop rebuilds the optimizer, which holds exactly the new block.
+A fresh block with B = 0 adds no value term, but it enters the normalisation and the top-k
+softmax, so the outputs change at an increment (as in the official code).
+
+Where paper and official code differ, cl-bench follows the code (STRATEGIES.md, Part B §1):
+- the gate delta applies only in eval mode, and only when delta > 0 (delta = 0: train == eval);
+- the top-k uses the signed score s, not |s|, and k is floored at 2;
+- the weights are not renormalised after the delta gate;
+- r, topk, tau, delta = 16, 16, 0.01, 0.2 (runner values; the argparse defaults differ), AdamW
+  lr 5e-4, betas (0.9, 0.9999), weight decay 0; eps 1e-12 of the X-TAIL code (TRACE uses 1e-8).
+
+Loss (official X-TAIL code, ``train_model``; both terms switchable):
+- image-to-text: cross-entropy of the logits where only the current experience's classes compete
+  (every other column is -inf), whatever ``logit_classes`` the loop scored (so the run key
+  ``train_classes = "seen"`` changes nothing here);
+- text-to-image: for each current class c, logits scale * <text_c, image_j> over the batch's
+  images j (the transpose of the image-to-text columns, so no second text pass) and the soft
+  cross-entropy against the multi-hot target 1[y_j = c], NOT normalised (the official code passes
+  the raw 0/1 mask to ``F.cross_entropy``), averaged over the rows of all classes seen so far
+  (the official rows of past classes have zero targets: they add nothing but count in the mean).
+  ``normalize_text_targets`` divides each target row by its number of images instead.
+Text features come from the adapted text tower (the head recomputes them with grad every step).
+On a backbone without text tower (``kind == "vision"``, linear head) there is no text term: the
+loss is the cross-entropy over the current classes, and the linear head trains with the block.
+
+Implementation: per layer the bank lives in two preallocated stores, ``a_store`` [capacity, d_in]
+and ``bt_store`` [capacity, d_out] (B transposed, so a block is a contiguous row range; capacity =
+r * n_experiences, grown by doubling if exceeded). The trainable block (parameters ``A`` [r, d_in],
+``B`` [d_out, r]) is written into its rows at every forward (2r rows, never the bank), so z and
+the output are single matmuls over one stacked matrix, with no Python loop over experts. A custom
+autograd function gives the gradient of x through all R ranks but computes the weight gradient of
+the new block only (a plain ``cat`` would compute it for all R ranks and discard most of it).
+Routing is O(N R): one ``torch.topk`` on z (same order as s: s is z times a positive per-token
+scale), a softmax over k entries and one scatter; it runs in float32 under bf16 autocast. For N
+tokens a layer costs 2 N R (d_in + d_out) flops forward, as much for the input gradient, and
+2 N r (d_in + d_out) for the weight gradient (a rank-r LoRA: 2 N r (d_in + d_out) for each of the
+three), and keeps z [N, R] for backward besides what a LoRA keeps. There is no host sync in the
+forward: the active-rank counters accumulate on the device and are read only by
+:meth:`MoRA.report`. Eval throughput as the bank grows is the loop's ``eval_samples_per_s``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.adapters import (
+    ROLES,
+    AdaptedLinear,
+    available_towers,
+    check_targets,
+    init_lora_pair,
+    inject,
+)
+from cl_bench.backbones.base import Backbone
+from cl_bench.errors import ConfigError
+from cl_bench.heads import Head
+from cl_bench.registry import STRATEGIES
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext, adamw
+
+NORM_EPS = 1e-12  # F.normalize's default, as the official X-TAIL layer
+
+
+def self_activation(
+    z: torch.Tensor, k: int, tau: float, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Routing weights of the selected ranks: ``(w_sel, z_sel, idx)``, each [..., min(k, R)].
+
+    ``s = z / ||z||`` across the last (rank) axis; the top-k entries of the signed ``s`` get
+    ``softmax(s / tau)``; with ``threshold > 0`` (eval) entries with ``s < threshold`` become exactly
+    0, without renormalising. ``idx`` is None when every rank is selected (k >= R); otherwise the
+    dense weights are ``zeros.scatter(-1, idx, w_sel)``. The top-k is taken on z itself: dividing by
+    the positive norm keeps the order, and only k entries of s are then ever formed.
+    """
+    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    if k < z.shape[-1]:
+        z_sel, idx = torch.topk(z, k, dim=-1)
+    else:
+        z_sel, idx = z, None
+    s_sel = z_sel / norm
+    w_sel = torch.softmax(s_sel / tau, dim=-1)
+    if threshold > 0:
+        w_sel = torch.where(s_sel >= threshold, w_sel, torch.zeros_like(w_sel))
+    return w_sel, z_sel, idx
+
+
+class _BankLinear(torch.autograd.Function):
+    """``F.linear(x, weight)`` where ``weight`` stacks frozen bank ranks and a trainable ``tail``.
+
+    ``tail_dim`` 0: the tail is the last r rows of ``weight`` [R, d_in] (the projection A);
+    ``tail_dim`` 1: the tail is its last r columns, ``weight`` [d_out, R] (the expansion B).
+    Backward: the gradient of x through every rank; the weight gradient of the tail only.
+    ``weight`` is kept as a ctx attribute, not saved with a version check: the trainable rows of
+    the store are rewritten (with the same values) by each forward, also between a forward and its
+    backward when a layer runs twice in one step.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor, tail_dim: int
+    ) -> torch.Tensor:
+        r = tail.shape[tail_dim]
+        ctx.weight, ctx.tail_dim, ctx.r, ctx.tail_dtype = weight, tail_dim, r, tail.dtype
+        if ctx.needs_input_grad[2]:
+            ctx.save_for_backward(x if tail_dim == 0 else x[..., -r:].contiguous())
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+        grad_x = grad @ ctx.weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_tail = None
+        if ctx.needs_input_grad[2]:
+            (saved,) = ctx.saved_tensors
+            g = grad.reshape(-1, grad.shape[-1])
+            s = saved.reshape(-1, saved.shape[-1]).to(g.dtype)
+            grad_tail = g[:, -ctx.r :].t() @ s if ctx.tail_dim == 0 else g.t() @ s
+            grad_tail = grad_tail.to(ctx.tail_dtype)
+        return grad_x, None, grad_tail, None
+
+
+def _bank_linear(x: torch.Tensor, weight: torch.Tensor, tail: nn.Parameter, tail_dim: int) -> torch.Tensor:
+    """:class:`_BankLinear` when a gradient is wanted, a plain ``F.linear`` otherwise (eval)."""
+    if torch.is_grad_enabled() and (tail.requires_grad or x.requires_grad):
+        return _BankLinear.apply(x, weight, tail, tail_dim)
+    return F.linear(x, weight)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class MoRALinear(AdaptedLinear):
+    """One MoRA layer: ``y = W0 x + b + B (w * z)`` over a frozen rank bank plus a trainable block.
+
+    ``A`` [r, d_in] and ``B`` [d_out, r] are the trainable block; :attr:`bank_a` [R_old, d_in] and
+    :attr:`bank_b` [d_out, R_old] are frozen (views of non-trainable buffers). ``capacity``
+    preallocates the rank stores (rows), so increments within it never reallocate.
+    """
+
+    def __init__(
+        self, base: nn.Linear, r: int, topk: int, tau: float, threshold: float, capacity: int = 0
+    ) -> None:
+        super().__init__(base)
+        if r < 1 or topk < 1 or tau <= 0 or not 0 <= threshold <= 1:
+            raise ValueError(f"bad MoRA layer settings r={r} topk={topk} tau={tau} delta={threshold}")
+        self.r, self.k, self.tau, self.threshold = r, max(topk, 2), tau, threshold
+        self.n_old = 0  # ranks in the frozen bank
+        device, rows = base.weight.device, max(capacity, r)
+        self.register_buffer("a_store", torch.zeros(rows, base.in_features, device=device), persistent=False)
+        self.register_buffer(
+            "bt_store", torch.zeros(rows, base.out_features, device=device), persistent=False
+        )
+        # non-zero routing weights summed over tokens, [train, eval]; token counts stay on the host
+        self.register_buffer("active_sum", torch.zeros(2, dtype=torch.long, device=device), persistent=False)
+        self.n_tokens = [0, 0]
+        self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, device)
+
+    # -- the bank ------------------------------------------------------------------------------
+    @property
+    def n_ranks(self) -> int:
+        """R: frozen plus trainable ranks."""
+        return self.n_old + self.r
+
+    @property
+    def bank_a(self) -> torch.Tensor:
+        return self.a_store[: self.n_old]
+
+    @property
+    def bank_b(self) -> torch.Tensor:
+        return self.bt_store[: self.n_old].t()
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([bank_a; A], [bank_b, B])``, [R, d_in] and [d_out, R]: views of the stores, after
+        writing the trainable block into its rows (2r rows; the bank is never copied)."""
+        with torch.no_grad():
+            self.a_store[self.n_old : self.n_ranks].copy_(self.A)
+            self.bt_store[self.n_old : self.n_ranks].copy_(self.B.t())
+        return self.a_store[: self.n_ranks], self.bt_store[: self.n_ranks].t()
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the stores (doubling) so they hold ``rows`` ranks, keeping their content."""
+        have = self.a_store.shape[0]
+        if rows <= have:
+            return
+        rows = max(rows, 2 * have)
+        for name in ("a_store", "bt_store"):
+            old = getattr(self, name)
+            new = old.new_zeros(rows, old.shape[1])
+            new[:have] = old
+            setattr(self, name, new)
+
+    @torch.no_grad()
+    def increment(self) -> None:
+        """The trainable block joins the frozen bank (bitwise) and a fresh one starts (kaiming A, B = 0)."""
+        self._reserve(self.n_ranks + self.r)
+        self.stacked()
+        self.n_old = self.n_ranks
+        A, B = init_lora_pair(self.r, self.in_features, self.out_features, self.base.weight.device)
+        self.A = nn.Parameter(A.to(self.A.dtype))
+        self.B = nn.Parameter(B.to(self.B.dtype))
+
+    def added_tensors(self) -> list[torch.Tensor]:
+        """What the method added to this layer: the frozen bank and the trainable block."""
+        return [self.bank_a, self.bank_b, self.A, self.B] if self.n_old else [self.A, self.B]
+
+    # -- forward -------------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        A_full, B_full = self.stacked()
+        dtype = _compute_dtype(x)
+        z = _bank_linear(x.to(dtype), A_full.to(dtype), self.A, 0)
+        route_dtype = torch.promote_types(dtype, torch.float32)
+        z = z.to(route_dtype)
+        w_sel, z_sel, idx = self_activation(z, self.k, self.tau, 0.0 if self.training else self.threshold)
+        h = w_sel * z_sel
+        if idx is not None:
+            h = torch.zeros_like(z).scatter(-1, idx, h)
+        mode = 0 if self.training else 1
+        self.active_sum.select(0, mode).add_(torch.count_nonzero(w_sel))
+        self.n_tokens[mode] += w_sel.numel() // w_sel.shape[-1]
+        return _bank_linear(h.to(dtype), B_full.to(dtype), self.B, 1)
+
+    @torch.no_grad()
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense routing weights w [..., R] of the current mode (for inspection and tests)."""
+        A_full, _ = self.stacked()
+        z = F.linear(x.to(A_full.dtype), A_full)
+        w_sel, _, idx = self_activation(z, self.k, self.tau, 0.0 if self.training else self.threshold)
+        return w_sel if idx is None else torch.zeros_like(z).scatter(-1, idx, w_sel)
+
+    # -- measurements and state ----------------------------------------------------------------
+    def reset_counts(self) -> None:
+        self.active_sum.zero_()
+        self.n_tokens = [0, 0]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The bank and its size travel with ``state_dict`` (the stores themselves are not saved)."""
+        return {
+            "n_old": self.n_old,
+            "bank_a": self.bank_a.clone(),
+            "bank_bt": self.bt_store[: self.n_old].clone(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.n_old = int(state["n_old"])
+        self._reserve(self.n_ranks)
+        with torch.no_grad():
+            self.a_store[: self.n_old].copy_(state["bank_a"])
+            self.bt_store[: self.n_old].copy_(state["bank_bt"])
+
+
+@dataclass(frozen=True)
+class MoRAConfig(StrategyConfig):
+    r: int = 16  # rank-1 experts added per experience
+    topk: int = 16  # top-k budget, floored at 2
+    tau: float = 0.01  # softmax temperature
+    delta: float = 0.2  # eval-only activation gate on s (0: off)
+    roles: tuple[str, ...] = ROLES
+    towers: tuple[str, ...] = ("vision", "text")
+    betas: tuple[float, ...] = (0.9, 0.9999)  # AdamW (beta1, beta2)
+    use_image_to_text: bool = True
+    use_text_to_image: bool = True
+    normalize_text_targets: bool = False  # official: raw multi-hot targets
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        if self.topk < 1:
+            raise ConfigError(f"strategy.topk must be >= 1, got {self.topk}")
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ConfigError(f"strategy.tau must be > 0, got {self.tau}")
+        if not 0 <= self.delta <= 1:
+            raise ConfigError(f"strategy.delta must be in [0, 1], got {self.delta}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"strategy.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not (self.use_image_to_text or self.use_text_to_image):
+            raise ConfigError("strategy.use_image_to_text and use_text_to_image are both false: no loss")
+        check_targets(self.roles, self.towers)
+
+
+@STRATEGIES.register(
+    "mora",
+    description="MoRA/MoRAM (arXiv 2506.21035): self-activated sparse mixture of rank-1 experts, 16 per exp",
+)
+class MoRA(Strategy):
+    """The strategy: inject :class:`MoRALinear`, grow the bank per experience, official CLIP loss."""
+
+    Config = MoRAConfig
+    paper = (
+        "MoRA/MoRAM: Little by Little: Continual Learning via Incremental Mixture of Rank-1 "
+        "Associative Memory Experts (arXiv 2506.21035; v1: Self-Activated Sparse Mixture-of-Rank)"
+    )
+    default_lr = 5e-4
+    default_weight_decay = 0.0
+
+    def __init__(self, cfg: MoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        self.clip = backbone.kind == "clip"
+        if not self.clip and not cfg.use_image_to_text:
+            raise ConfigError(
+                f"strategy.use_image_to_text=false needs a CLIP backbone; {backbone.name} has no text term"
+            )
+        self.backbone.requires_grad_(False)
+        capacity = cfg.r * max(1, ctx.n_experiences)
+        self._adapters: dict[str, MoRALinear] = inject(  # type: ignore[assignment]
+            self.backbone,
+            lambda linear, block, role: MoRALinear(linear, cfg.r, cfg.topk, cfg.tau, cfg.delta, capacity),
+            roles=cfg.roles,
+            towers=available_towers(self.backbone, cfg.towers),
+        )
+        self.n_blocks = 1  # the first block exists from construction on
+        self._masks: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def adapters(self) -> dict[str, MoRALinear]:  # type: ignore[override]
+        return self._adapters
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exactly the current block of every layer (plus a linear head, on non-CLIP backbones)."""
+        params = [p for a in self._adapters.values() for p in (a.A, a.B)]
+        return params + [p for p in self.head.parameters() if p.requires_grad]
+
+    def added_parameters(self) -> list[torch.Tensor]:
+        return [t for a in self._adapters.values() for t in a.added_tensors()]
+
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return adamw(
+            self.trainable_parameters(), lr, weight_decay, betas=(self.cfg.betas[0], self.cfg.betas[1])
+        )
+
+    def before_experience(self, exp: ExperienceInfo) -> None:
+        """A new experience freezes the current blocks into the banks and starts fresh ones."""
+        if exp.index >= self.n_blocks:
+            for adapter in self._adapters.values():
+                adapter.increment()
+            self.n_blocks += 1
+        for adapter in self._adapters.values():
+            adapter.reset_counts()
+        self._masks.clear()
+
+    # -- loss (official X-TAIL train_model) -----------------------------------------------------
+    def _current(
+        self, exp: ExperienceInfo, n_classes: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current classes (long) and their boolean mask over all classes, built once per experience."""
+        key = (exp.classes, n_classes, device)
+        if key not in self._masks:
+            current = torch.tensor(exp.classes, dtype=torch.long, device=device)
+            mask = torch.zeros(n_classes, dtype=torch.bool, device=device).index_fill(0, current, True)
+            self._masks[key] = (current, mask)
+        return self._masks[key]
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
+        """Image-to-text CE over the current classes + text-to-image soft CE (see the module docstring)."""
+        logits = logits.float()
+        current, is_current = self._current(exp, logits.shape[1], logits.device)
+        total = logits.new_zeros(())
+        if self.cfg.use_image_to_text or not self.clip:
+            total = total + F.cross_entropy(logits.masked_fill(~is_current, float("-inf")), y)
+        if self.clip and self.cfg.use_text_to_image:
+            # scale * <text_c, image_j> for the current classes c: the transposed image-to-text columns
+            t_logits = logits.index_select(1, current).t()
+            targets = (current[:, None] == y[None, :]).float()
+            if self.cfg.normalize_text_targets:
+                targets = targets / targets.sum(dim=1, keepdim=True).clamp_min(1.0)
+            t2i = -(targets * t_logits.log_softmax(dim=1)).sum() / len(exp.seen_classes)
+            total = total + t2i
+        return total
+
+    # -- figures --------------------------------------------------------------------------------
+    def _active(self) -> tuple[list[float], list[float]]:
+        """Mean non-zero routing weights per token and layer, (train, eval); NaN where none ran."""
+        layers = list(self._adapters.values())
+        sums = torch.stack([a.active_sum for a in layers]).tolist()  # one device sync
+        per_mode: tuple[list[float], list[float]] = ([], [])
+        for a, s in zip(layers, sums, strict=True):
+            for mode in (0, 1):
+                n = a.n_tokens[mode]
+                per_mode[mode].append(s[mode] / n if n else math.nan)
+        return per_mode
+
+    @staticmethod
+    def _mean(values: list[float]) -> float:
+        finite = [v for v in values if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    def n_active(self) -> int | None:
+        """Added parameters used per token: sum over layers of (mean active ranks in the last
+        evaluation) x (d_in + d_out). None before any evaluation."""
+        _, active = self._active()
+        if all(math.isnan(v) for v in active):
+            return None
+        return round(
+            sum(
+                v * (a.in_features + a.out_features)
+                for v, a in zip(active, self._adapters.values(), strict=True)
+                if not math.isnan(v)
+            )
+        )
+
+    def report(self) -> dict[str, float | int]:
+        """Ranks per layer, mean active ranks per token (train, eval: layer means) and the block size."""
+        train, active = self._active()
+        ranks = next(iter(self._adapters.values())).n_ranks
+        return {
+            "ranks_per_layer": ranks,
+            "total_ranks": ranks * len(self._adapters),
+            "active_ranks_train": self._mean(train),
+            "active_ranks_eval": self._mean(active),
+            "added_parameters": sum(a.r * (a.in_features + a.out_features) for a in self._adapters.values()),
+        }
+
+    def final_report(self) -> dict[str, Any]:
+        train, active = self._active()
+        names = list(self._adapters)
+        return {
+            "scalars": {**self.report(), "bank_parameters": self.n_added()},
+            "per_layer": {
+                "active_ranks_eval": dict(zip(names, active, strict=True)),
+                "active_ranks_train": dict(zip(names, train, strict=True)),
+            },
+        }
