@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Examples: cl-bench run --strategy lora --scenario split-digits | cl-bench list strategies | "
         "cl-bench report runs/ -o report.html",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,report,bench}")
 
     run = sub.add_parser("run", help="train one strategy through one scenario and write a run record")
     run.add_argument("--strategy", help="registered strategy name (cl-bench list strategies)")
@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="turn run records into one self-contained HTML report")
     rep.add_argument("paths", nargs="+", metavar="RUNS_DIR", help="run directories or result.json files")
     rep.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    bench = sub.add_parser(
+        "bench", help="GPU speed benchmark of every strategy vs HF peft (benchmarks/speed.py)", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (--help)")
     return parser
 
 
@@ -192,12 +196,18 @@ def _configure_logging() -> None:
     root.setLevel(logging.INFO)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.speed import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
     os.environ.setdefault("WANDB_MODE", "disabled")  # avalanche imports wandb at module level
     args = _parser().parse_args(argv)
     _configure_logging()
-    commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report}
+    commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "bench": cmd_bench}
     try:
         load_components()
         return commands[args.command](args)

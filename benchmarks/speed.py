@@ -1,0 +1,516 @@
+"""GPU speed benchmark (``cl-bench bench``): every strategy side by side with HF peft, one process.
+
+For each registered strategy on open_clip ViT-B-16 (random weights, 224 px, batch 128, bf16
+autocast, AdamW) it times the loop's own step function (:func:`cl_bench.loop.train_step`, every
+hook included) and an evaluation forward, and records peak memory. The references run in the
+same process: a forward-only pass of the image tower, and HF peft LoRA (r=8, alpha=16, the same
+q/k/v/out/fc1/fc2 layers of both towers) driven by the same step. The training step of a CLIP
+strategy encodes the images and the 10 class prompts of one CIFAR-100 experience (text tower
+adapted where the method adapts it), as a split-CIFAR-100 run with ``train_classes=current``.
+
+Extra rows: MoRA after 10 experiences (160 ranks per layer), ``lora`` under ``torch.compile``,
+LoRAPrune's physically sliced model at 50% sparsity against the dense model, and an end-to-end
+``cl-bench run`` of ``lora`` on split-CIFAR-100-shaped data (50,000/10,000 images at 32 px, written
+in torchvision's on-disk format, resized on the GPU) for 10 experiences with every evaluation.
+
+The table is printed last and written as JSON (``--out``). ``--quick`` runs the same code on a
+tiny CLIP on the CPU (for the unit test), where the numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_bench import config, loop
+from cl_bench.adapters import ROLES
+from cl_bench.evaluate import autocast
+from cl_bench.heads import make_head
+from cl_bench.registry import BACKBONES, STRATEGIES
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyContext
+
+GiB = 2**30
+PEFT_TARGETS = r".*resblocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(c_fc|c_proj))"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every row shares."""
+
+    backbone: str = "clip-vit-b-16"
+    batch: int = 128
+    eval_batch: int = 512
+    n_classes: int = 100  # CIFAR-100: 10 experiences of 10 classes
+    n_experiences: int = 10
+    warmup: int = 10
+    steps: int = 30  # timed steps per window
+    windows: int = 3  # the median window is reported
+    device: str = "cuda"
+    precision: str = "bf16"
+    lr: float = 1e-4
+
+
+@dataclass
+class Row:
+    name: str
+    train_samples_per_s: float | None = None
+    eval_samples_per_s: float | None = None
+    peak_train_bytes: int | None = None
+    peak_eval_bytes: int | None = None
+    note: str = ""
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PeftLoRA(Strategy):
+    """The reference: HF peft's LoRA layers injected into the same model, trained by the same step."""
+
+    def __init__(self, cfg: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.backbone.requires_grad_(False)
+        peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PEFT_TARGETS)
+        inject_adapter_in_model(peft_cfg, self.backbone.model)
+        for name, param in self.backbone.model.named_parameters():
+            param.requires_grad_("lora_" in name)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _rate(fn: Callable[[], None], n_items: int, s: Setting, device: torch.device) -> float:
+    """Median items/s over ``s.windows`` windows of ``s.steps`` calls (after the caller's warm-up)."""
+    rates = []
+    for _ in range(s.windows):
+        _sync(device)
+        tic = time.perf_counter()
+        for _ in range(s.steps):
+            fn()
+        _sync(device)
+        rates.append(s.steps * n_items / (time.perf_counter() - tic))
+    return statistics.median(rates)
+
+
+def _info(
+    index: int, classes: list[int], n_classes: int, device: torch.device, training: bool
+) -> ExperienceInfo:
+    logit = classes if training else list(range(n_classes))
+    return ExperienceInfo(
+        index=index,
+        classes=tuple(classes),
+        seen_classes=tuple(range(classes[-1] + 1)),
+        logit_classes=torch.tensor(logit, device=device),
+        task_label=0,
+        n_samples=5000,
+        n_steps=1000,
+        training=training,
+    )
+
+
+def _experience_classes(index: int, s: Setting) -> list[int]:
+    per = s.n_classes // s.n_experiences
+    return list(range(index * per, (index + 1) * per))
+
+
+def build(
+    name: str, s: Setting, args: dict[str, Any] | None = None, cls: type[Strategy] | None = None
+) -> Strategy:
+    """A fresh backbone (random weights) with the named strategy on the device."""
+    device = torch.device(s.device)
+    torch.manual_seed(0)
+    backbone = BACKBONES.get(s.backbone)().build()
+    head = make_head(backbone, [f"class {i}" for i in range(s.n_classes)])
+    strategy_cls = cls or STRATEGIES.get(name)
+    cfg = config.build(strategy_cls.Config, args or {}, name)
+    ctx = StrategyContext(
+        device=device,
+        precision=s.precision,
+        seed=0,
+        n_experiences=s.n_experiences,
+        n_classes=s.n_classes,
+        steps_per_experience=(1000,) * s.n_experiences,
+        batch_size=s.batch,
+    )
+    strategy = strategy_cls(cfg, backbone, head, ctx)
+    strategy.to(device)
+    return strategy
+
+
+def _inputs(
+    s: Setting, batch: int, image_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, device=device, generator=g)
+    y = torch.randint(0, s.n_classes // s.n_experiences, (batch,), device=device, generator=g)
+    return x, y
+
+
+def measure(strategy: Strategy, s: Setting, *, experiences: int = 1, compile_towers: bool = False) -> Row:
+    """Train-step and eval throughput of ``strategy`` after ``experiences`` experience boundaries."""
+    device = torch.device(s.device)
+    strategy.train()
+    for index in range(experiences):
+        info = _info(index, _experience_classes(index, s), s.n_classes, device, training=True)
+        strategy.before_experience(info)
+    strategy.head.invalidate()
+    if compile_towers:
+        strategy.backbone.compile_towers()
+    optimizer = strategy.make_optimizer(s.lr, 0.0)
+    size = strategy.backbone.image_size
+    x, y = _inputs(s, s.batch, size, device)
+    y = y + info.classes[0]
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        loop.train_step(
+            strategy, optimizer, None, x, y, info, next(counter), device=device, precision=s.precision
+        )
+
+    for _ in range(s.warmup * (3 if compile_towers else 1)):
+        step()
+    _reset_peak(device)
+    train = _rate(step, s.batch, s, device)
+    peak_train = _peak(device)
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()  # free the moments before the eval measurement
+    row = Row(strategy.__class__.__name__, train, None, peak_train)
+    row.eval_samples_per_s, row.peak_eval_bytes = measure_eval(strategy, s)
+    return row
+
+
+def measure_eval(strategy: Strategy, s: Setting) -> tuple[float, int | None]:
+    device = torch.device(s.device)
+    strategy.eval()
+    strategy.head.invalidate()
+    info = _info(0, _experience_classes(0, s), s.n_classes, device, training=False)
+    x, _ = _inputs(s, s.eval_batch, strategy.backbone.image_size, device)
+
+    @torch.inference_mode()
+    def forward() -> None:
+        with autocast(device, s.precision):
+            strategy.forward(x, info)
+
+    for _ in range(max(2, s.warmup // 2)):
+        forward()
+    _reset_peak(device)
+    rate = _rate(forward, s.eval_batch, s, device)
+    return rate, _peak(device)
+
+
+def measure_forward_only(s: Setting, *, compile_towers: bool = False) -> Row:
+    """The image tower alone, batch ``s.batch``, under inference mode: the ceiling of a forward."""
+    device = torch.device(s.device)
+    torch.manual_seed(0)
+    backbone = BACKBONES.get(s.backbone)().build().to(device).eval()
+    if compile_towers:
+        backbone.compile_towers()
+    x, _ = _inputs(s, s.batch, backbone.image_size, device)
+
+    @torch.inference_mode()
+    def forward() -> None:
+        with autocast(device, s.precision):
+            backbone.encode_image(x)
+
+    for _ in range(s.warmup * (3 if compile_towers else 1)):
+        forward()
+    _reset_peak(device)
+    return Row(
+        "forward-only" + (" (compiled)" if compile_towers else ""),
+        eval_samples_per_s=_rate(forward, s.batch, s, device),
+        peak_eval_bytes=_peak(device),
+        note="image tower, inference mode, no training",
+    )
+
+
+def measure_sliced(s: Setting) -> list[Row]:
+    """LoRAPrune at exactly 50% of heads and MLP channels: dense (merged) vs physically sliced eval."""
+    strategy = build("loraprune", s)
+    groups = strategy.groups  # type: ignore[attr-defined]
+    for group in groups:
+        group.prune_to(0.5)
+    strategy.merge()  # type: ignore[attr-defined]
+    dense, dense_peak = measure_eval(strategy, s)
+    strategy.slice()  # type: ignore[attr-defined]
+    sliced, sliced_peak = measure_eval(strategy, s)
+    sparsity = strategy.report()["sparsity"]
+    return [
+        Row(
+            "loraprune dense (merged)",
+            eval_samples_per_s=dense,
+            peak_eval_bytes=dense_peak,
+            note="masks at 50% folded into dense weights",
+        ),
+        Row(
+            "loraprune sliced 50%",
+            eval_samples_per_s=sliced,
+            peak_eval_bytes=sliced_peak,
+            note=f"sliced/dense eval = {sliced / dense:.2f}x; weight sparsity {sparsity:.2f}",
+            extra={"speedup_vs_dense": sliced / dense, "sparsity": sparsity},
+        ),
+    ]
+
+
+def measure_end_to_end(s: Setting, workdir: Path, *, quick: bool) -> Row:
+    """``cl-bench run --strategy lora --scenario split-cifar100`` on generated CIFAR-100-format files."""
+    from scenarios.cifar_files import write_cifar
+
+    n_train, n_test = (500, 100) if quick else (50_000, 10_000)
+    tic = time.perf_counter()
+    write_cifar(workdir / "cifar", "cifar100", n_train=n_train, n_test=n_test)
+    written = time.perf_counter() - tic
+    cfg = config.resolve(
+        [
+            {
+                "strategy": "lora",
+                "scenario": {
+                    "name": "split-cifar100",
+                    "root": str(workdir / "cifar"),
+                    "verify_checksums": False,
+                },
+                "backbone": s.backbone,
+                "batch_size": s.batch,
+                "eval_batch_size": 1024 if not quick else 64,
+                "epochs": 1,
+                "device": s.device,
+                "precision": s.precision if s.device == "cuda" else "fp32",
+                "train_classes": "current",
+                "log_every": 50,
+                "out": str(workdir / "runs"),
+                "run_id": "e2e",
+            }
+        ]
+    )
+    tic = time.perf_counter()
+    record = loop.run(cfg, progress=False)
+    wall = time.perf_counter() - tic
+    train_samples = sum(e.n_train for e in record.experiences)
+    train_time = record.timing["train_s"]
+    steady = [e.train_samples_per_s for e in record.experiences[1:]] or [
+        record.experiences[0].train_samples_per_s
+    ]
+    return Row(
+        "e2e lora split-cifar100",
+        train_samples_per_s=train_samples / train_time,
+        eval_samples_per_s=sum(e.eval_samples_per_s for e in record.experiences) / len(record.experiences),
+        peak_train_bytes=record.timing["peak_memory_train_bytes"] if s.device == "cuda" else None,
+        note=f"wall {wall:.1f}s for {record.scenario['n_experiences']} experiences ({n_train} train images, "
+        f"{len(record.accuracy['matrix']) + 1} evaluations of {n_test}); data written in {written:.1f}s",
+        extra={
+            "wall_s": wall,
+            "train_s": train_time,
+            "eval_s": record.timing["eval_s"],
+            "setup_s": record.timing["setup_s"],
+            "steady_train_samples_per_s": statistics.median(steady),
+            "per_experience_train_samples_per_s": [e.train_samples_per_s for e in record.experiences],
+        },
+    )
+
+
+@contextlib.contextmanager
+def _guard(rows: list[Row], name: str) -> Iterator[None]:
+    """Record an error for one row and go on with the others (device time is scarce)."""
+    try:
+        yield
+    except Exception as err:  # a broken row must not cost the rest of the table
+        traceback.print_exc()
+        rows.append(Row(name, error=f"{type(err).__name__}: {err}"))
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+STRATEGY_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
+    # (row name, strategy, args, experiences before timing)
+    ("lora", "lora", {}, 1),
+    ("finetune", "finetune", {}, 1),
+    ("linear-probe", "linear-probe", {}, 1),
+    ("dylora", "dylora", {}, 1),
+    ("sora", "sora", {}, 1),
+    ("allora", "allora", {}, 1),
+    ("loraprune", "loraprune", {}, 1),
+    ("lisa", "lisa", {}, 1),
+    ("mora (1 exp, 16 ranks)", "mora", {}, 1),
+    ("mora (10 exps, 160 ranks)", "mora", {}, 10),
+)
+
+
+def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> list[Row]:
+    rows: list[Row] = []
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    if wanted("forward-only"):
+        with _guard(rows, "forward-only"):
+            rows.append(measure_forward_only(s))
+    if wanted("peft-lora"):
+        with _guard(rows, "peft-lora"):
+            row = measure(build("peft-lora", s, cls=PeftLoRA), s)
+            row.name, row.note = "peft-lora", "HF peft LoRA r=8 on the same layers"
+            rows.append(row)
+    for name, strategy, args, experiences in STRATEGY_ROWS:
+        if not wanted(name) or strategy not in STRATEGIES:
+            continue
+        with _guard(rows, name):
+            row = measure(build(strategy, s, args), s, experiences=experiences)
+            row.name = name
+            rows.append(row)
+    if wanted("lora (compiled)") and not quick:
+        with _guard(rows, "lora (compiled)"):
+            row = measure(build("lora", s), s, compile_towers=True)
+            row.name, row.note = "lora (compiled)", "--set compile=true: every block under torch.compile"
+            rows.append(row)
+    if wanted("forward-only (compiled)") and not quick:
+        with _guard(rows, "forward-only (compiled)"):
+            rows.append(measure_forward_only(s, compile_towers=True))
+    if wanted("loraprune sliced 50%"):
+        with _guard(rows, "loraprune sliced 50%"):
+            rows.extend(measure_sliced(s))
+    if wanted("e2e"):
+        with _guard(rows, "e2e lora split-cifar100"), tempfile.TemporaryDirectory() as tmp:
+            rows.append(measure_end_to_end(s, Path(tmp), quick=quick))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    """The printed table: throughput, ratios to lora and to peft, memory, notes."""
+    by_name = {r.name: r for r in rows}
+    lora = by_name.get("lora")
+    peft = by_name.get("peft-lora")
+
+    def ratio(value: float | None, ref: Row | None, attr: str) -> str:
+        base = getattr(ref, attr) if ref else None
+        return f"{value / base:.2f}x" if value and base else "-"
+
+    def num(value: float | None) -> str:
+        return f"{value:,.0f}" if value else "-"
+
+    def gib(value: int | None) -> str:
+        return f"{value / GiB:.2f}" if value else "-"
+
+    header = (
+        "row",
+        "train/s",
+        "vs lora",
+        "vs peft",
+        "eval/s",
+        "eval vs lora",
+        "peak train GiB",
+        "vs lora",
+        "peak eval GiB",
+        "note",
+    )
+    lines = [header]
+    for r in rows:
+        if r.error:
+            lines.append((r.name, "ERROR", "", "", "", "", "", "", "", r.error[:80]))
+            continue
+        lines.append(
+            (
+                r.name,
+                num(r.train_samples_per_s),
+                ratio(r.train_samples_per_s, lora, "train_samples_per_s"),
+                ratio(r.train_samples_per_s, peft, "train_samples_per_s"),
+                num(r.eval_samples_per_s),
+                ratio(r.eval_samples_per_s, lora, "eval_samples_per_s"),
+                gib(r.peak_train_bytes),
+                ratio(r.peak_train_bytes, lora, "peak_train_bytes"),
+                gib(r.peak_eval_bytes),
+                r.note,
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(line[:-1], widths, strict=True))
+        + "  "
+        + str(line[-1])
+        for line in lines
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cl-bench bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench.json", help="JSON file for the table (default bench.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny CLIP on the CPU: exercises the code only")
+    parser.add_argument("--only", nargs="*", help="row names to run (default: all)")
+    parser.add_argument("--steps", type=int, help="timed steps per window")
+    args = parser.parse_args(argv)
+    if args.quick:
+        s = Setting(
+            backbone="tiny-clip",
+            batch=8,
+            eval_batch=16,
+            warmup=1,
+            steps=2,
+            windows=1,
+            device="cpu",
+            precision="fp32",
+        )
+    else:
+        if not torch.cuda.is_available():
+            print(
+                "error: the speed benchmark needs a CUDA device (use --quick to exercise it on CPU)",
+                file=sys.stderr,
+            )
+            return 2
+        s = Setting()
+    if args.steps:
+        s = Setting(**{**s.__dict__, "steps": args.steps})
+    torch.backends.cuda.matmul.allow_tf32 = True
+    started = time.perf_counter()
+    rows = run(s, quick=args.quick, only=set(args.only) if args.only else None)
+    device_name = torch.cuda.get_device_name() if s.device == "cuda" else "cpu"
+    payload = {
+        "setting": s.__dict__,
+        "device": device_name,
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - started,
+        "rows": [r.__dict__ for r in rows],
+    }
+    Path(args.out).write_text(json.dumps(payload, indent=1))
+    print(
+        f"\n{device_name}, {s.backbone}, batch {s.batch} ({s.precision}), eval batch {s.eval_batch}; "
+        f"adapted layers: {', '.join(ROLES)} of both towers\n"
+    )
+    print(table(rows))
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    from cl_bench.cli import load_components
+
+    load_components()
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The GPU benchmark's code path, exercised on the CPU with a tiny CLIP (its numbers mean nothing)."""
+
+from __future__ import annotations
+
+from benchmarks.speed import Row, Setting, run, table
+
+QUICK = Setting(
+    backbone="tiny-clip", batch=4, eval_batch=8, warmup=1, steps=1, windows=1, device="cpu", precision="fp32"
+)
+
+
+def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
+    rows = {
+        r.name: r
+        for r in run(
+            QUICK,
+            quick=True,
+            only={"lora", "peft-lora", "mora (10 exps, 160 ranks)", "loraprune sliced 50%", "forward-only"},
+        )
+    }
+    assert not [r.error for r in rows.values() if r.error]
+    for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)"):
+        assert rows[name].train_samples_per_s > 0
+        assert rows[name].eval_samples_per_s > 0
+    assert rows["forward-only"].eval_samples_per_s > 0
+    assert rows["loraprune sliced 50%"].extra["sparsity"] > 0.4
+
+
+def test_table_gives_ratios_to_lora_and_peft_and_shows_errors() -> None:
+    rows = [
+        Row("peft-lora", 100.0, 200.0, 2 * 2**30),
+        Row("lora", 150.0, 300.0, 2**30),
+        Row("sora", error="RuntimeError: boom"),
+    ]
+    text = table(rows)
+    lora_line = next(line for line in text.splitlines() if line.startswith("lora "))
+    assert "1.50x" in lora_line  # train vs peft
+    assert "0.50x" not in lora_line
+    assert "ERROR" in text
+    assert "RuntimeError: boom" in text
