@@ -1,1 +1,177 @@
-"""lisa: being implemented (see its issue)."""
+"""lisa: Layerwise Importance Sampled AdamW (Pan et al. 2024, arXiv 2403.17919, Algorithm 1).
+
+Full-parameter training in which the embedding and the head always train and, every ``K`` steps,
+``gamma`` of the ``N_L`` middle (transformer) blocks of each tower are drawn uniformly without
+replacement and unfrozen; all other blocks are frozen. Per block the selection probability is
+
+    p_embedding = p_head = 1,    p_block = gamma / N_L                    (paper, Alg. 1)
+
+and each interval runs AdamW for ``K`` steps on E + H + the sampled blocks with the global LR
+schedule. Despite the name there is no learned importance: sampling is uniform.
+
+CLIP mapping (STRATEGIES.md Part A): "embedding" = the backbone's ``embedding_names`` (patch,
+class and positional embeddings, ``ln_pre``; token and positional embeddings of the text tower),
+"head" = its ``head_names`` (final norms and projections of both towers) plus the linear
+classifier where there is one; the middle layers are ``backbone.blocks`` of every tower in
+``towers``, sampled per tower. CLIP's ``logit_scale`` and anything else outside these stays frozen.
+
+Choices where the paper, the official code (LMFlow ``lisa_trainer.py``) and CL leave room:
+
+- The optimizer holds every candidate parameter from the start (E, H and all blocks of the chosen
+  towers), so a block first sampled late is updated: the LMFlow #726 bug (optimizer built from
+  the parameters that required grad at creation) cannot happen. Frozen blocks have
+  ``grad is None`` (the loop zeroes gradients with ``set_to_none=True``), so AdamW, foreach or
+  fused, skips them entirely: no moment update and no weight decay on frozen blocks.
+- Optimizer state of a re-sampled block: ``keep`` (default, as LMFlow: stale Adam moments resume)
+  or ``reset`` (the block's state is dropped whenever it is sampled, as in the paper's runs where
+  every interval was a separate job; LMFlow #729/#768). The optimizer itself is rebuilt at every
+  experience by the loop (CL protocol of STRATEGIES.md Part A), so no state crosses experiences.
+- Sampling happens in ``before_step`` when the global step (across the stream) is a multiple of
+  ``K``, with the strategy's own generator (``ctx.generator``), never the global RNG; an interval
+  may straddle an experience boundary and then keeps its blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cl_bench.errors import ConfigError
+from cl_bench.registry import STRATEGIES
+from cl_bench.strategy import Strategy, StrategyConfig, adamw
+
+_SALT = 5  # generator salt of LISA's block sampling
+
+
+@dataclass(frozen=True)
+class LISAConfig(StrategyConfig):
+    """``gamma`` blocks per tower unfrozen every ``interval_steps`` (K) steps; ``optimizer_state``
+    of a re-sampled block: ``keep`` or ``reset``; ``towers`` whose embedding, head and blocks train."""
+
+    gamma: int = 2
+    interval_steps: int = 20
+    optimizer_state: Literal["keep", "reset"] = "keep"
+    towers: tuple[str, ...] = ("vision", "text")
+
+    def __post_init__(self) -> None:
+        if self.gamma < 1:
+            raise ConfigError(f"strategy.gamma must be >= 1, got {self.gamma}")
+        if self.interval_steps < 1:
+            raise ConfigError(f"strategy.interval_steps (K) must be >= 1, got {self.interval_steps}")
+        if not self.towers or any(t not in ("vision", "text") for t in self.towers):
+            raise ConfigError(
+                f"strategy.towers must be a non-empty subset of vision, text, got {self.towers}"
+            )
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` is, or lies inside, one of the dotted ``prefixes``."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@STRATEGIES.register(
+    "lisa",
+    description="LISA (arXiv 2403.17919): embedding+head train, 2 blocks/tower resampled every 20 steps",
+)
+class LISA(Strategy):
+    Config = LISAConfig
+    paper = (
+        "Pan et al. 2024, LISA: Layerwise Importance Sampling for Memory-Efficient Large Language "
+        "Model Fine-Tuning (arXiv 2403.17919)"
+    )
+    default_lr = 1e-5  # full-parameter training, as the finetune baseline
+
+    def __init__(self, cfg: LISAConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.towers = [t for t in self.backbone.towers() if t in cfg.towers]  # available_towers, typed
+        if not self.towers:
+            raise ConfigError(
+                f"strategy.towers {list(cfg.towers)} names no tower of backbone {self.backbone.name} "
+                f"(it has {', '.join(self.backbone.towers())})"
+            )
+        for tower in self.towers:
+            n = len(self.backbone.blocks_of(tower))
+            if cfg.gamma > n:
+                raise ConfigError(
+                    f"strategy.gamma={cfg.gamma} exceeds the {n} blocks of the {tower} tower of "
+                    f"{self.backbone.name}"
+                )
+        self.backbone.requires_grad_(False)
+        text = self.backbone.text_prefixes
+        outside = self.backbone.embedding_names + self.backbone.head_names
+        self.always: list[nn.Parameter] = [
+            p
+            for name, p in self.backbone.model.named_parameters()
+            if _matches(name, outside) and (("text" if _matches(name, text) else "vision") in self.towers)
+        ]
+        self.always.extend(self.head.parameters())  # a linear classifier, where present
+        for p in self.always:
+            p.requires_grad_(True)
+        self.block_params: dict[str, list[list[nn.Parameter]]] = {
+            tower: [list(self.backbone.block_module(b).parameters()) for b in self.backbone.blocks_of(tower)]
+            for tower in self.towers
+        }
+        self.generator = self.ctx.generator(_SALT)
+        self.active: dict[str, list[int]] = {}
+        self.events: list[list[Any]] = []  # [step, tower, [indices]] per sampling
+        self.counts = {tower: [0] * len(blocks) for tower, blocks in self.block_params.items()}
+        self.n_intervals = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # -- what trains --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every candidate parameter, frozen or not: the optimizer must know late-sampled blocks."""
+        seen: set[int] = set()
+        params = []
+        for p in [*self.always, *(p for blocks in self.block_params.values() for ps in blocks for p in ps)]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        return params
+
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        self._optimizer = adamw(self.trainable_parameters(), lr, weight_decay)
+        return self._optimizer
+
+    # -- sampling -----------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        """At every multiple of K: freeze all blocks, unfreeze gamma blocks per tower (Alg. 1)."""
+        if step % self.cfg.interval_steps and self.active:
+            return
+        self.n_intervals += 1
+        for tower, blocks in self.block_params.items():
+            chosen = sorted(torch.randperm(len(blocks), generator=self.generator)[: self.cfg.gamma].tolist())
+            for i, params in enumerate(blocks):
+                for p in params:
+                    p.requires_grad_(i in chosen)
+            if self.cfg.optimizer_state == "reset" and self._optimizer is not None:
+                for i in chosen:
+                    for p in blocks[i]:
+                        self._optimizer.state.pop(p, None)
+            self.active[tower] = chosen
+            self.events.append([step, tower, chosen])
+            for i in chosen:
+                self.counts[tower][i] += 1
+
+    # -- figures ------------------------------------------------------------------------------
+    def report(self) -> dict[str, float | int]:
+        return {"intervals": self.n_intervals, "active_blocks": sum(len(a) for a in self.active.values())}
+
+    def final_report(self) -> dict[str, Any]:
+        """Sampled sets over time (events), selection counts per block, and the settings."""
+        return {
+            "scalars": {
+                "gamma": self.cfg.gamma,
+                "interval_steps": self.cfg.interval_steps,
+                "intervals": self.n_intervals,
+            },
+            "per_layer": {
+                "selections": {
+                    f"{tower}.{i}": c for tower, counts in self.counts.items() for i, c in enumerate(counts)
+                }
+            },
+            "events": {"sampled_blocks": [list(e) for e in self.events]},
+        }
