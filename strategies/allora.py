@@ -1,1 +1,231 @@
-"""allora: being implemented (see its issue)."""
+"""allora: ALLoRA, adaptive learning rate LoRA without dropout or scaling (Huang & Balestriero,
+arXiv 2410.09692).
+
+Forward: ``y = W0 x + b + B A x``, with no ``alpha / r`` factor and no dropout; A is
+kaiming-uniform and B = 0, so the adapted model equals the backbone at the start.
+
+Backward: the output gradient ``delta = dL/dy`` that reaches A and B is scaled per output row i by
+
+    c_i = 1 / sqrt(||(B A)_i||_2 + 1 / eta^2)          (``norm: l2``, default)
+    c_i = 1 / sqrt(||(B A)_i||_2^2 + 1 / eta^2)        (``norm: l2_squared``)
+
+so ``dL/dB = (c ⊙ delta)^T (x A^T)`` and ``dL/dA = ((c ⊙ delta) B)^T x``, while the gradient sent
+to the layer input stays the unscaled ``(delta B) A`` (the paper's "one more implementation
+detail"). At B = 0, ``c = eta`` exactly: every row starts with an ``eta``-fold larger step, and a
+row's step then shrinks as its norm grows (an inversely norm-proportional learning rate). ``c``
+is a function of the weights only and is not differentiated through.
+
+Choices (STRATEGIES.md Part A and Part B §6; there is no official code):
+- the norm is taken over the rows of the product B A (third-party layer (a)), not of A and B
+  separately, and it is recomputed at every step, not frozen at optimizer-state init;
+- plain norm under the square root by default (as the third-party code), ``l2_squared`` as a flag
+  (the abstract's "inverse to the l2 norm" reading); eta = 2 by default (sweep eta^2 in {1, 2, 4});
+- implemented as a custom autograd function, because a hook on the branch output would also
+  rescale the input gradient. The row norms come from the r x r Gram matrix,
+  ``||(B A)_i||^2 = B_i (A A^T) B_i^T``, so B A ([d_out, d_in]) is never formed; they are computed
+  in fp32 with autocast off, once per step in ``before_step`` for all layers of one shape together
+  (a batched matmul instead of a dozen tiny kernels per layer). Under bf16 autocast the function
+  receives x, A, B already cast to the autocast dtype (its device type is taken from the input),
+  so its matmuls run in bf16 as ``nn.Linear`` would;
+- continual learning: one adapter set trained through the whole stream, the optimizer rebuilt
+  every experience; ``merge_each_experience`` folds ``B A`` into W0 and starts a fresh adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.adapters import (
+    ROLES,
+    AdaptedLinear,
+    available_towers,
+    check_targets,
+    init_lora_pair,
+    inject,
+    merge_into_base,
+)
+from cl_bench.errors import ConfigError
+from cl_bench.registry import STRATEGIES
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig
+
+Norm = Literal["l2", "l2_squared"]
+
+
+def row_scale(A: torch.Tensor, B: torch.Tensor, eta: float, norm: Norm = "l2") -> torch.Tensor:
+    """``c_i = 1 / sqrt(n_i + 1 / eta^2)`` per output row i, with ``n_i = ||(B A)_i||`` (or its square).
+
+    Evaluated as ``eta / sqrt(eta^2 n_i + 1)`` (the same number), which is exactly ``eta`` at
+    B = 0. Computed in fp32 without forming B A: ``n_i^2 = B_i G B_i^T`` with the Gram matrix
+    ``G = A A^T`` ([r, r]), in fp32 at least. A [..., r, d_in] and B [..., d_out, r] may carry
+    leading batch dimensions (layers of one shape at once). The result has no autograd history.
+    """
+    with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        A32, B32 = A.to(dtype), B.to(dtype)
+        squared = ((B32 @ (A32 @ A32.mT)) * B32).sum(dim=-1).clamp_min_(0.0)
+        n = squared if norm == "l2_squared" else squared.sqrt_()
+        return n.mul_(eta**2).add_(1.0).rsqrt_().mul_(eta)
+
+
+class _RowScaledLoRA(torch.autograd.Function):
+    """``y = (x A^T) B^T``; backward scales the output gradient by ``c`` (per row) for A and B only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, A)
+        ctx.save_for_backward(x, A, B, c, z)
+        return F.linear(z, B)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, A, B, c, z = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        r = A.shape[0]
+        c_col = c.to(B.dtype).unsqueeze(1)  # [d_out, 1]
+        grad_x = grad_A = grad_B = None
+        if need_x and need_A:
+            # one matmul gives both the unscaled (input) and the scaled (A) gradient of z
+            both = grad @ torch.cat([B, B * c_col], dim=1)
+            grad_z, grad_z_scaled = both[..., :r], both[..., r:]
+        else:
+            grad_z = grad @ B if need_x else None
+            grad_z_scaled = grad @ (B * c_col) if need_A else None
+        if need_x:
+            grad_x = grad_z @ A
+        if need_A:
+            grad_A = grad_z_scaled.reshape(-1, r).t() @ x.reshape(-1, x.shape[-1])
+        if need_B:
+            # sum_t c_i delta_ti z_tj = c_i (delta^T z)_ij: scale the small [d_out, r] result
+            grad_B = (grad.reshape(-1, grad.shape[-1]).t() @ z.reshape(-1, r)) * c_col
+        return grad_x, grad_A, grad_B, None
+
+
+class ALLoRALinear(AdaptedLinear):
+    """``y = W0 x + b + B A x`` whose A/B gradients see the output gradient scaled by ``c`` (row_scale)."""
+
+    def __init__(self, base: nn.Linear, r: int, eta: float, norm: Norm = "l2") -> None:
+        super().__init__(base)
+        if r < 1:
+            raise ValueError(f"ALLoRA rank must be >= 1, got {r}")
+        if not eta > 0:
+            raise ValueError(f"ALLoRA eta must be > 0, got {eta}")
+        self.r = r
+        self.eta = eta
+        self.norm: Norm = norm
+        self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, base.weight.device)
+        self.cached_scale: torch.Tensor | None = None  # c for the current step, set by the strategy
+
+    def row_scale(self) -> torch.Tensor:
+        """The per-row gradient scale ``c`` [d_out] (fp32) of the current A and B."""
+        if self.cached_scale is not None:
+            return self.cached_scale
+        return row_scale(self.A, self.B, self.eta, self.norm)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)):
+            return F.linear(F.linear(x, self.A), self.B)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return _RowScaledLoRA.apply(x.to(dtype), self.A.to(dtype), self.B.to(dtype), self.row_scale())
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B A`` as a dense [d_out, d_in] matrix (no scaling factor)."""
+        return self.B @ self.A
+
+    def reset(self) -> None:
+        """Fresh adapter (kaiming A, zero B), e.g. after merging it into the backbone."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            self.B.zero_()
+
+
+@dataclass(frozen=True)
+class ALLoRAConfig(StrategyConfig):
+    r: int = 8
+    eta: float = 2.0  # c = eta at B = 0; the paper sweeps eta^2 in {1, 2, 4}
+    norm: Norm = "l2"
+    roles: tuple[str, ...] = ROLES
+    towers: tuple[str, ...] = ("vision", "text")
+    merge_each_experience: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        if not (self.eta > 0 and math.isfinite(self.eta)):
+            raise ConfigError(f"strategy.eta must be a finite number > 0, got {self.eta}")
+        check_targets(self.roles, self.towers)
+
+
+@STRATEGIES.register(
+    "allora",
+    description="ALLoRA: LoRA with per-row adaptive gradient scale, no dropout/alpha (arXiv 2410.09692)",
+)
+class ALLoRA(Strategy):
+    Config = ALLoRAConfig
+    paper = (
+        "Huang & Balestriero 2024, ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws "
+        "(arXiv 2410.09692)"
+    )
+    default_lr = 5e-4
+
+    def __init__(self, cfg: ALLoRAConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.backbone.requires_grad_(False)
+        self._adapters = inject(
+            self.backbone,
+            lambda linear, block, role: ALLoRALinear(linear, cfg.r, cfg.eta, cfg.norm),
+            roles=cfg.roles,
+            towers=available_towers(self.backbone, cfg.towers),
+        )
+
+        groups: dict[tuple[int, ...], list[ALLoRALinear]] = {}
+        for adapter in self._adapters.values():
+            groups.setdefault((*adapter.A.shape, *adapter.B.shape), []).append(adapter)
+        self._groups = list(groups.values())
+
+    def adapters(self) -> dict[str, ALLoRALinear]:  # type: ignore[override]
+        return self._adapters
+
+    def before_step(self, step: int) -> None:
+        """Compute this step's ``c`` of every layer, batched over the layers of one shape.
+
+        One stacked computation per shape instead of a dozen small kernels per layer; the cache
+        lives from here to ``after_backward``, while A and B cannot change.
+        """
+        with torch.no_grad():
+            for layers in self._groups:
+                A = torch.stack([a.A for a in layers])
+                B = torch.stack([a.B for a in layers])
+                scales = row_scale(A, B, self.cfg.eta, self.cfg.norm)
+                for adapter, c in zip(layers, scales, strict=True):
+                    adapter.cached_scale = c
+
+    def after_backward(self, step: int) -> None:
+        for adapter in self._adapters.values():
+            adapter.cached_scale = None
+
+    def after_experience(self, exp: ExperienceInfo) -> None:
+        if self.cfg.merge_each_experience:
+            with torch.no_grad():
+                for adapter in self._adapters.values():
+                    merge_into_base(adapter, adapter.delta_weight())
+                    adapter.reset()
+
+    def report(self) -> dict[str, float | int]:
+        """Mean and minimum gradient scale c over all adapted rows (eta at B = 0; smaller as rows grow)."""
+        scales = torch.cat([a.row_scale() for a in self._adapters.values()])
+        return {"c_mean": float(scales.mean()), "c_min": float(scales.min()), "eta": self.cfg.eta}
+
+    def final_report(self) -> dict[str, Any]:
+        return {
+            "scalars": {**self.report()},
+            "per_layer": {
+                "c_mean": {name: float(a.row_scale().mean()) for name, a in self._adapters.items()}
+            },
+        }

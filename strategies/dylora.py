@@ -1,1 +1,373 @@
-"""dylora: being implemented (see its issue)."""
+"""dylora: DyLoRA, dynamic search-free LoRA with nested ranks (Valipour et al., arXiv 2210.07558).
+
+One adapter of maximal rank ``r_max`` (A [r_max, d_in] kaiming-uniform, B [d_out, r_max] zeros)
+is trained so that every leading truncation works on its own. At each optimizer step a rank b is
+drawn uniformly from 1..r_max (the paper's p_B, uniform), shared by all layers, and the layer computes
+
+    y = W0 x + b + (alpha / b) B[:, :b] A[:b] x          (the paper's truncated forward, scaled alpha / b)
+
+``mode: frozen`` (default, the paper's and the code's training mode) lets only the b-th row of A
+and the b-th column of B learn; ``mode: full`` trains all of A[:b] and B[:, :b]. Evaluation uses
+``eval_rank`` (r_max by default); ``eval_ranks`` evaluates the final model again at each listed
+rank through :meth:`DyLoRA.final_variants`, labelled ``rank=<b>``, so the accuracy-vs-rank curve
+of the run record is ``accuracy.variants["rank=<b>"]["acc_final"]`` over ``eval_ranks`` (a
+strategy never sees accuracies, so :meth:`DyLoRA.final_report` carries the sampled-rank counts,
+not the curve).
+
+Choices where paper, official code (huawei-noah/Efficient-NLP ``DyLoRA/``) and CL differ
+(STRATEGIES.md Part A and Part B §4):
+- "frozen" must mean frozen in parameter space. The official code only detaches the leading
+  rows, so AdamW momentum and weight decay still move them. Here the optimizer is
+  :class:`RankwiseAdamW`: AdamW in which each rank (row i of A together with row i of B^T, in
+  every layer) is its own parameter with its own moments and step count, and a rank that does not
+  train in a step is not touched at all (no update, no moment decay, no weight decay). It computes
+  exactly what ``torch.optim.AdamW`` computes for a parameter that is stepped only when its rank
+  trains. Parameters outside the adapters (a linear head) use a plain AdamW.
+- B is stored transposed (``Bt`` [r_max, d_out]) so that each rank is a contiguous row for the
+  multi-tensor optimizer kernels. Training runs through one autograd function that multiplies
+  with the truncated views A[:b] and Bt[:b] (no copies) and, in frozen mode, computes the
+  gradient of row b only (the lower rows get an exact zero, as with the official ``detach``).
+  Under bf16 autocast it receives x in the autocast dtype (device type taken from the input) and
+  casts only the truncated A and Bt, as ``nn.Linear`` would; parameter gradients stay fp32.
+- the rank is sampled once per optimizer step (``before_step``) from the strategy's own seeded
+  generator, never per layer; evaluation always uses ``eval_rank``, never the last sampled rank.
+- continual learning: one adapter set trained through the whole stream, optimizer rebuilt every
+  experience; ``merge_each_experience`` merges the adapter at ``eval_rank`` into W0 and starts a
+  fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.adapters import (
+    ROLES,
+    AdaptedLinear,
+    available_towers,
+    check_targets,
+    init_lora_pair,
+    inject,
+    merge_into_base,
+)
+from cl_bench.errors import ConfigError
+from cl_bench.registry import STRATEGIES
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
+
+Mode = Literal["frozen", "full"]
+
+
+class _NestedLoRA(torch.autograd.Function):
+    """``y = scale * (x A[:b]^T) Bt[:b]`` for full-size A [r_max, d_in] and Bt [r_max, d_out].
+
+    The truncations are views (no copies); the matmuls run in ``x``'s dtype (the caller casts x
+    to the autocast dtype). Backward returns full-size gradients that are zero outside rows
+    ``lo..b-1``: ``lo = b - 1`` in frozen mode (only rank b learns), ``lo = 0`` in full mode.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, b: int, scale: float, lo: int
+    ) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            A_b, Bt_b = A[:b].to(x.dtype), Bt[:b].to(x.dtype)
+            z = F.linear(x, A_b)
+            y = torch.matmul(z, Bt_b).mul_(scale)
+        ctx.save_for_backward(x, z, A_b, Bt_b)
+        ctx.b, ctx.scale, ctx.lo = b, scale, lo
+        ctx.shapes = (A.shape, A.dtype, Bt.shape, Bt.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z, A_b, Bt_b = ctx.saved_tensors
+        b, lo = ctx.b, ctx.lo
+        a_shape, a_dtype, bt_shape, bt_dtype = ctx.shapes
+        grad = grad * ctx.scale
+        grad_z = torch.matmul(grad, Bt_b.t())  # [..., b]
+        grad_x = torch.matmul(grad_z, A_b) if ctx.needs_input_grad[0] else None
+        x2, z2 = x.reshape(-1, x.shape[-1]), z.reshape(-1, b)
+        grad2, grad_z2 = grad.reshape(-1, grad.shape[-1]), grad_z.reshape(-1, b)
+        grad_A = grad_Bt = None
+        if ctx.needs_input_grad[1]:
+            grad_A = torch.zeros(a_shape, dtype=a_dtype, device=x.device)
+            grad_A[lo:b] = grad_z2[:, lo:b].t() @ x2
+        if ctx.needs_input_grad[2]:
+            grad_Bt = torch.zeros(bt_shape, dtype=bt_dtype, device=x.device)
+            grad_Bt[lo:b] = z2[:, lo:b].t() @ grad2
+        return grad_x, grad_A, grad_Bt, None, None, None
+
+
+class DyLoRALinear(AdaptedLinear):
+    """``y = W0 x + b + (alpha / b) B[:, :b] A[:b] x`` at the current rank ``b`` (``self.rank``).
+
+    Parameters: A [r_max, d_in] (kaiming-uniform) and ``Bt`` = B^T [r_max, d_out] (zeros), so rank
+    i is row i of both.
+    """
+
+    def __init__(self, base: nn.Linear, r_max: int, alpha: float, mode: Mode = "frozen") -> None:
+        super().__init__(base)
+        if r_max < 1:
+            raise ValueError(f"DyLoRA r_max must be >= 1, got {r_max}")
+        self.r_max = r_max
+        self.alpha = alpha
+        self.mode: Mode = mode
+        self.rank = r_max
+        A, B = init_lora_pair(r_max, base.in_features, base.out_features, base.weight.device)
+        self.A = A
+        self.Bt = nn.Parameter(B.data.t().contiguous())
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [r_max, d_in] and B [d_out, r_max] (a transposed view of ``Bt``)."""
+        return self.A, self.Bt.t()
+
+    @torch.no_grad()
+    def load_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy a full A [r_max, d_in] and B [d_out, r_max] into the parameters."""
+        self.A.copy_(A)
+        self.Bt.copy_(B.t())
+
+    def set_rank(self, b: int) -> None:
+        if not 1 <= b <= self.r_max:
+            raise ValueError(f"rank must be in 1..{self.r_max}, got {b}")
+        self.rank = b
+
+    def trained_ranks(self) -> range:
+        """0-based ranks that learn at the current rank: b - 1 (frozen) or 0..b-1 (full)."""
+        return range(self.rank - 1 if self.mode == "frozen" else 0, self.rank)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        b, scale = self.rank, self.alpha / self.rank
+        if self.training and torch.is_grad_enabled() and (self.A.requires_grad or self.Bt.requires_grad):
+            device_type = x.device.type
+            dtype = (
+                torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            )
+            lo = self.trained_ranks().start
+            return _NestedLoRA.apply(x.to(dtype), self.A, self.Bt, b, scale, lo)
+        return torch.matmul(F.linear(x, self.A[:b]), self.Bt[:b]) * scale
+
+    def delta_weight(self, b: int | None = None) -> torch.Tensor:
+        """``(alpha / b) B[:, :b] A[:b]`` as a dense [d_out, d_in] matrix."""
+        b = self.rank if b is None else b
+        return (self.Bt[:b].t() @ self.A[:b]) * (self.alpha / b)
+
+    def reset(self) -> None:
+        """Fresh adapter (kaiming A, zero B), e.g. after merging it into the backbone."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            self.Bt.zero_()
+
+
+class RankwiseAdamW(torch.optim.Optimizer):
+    """AdamW in which every rank of every DyLoRA layer is its own parameter.
+
+    Rank i is row i of A and row i of Bt in all ``layers``. At each step only the ranks given by
+    ``trained_ranks()`` (the same for every layer: the rank is sampled globally) are updated,
+    with the AdamW arithmetic of ``torch.optim.AdamW`` (foreach implementation) and the rank's own
+    step count; every other row, and its moments, is left untouched. Parameters in ``others``
+    (e.g. a linear head) are stepped by a plain :func:`cl_bench.strategy.adamw` that follows this
+    optimizer's learning rate.
+    """
+
+    def __init__(
+        self,
+        layers: list[DyLoRALinear],
+        others: list[nn.Parameter],
+        trained_ranks: Callable[[], range],
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        params = [p for layer in layers for p in (layer.A, layer.Bt) if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": params}]
+        if others:
+            groups.append({"params": others})
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+        self.trained_ranks = trained_ranks
+        self.rank_steps = [0] * (layers[0].r_max if layers else 0)
+        self.inner = adamw(others, lr, weight_decay) if others else None
+        for p in params:
+            self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        stepped = [p for p in group["params"] if p.grad is not None]
+        if stepped:
+            states = [self.state[p] for p in stepped]
+            for i in self.trained_ranks():
+                self.rank_steps[i] += 1
+                t = self.rank_steps[i]
+                params = [p[i] for p in stepped]
+                grads = [p.grad[i] for p in stepped]  # type: ignore[index]
+                exp_avgs = [s["exp_avg"][i] for s in states]
+                exp_avg_sqs = [s["exp_avg_sq"][i] for s in states]
+                if weight_decay != 0:
+                    torch._foreach_mul_(params, 1 - lr * weight_decay)
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+                step_size = (lr / (1 - beta1**t)) * -1
+                denom = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_div_(denom, (1 - beta2**t) ** 0.5)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        if self.inner is not None:
+            self.inner.param_groups[0]["lr"] = self.param_groups[1]["lr"]
+            self.inner.step()
+        return loss
+
+
+@dataclass(frozen=True)
+class DyLoRAConfig(StrategyConfig):
+    r_max: int = 8
+    alpha: float = 16.0
+    mode: Mode = "frozen"
+    eval_rank: int = 0  # rank of every evaluation row; 0: r_max
+    eval_ranks: tuple[int, ...] = (1, 2, 4, 8)  # the final model again at each rank (variants)
+    roles: tuple[str, ...] = ROLES
+    towers: tuple[str, ...] = ("vision", "text")
+    merge_each_experience: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r_max < 1:
+            raise ConfigError(f"strategy.r_max must be >= 1, got {self.r_max}")
+        if self.alpha <= 0:
+            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.eval_rank <= self.r_max:
+            raise ConfigError(
+                f"strategy.eval_rank must be in 0..r_max={self.r_max} (0: r_max), got {self.eval_rank}"
+            )
+        bad = [b for b in self.eval_ranks if not 1 <= b <= self.r_max]
+        if bad or len(set(self.eval_ranks)) != len(self.eval_ranks):
+            raise ConfigError(
+                f"strategy.eval_ranks must be distinct ranks in 1..r_max={self.r_max}, "
+                f"got {list(self.eval_ranks)}"
+            )
+        check_targets(self.roles, self.towers)
+
+
+@STRATEGIES.register(
+    "dylora", description="DyLoRA: nested-rank LoRA, rank sampled per step (arXiv 2210.07558)"
+)
+class DyLoRA(Strategy):
+    Config = DyLoRAConfig
+    paper = (
+        "Valipour et al. 2023, DyLoRA: Parameter-Efficient Tuning of Pretrained Models using Dynamic "
+        "Search-Free Low Rank Adaptation (arXiv 2210.07558)"
+    )
+    default_lr = 5e-4
+
+    def __init__(self, cfg: DyLoRAConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.backbone.requires_grad_(False)
+        self._adapters = inject(
+            self.backbone,
+            lambda linear, block, role: DyLoRALinear(linear, cfg.r_max, cfg.alpha, cfg.mode),
+            roles=cfg.roles,
+            towers=available_towers(self.backbone, cfg.towers),
+        )
+        self.eval_rank = cfg.eval_rank or cfg.r_max
+        self.rank = cfg.r_max
+        self._generator = self.ctx.generator(salt=2210_07558)
+        self._counts = [0] * cfg.r_max  # sampled ranks over the whole stream
+        self._experience_ranks: list[int] = []  # sampled ranks of the current experience
+        self.last_rank = self.eval_rank
+
+    def adapters(self) -> dict[str, DyLoRALinear]:  # type: ignore[override]
+        return self._adapters
+
+    def set_rank(self, b: int) -> None:
+        """Use rank ``b`` in every adapted layer."""
+        for adapter in self._adapters.values():
+            adapter.set_rank(b)
+        self.rank = b
+
+    def trained_ranks(self) -> range:
+        """0-based ranks the optimizer updates at the current rank (the same in every layer)."""
+        return range(self.rank - 1 if self.cfg.mode == "frozen" else 0, self.rank)
+
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """:class:`RankwiseAdamW` over the adapters (and a plain AdamW for any other trainable parameter)."""
+        layers = list(self._adapters.values())
+        ids = {id(p) for layer in layers for p in (layer.A, layer.Bt)}
+        others = [p for p in self.trainable_parameters() if id(p) not in ids]
+        return RankwiseAdamW(layers, others, self.trained_ranks, lr, weight_decay)
+
+    def sample_rank(self) -> int:
+        """Draw b uniformly from 1..r_max with the strategy's own generator (CPU, no device sync)."""
+        return int(torch.randint(1, self.cfg.r_max + 1, (1,), generator=self._generator))
+
+    def train(self, mode: bool = True) -> None:
+        super().train(mode)
+        if not mode:
+            self.set_rank(self.eval_rank)
+
+    def before_experience(self, exp: ExperienceInfo) -> None:
+        self._experience_ranks = []
+
+    def before_step(self, step: int) -> None:
+        b = self.sample_rank()
+        self.set_rank(b)
+        self.last_rank = b
+        self._counts[b - 1] += 1
+        self._experience_ranks.append(b)
+
+    def after_experience(self, exp: ExperienceInfo) -> None:
+        if self.cfg.merge_each_experience:
+            with torch.no_grad():
+                for adapter in self._adapters.values():
+                    merge_into_base(adapter, adapter.delta_weight(self.eval_rank))
+                    adapter.reset()
+
+    @contextlib.contextmanager
+    def evaluated_at(self, b: int) -> Iterator[None]:
+        """Evaluate at rank ``b`` inside the block (the loop's ``eval()`` applies it), then restore."""
+        previous = self.eval_rank
+        self.eval_rank = b
+        self.set_rank(b)
+        try:
+            yield
+        finally:
+            self.eval_rank = previous
+            self.set_rank(previous)
+
+    def final_variants(self) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
+        """``rank=<b>`` for each of ``eval_ranks``: the accuracy-vs-rank curve of the final model."""
+        return {f"rank={b}": (lambda b=b: self.evaluated_at(b)) for b in self.cfg.eval_ranks}
+
+    def report(self) -> dict[str, float | int]:
+        ranks = self._experience_ranks
+        return {
+            "eval_rank": self.eval_rank,
+            "mean_sampled_rank": sum(ranks) / len(ranks) if ranks else math.nan,
+            "last_rank": self.last_rank,
+        }
+
+    def final_report(self) -> dict[str, Any]:
+        return {
+            "scalars": {"r_max": self.cfg.r_max, "eval_rank": self.eval_rank, "steps": sum(self._counts)},
+            "curves": {
+                "sampled_ranks": {
+                    "x": list(range(1, self.cfg.r_max + 1)),
+                    "y": list(self._counts),
+                    "x_label": "rank",
+                    "y_label": "steps",
+                }
+            },
+        }

@@ -1,1 +1,364 @@
-"""sora: being implemented (see its issue)."""
+"""sora: SoRA, sparse low-rank adaptation with a gate per rank (Ding et al., EMNLP 2023, arXiv 2311.11696).
+
+Each adapted layer carries A [r, d_in] (kaiming-uniform), B [d_out, r] (zeros) and a gate
+g [r] (standard normal):
+
+    y = W0 x + b + (alpha / r) B diag(g) A x                     (the paper's gated forward)
+
+A and B train with the main AdamW. The gates have their own optimizer and a proximal step
+(the paper's proximal gradient update of the gate):
+
+    g <- T_lambda(g - step(grad_g)),   T_lambda(u) = sign(u) max(|u| - lambda, 0)
+
+where ``step`` is an Adam step (as in the official code) and ``lambda`` depends on ``threshold``:
+- ``paper`` (default): the exact soft-threshold with ``lambda = eta_t * xi``, eta_t the gate
+  learning rate at step t, so ``xi`` is in units of the step size;
+- ``code``: the official ``SparseAdamW`` (TsinghuaC3I/SoRA ``src/sparse_optimizer.py``):
+  ``lambda = xi`` not multiplied by the learning rate, applied as three masked updates in turn
+  (subtract xi where g > xi, add xi where g < -xi, then zero where |g| < xi), so values in
+  (xi, 2 xi) end at 0 and values exactly at +-xi stay unchanged. Here ``xi`` is absolute (the
+  official ``sparse_lambda_2``, e.g. 3e-4).
+A rank whose gate is 0 contributes nothing and is removed physically by :meth:`SoRA.prune`
+(the ``pruned`` entry of :meth:`SoRA.final_variants`), which leaves the logits unchanged.
+
+Sparsifying scheduler (Algorithm 1, the official ``lambda_schedule``): xi is stepped through a
+list of stages. In continual learning one stage lasts ``experiences_per_stage`` experiences (one
+by default), so xi grows as the stream goes on: the explicit list ``xi``, or ``xi_schedule``
+(``linear`` / ``log_linear`` / ``exp_linear`` as in the official code) from ``xi_start`` to
+``xi_end`` over ceil(n_experiences / experiences_per_stage) stages. The defaults (0 -> 0.5 in
+step-size units) follow the official schedule script (xi_0 = 0, xi_max = 7e-4 at lr 1.2e-3, about
+0.6 step sizes). An Adam step moves a gate by about its learning rate, so in paper mode a gate
+survives only while its normalised gradient drift exceeds xi (xi >= 1 kills every gate
+eventually), and a gate of size |g| needs about |g| / (gate_lr * xi) steps to die: short
+experiences sparsify little unless ``gate_lr`` is raised.
+
+Further choices (STRATEGIES.md Part A and Part B §3):
+- the gate optimizer is Adam without weight decay, learning rate ``gate_lr`` (0: the run's lr,
+  as the official ``sparse_lr``), following the main optimizer's schedule; it is rebuilt at every
+  experience like the main one, and stepped in ``after_step``. The main optimizer never holds
+  the gates. Zeroed gates keep receiving gradients and may revive, as proximal methods allow;
+- the official code also adds ``sparse_lambda * sum|g| / n_gates`` to the loss; the paper does
+  not. It is ``l1`` here, 0 by default;
+- continual learning: one adapter set (gates included) trained through the whole stream;
+  ``merge_each_experience`` folds ``(alpha/r) B diag(g) A`` into W0 and starts a fresh adapter
+  (kaiming A, zero B, standard-normal gates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.adapters import (
+    ROLES,
+    AdaptedLinear,
+    available_towers,
+    check_targets,
+    init_lora_pair,
+    inject,
+    merge_into_base,
+)
+from cl_bench.errors import ConfigError
+from cl_bench.registry import STRATEGIES
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
+
+Threshold = Literal["paper", "code"]
+XiSchedule = Literal["linear", "log_linear", "exp_linear"]
+
+
+def soft_threshold(u: torch.Tensor, lam: float) -> torch.Tensor:
+    """``T_lam(u) = sign(u) max(|u| - lam, 0)`` (the paper's soft-threshold), as ``u - clamp(u, -lam, lam)``.
+
+    The two forms are equal bitwise (``u - lam`` and ``u + lam`` are the only roundings), and this
+    one gives +0.0 for every ``|u| <= lam``.
+    """
+    return u - u.clamp(-lam, lam)
+
+
+def code_threshold(u: torch.Tensor, xi: float) -> torch.Tensor:
+    """The official SparseAdamW thresholding: shrink by xi outside [-xi, xi], then zero ``|g| < xi``."""
+    shrunk = torch.where(u > xi, u - xi, torch.where(u < -xi, u + xi, u))
+    return torch.where(shrunk.abs() < xi, torch.zeros_like(shrunk), shrunk)
+
+
+def xi_stages(cfg: SoRAConfig, n_experiences: int) -> list[float]:
+    """xi of each stage of the sparsifying scheduler."""
+    if cfg.xi:
+        return list(cfg.xi)
+    n = max(1, math.ceil(n_experiences / cfg.experiences_per_stage))
+    a, b = cfg.xi_start, cfg.xi_end
+    if cfg.xi_schedule == "linear":
+        values = np.linspace(a, b, n)
+    elif cfg.xi_schedule == "log_linear":
+        values = np.log(np.linspace(np.exp(a), np.exp(b), n))
+    else:
+        values = np.exp(np.linspace(np.log(a), np.log(b), n))
+    return [float(v) for v in values]
+
+
+class SoRALinear(AdaptedLinear):
+    """``y = W0 x + b + (alpha / r) B diag(g) A x``; the gate multiplies the r-dim intermediate."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+        super().__init__(base)
+        if r < 1:
+            raise ValueError(f"SoRA rank must be >= 1, got {r}")
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r  # fixed by the initial rank, kept when ranks are pruned
+        self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, base.weight.device)
+        self.gate = nn.Parameter(torch.randn(r, device=base.weight.device))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.A)
+        return F.linear(z * (self.gate * self.scaling).to(z.dtype), self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) B diag(g) A`` as a dense [d_out, d_in] matrix."""
+        return (self.B * (self.gate * self.scaling)) @ self.A
+
+    def live(self) -> torch.Tensor:
+        """Number of non-zero gates (a 0-dim tensor on the device)."""
+        return torch.count_nonzero(self.gate)
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        """Remove the ranks whose gate is exactly 0 (rows of A, columns of B, gate entries)."""
+        keep = self.gate != 0
+        self.A = nn.Parameter(self.A[keep].clone(), requires_grad=self.A.requires_grad)
+        self.B = nn.Parameter(self.B[:, keep].clone(), requires_grad=self.B.requires_grad)
+        self.gate = nn.Parameter(self.gate[keep].clone(), requires_grad=self.gate.requires_grad)
+
+    def reset(self) -> None:
+        """Fresh adapter (kaiming A, zero B, standard-normal gates), e.g. after merging it."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            self.B.zero_()
+            self.gate.normal_()
+
+
+@dataclass(frozen=True)
+class SoRAConfig(StrategyConfig):
+    r: int = 8  # r_max of the paper
+    alpha: float = 16.0
+    threshold: Threshold = "paper"
+    xi: tuple[float, ...] = ()  # explicit xi per stage (overrides xi_schedule); the last one repeats
+    xi_schedule: XiSchedule = "linear"
+    xi_start: float = 0.0  # paper mode: in units of the gate learning rate; code mode: absolute
+    xi_end: float = 0.5
+    experiences_per_stage: int = 1
+    gate_lr: float = 0.0  # 0: the run's learning rate
+    l1: float = 0.0  # the official code's sparse_lambda (L1 on the gates); not in the paper
+    roles: tuple[str, ...] = ROLES
+    towers: tuple[str, ...] = ("vision", "text")
+    merge_each_experience: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
+        for name in ("xi_start", "xi_end", "gate_lr", "l1"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"strategy.{name} must be a finite number >= 0, got {value}")
+        if any(not (v >= 0 and math.isfinite(v)) for v in self.xi):
+            raise ConfigError(f"strategy.xi must hold finite numbers >= 0, got {list(self.xi)}")
+        if self.xi_schedule == "exp_linear" and not self.xi and self.xi_start <= 0:
+            raise ConfigError("strategy.xi_schedule 'exp_linear' needs xi_start > 0")
+        if self.experiences_per_stage < 1:
+            raise ConfigError(
+                f"strategy.experiences_per_stage must be >= 1, got {self.experiences_per_stage}"
+            )
+        check_targets(self.roles, self.towers)
+
+
+@STRATEGIES.register(
+    "sora", description="SoRA: LoRA with per-rank gates sparsified by a proximal step (arXiv 2311.11696)"
+)
+class SoRA(Strategy):
+    Config = SoRAConfig
+    paper = "Ding et al. 2023, Sparse Low-rank Adaptation of Pre-trained Language Models (arXiv 2311.11696)"
+    default_lr = 5e-4
+
+    def __init__(self, cfg: SoRAConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.backbone.requires_grad_(False)
+        self._adapters = inject(
+            self.backbone,
+            lambda linear, block, role: SoRALinear(linear, cfg.r, cfg.alpha),
+            roles=cfg.roles,
+            towers=available_towers(self.backbone, cfg.towers),
+        )
+        self.stages = xi_stages(cfg, self.ctx.n_experiences)
+        self.xi = self.stages[0]
+        self.threshold = 0.0  # the last lambda applied
+        self.gate_optimizer: torch.optim.Optimizer | None = None
+        self._main: torch.optim.Optimizer | None = None
+        self._base_lr = 1.0
+        self._lr_factor = 1.0
+        self._history: list[dict[str, int]] = []  # live gates per layer after each experience
+
+    def adapters(self) -> dict[str, SoRALinear]:  # type: ignore[override]
+        return self._adapters
+
+    def gates(self) -> list[nn.Parameter]:
+        return [a.gate for a in self._adapters.values()]
+
+    # -- optimizers ---------------------------------------------------------------------------
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """The main AdamW (everything but the gates) and the gate optimizer (Adam, no decay)."""
+        gate_ids = {id(g) for g in self.gates()}
+        self._main = adamw(
+            [p for p in self.trainable_parameters() if id(p) not in gate_ids], lr, weight_decay
+        )
+        self._base_lr = lr
+        gates = [g for g in self.gates() if g.requires_grad]
+        on_cuda = bool(gates) and gates[0].is_cuda
+        self.gate_optimizer = (
+            torch.optim.Adam(
+                gates,
+                lr=self.cfg.gate_lr or lr,
+                weight_decay=0.0,
+                fused=on_cuda or None,
+                foreach=None if on_cuda else True,
+            )
+            if gates
+            else None
+        )
+        return self._main
+
+    def before_experience(self, exp: ExperienceInfo) -> None:
+        stage = exp.index // self.cfg.experiences_per_stage
+        self.xi = self.stages[min(stage, len(self.stages) - 1)]
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), y)
+        if self.cfg.l1 > 0:
+            gates = torch.cat(self.gates())
+            loss = loss + self.cfg.l1 * gates.abs().sum() / gates.numel()
+        return loss
+
+    def after_backward(self, step: int) -> None:
+        # the learning rate of this step (the loop steps the scheduler before after_step)
+        if self._main is not None:
+            self._lr_factor = self._main.param_groups[0]["lr"] / self._base_lr
+
+    def after_step(self, step: int) -> None:
+        """Adam step on the gates, then the proximal (thresholding) step."""
+        if self.gate_optimizer is None:
+            return
+        group = self.gate_optimizer.param_groups[0]
+        group["lr"] = (self.cfg.gate_lr or self._base_lr) * self._lr_factor
+        self.gate_optimizer.step()
+        self.gate_optimizer.zero_grad(set_to_none=True)
+        self.threshold = group["lr"] * self.xi if self.cfg.threshold == "paper" else self.xi
+        self.proximal_step(self.threshold)
+
+    @torch.no_grad()
+    def proximal_step(self, lam: float) -> None:
+        """Threshold every gate with ``lam`` (``soft_threshold`` or ``code_threshold``), in one pass."""
+        if lam <= 0:
+            return
+        gates = self.gates()
+        flat = torch.cat([g.reshape(-1) for g in gates])
+        flat = soft_threshold(flat, lam) if self.cfg.threshold == "paper" else code_threshold(flat, lam)
+        torch._foreach_copy_(gates, list(flat.split([g.numel() for g in gates])))
+
+    # -- pruning ------------------------------------------------------------------------------
+    def prune(self) -> None:
+        """Physically remove every rank whose gate is 0 (in every adapted layer)."""
+        for adapter in self._adapters.values():
+            adapter.prune()
+
+    @contextlib.contextmanager
+    def pruned(self) -> Iterator[None]:
+        """The model with zero-gate ranks removed inside the block; the full adapters are restored after."""
+        saved = {name: (a.A, a.B, a.gate) for name, a in self._adapters.items()}
+        self.prune()
+        try:
+            yield
+        finally:
+            for name, (A, B, gate) in saved.items():
+                adapter = self._adapters[name]
+                adapter.A, adapter.B, adapter.gate = A, B, gate
+
+    def final_variants(self) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
+        return {"pruned": self.pruned}
+
+    def after_experience(self, exp: ExperienceInfo) -> None:
+        self._history.append(self.live_per_layer())
+        if self.cfg.merge_each_experience:
+            with torch.no_grad():
+                for adapter in self._adapters.values():
+                    merge_into_base(adapter, adapter.delta_weight())
+                    adapter.reset()
+
+    # -- figures ------------------------------------------------------------------------------
+    def live_per_layer(self) -> dict[str, int]:
+        """Non-zero gates per adapted layer (one device sync)."""
+        counts = torch.stack([a.live() for a in self._adapters.values()]).tolist()
+        return dict(zip(self._adapters, counts, strict=True))
+
+    def n_active(self) -> int:
+        """Parameters of the live ranks: a row of A, a column of B and the gate per live rank."""
+        live = self.live_per_layer()
+        return sum(
+            n * (a.in_features + a.out_features + 1)
+            for n, a in zip(live.values(), self._adapters.values(), strict=True)
+        )
+
+    def report(self) -> dict[str, float | int]:
+        live = self._history[-1] if self._history else self.live_per_layer()
+        total = sum(a.gate.numel() for a in self._adapters.values())
+        figures: dict[str, float | int] = {
+            "live_gates": sum(live.values()),
+            "total_gates": total,
+            "live_fraction": sum(live.values()) / total,
+            "xi": self.xi,
+            "threshold": self.threshold,
+        }
+        for tower in ("vision", "text"):
+            counts = [n for name, n in live.items() if name.startswith(f"{tower}.")]
+            if counts:
+                figures[f"live_gates_{tower}"] = sum(counts)
+        return figures
+
+    def final_report(self) -> dict[str, Any]:
+        final = self._history[-1] if self._history else self.live_per_layer()
+        totals = [sum(h.values()) for h in self._history]
+        return {
+            "scalars": {
+                "live_gates": sum(final.values()),
+                "total_gates": sum(a.gate.numel() for a in self._adapters.values()),
+                "xi_final": self.xi,
+            },
+            "curves": {
+                "live_gates": {
+                    "x": list(range(len(totals))),
+                    "y": totals,
+                    "x_label": "experience",
+                    "y_label": "live gates",
+                },
+                "xi": {
+                    "x": list(range(len(self.stages))),
+                    "y": list(self.stages),
+                    "x_label": "stage",
+                    "y_label": "xi",
+                },
+            },
+            "per_layer": {"live_gates": final},
+            "events": {
+                "live_gates_per_layer": [
+                    [i, name, n] for i, layer in enumerate(self._history) for name, n in layer.items()
+                ]
+            },
+        }

@@ -1,0 +1,389 @@
+"""DyLoRA (strategies/dylora.py): nested-rank forward, frozen/full gradients, truly frozen ranks under
+AdamW, per-step shared rank sampling, evaluation ranks and the accuracy-vs-rank variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from cl_bench import config
+from cl_bench.errors import ConfigError
+from cl_bench.registry import STRATEGIES
+from strategies.dylora import DyLoRA, DyLoRAConfig, DyLoRALinear, RankwiseAdamW
+from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
+
+D_IN, D_OUT, R_MAX, ALPHA = 12, 10, 8, 16.0
+
+
+class OneLinear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.lin = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def peft_lora(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float) -> nn.Module:
+    """HF peft's LoRA layer (``peft.tuners.lora.Linear``) on a copy of ``base`` with the given A, B."""
+    copy = nn.Linear(base.in_features, base.out_features).to(base.weight.dtype)
+    copy.load_state_dict(base.state_dict())
+    cfg = LoraConfig(
+        r=A.shape[0], lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, init_lora_weights=False
+    )
+    layer = get_peft_model(OneLinear(copy), cfg).base_model.model.lin
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    return layer
+
+
+def make_layer(mode: str = "frozen", seed: int = 0, zero_b: bool = False) -> DyLoRALinear:
+    torch.manual_seed(seed)
+    layer = DyLoRALinear(nn.Linear(D_IN, D_OUT), R_MAX, ALPHA, mode)  # type: ignore[arg-type]
+    if not zero_b:
+        with torch.no_grad():
+            layer.Bt.normal_(std=0.1)
+    return layer
+
+
+def x_and_w(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, D_IN, generator=gen, dtype=dtype)
+    return x, torch.randn(3, 5, D_OUT, generator=gen, dtype=dtype)
+
+
+def backward(layer: DyLoRALinear, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum(w * layer(x)) w.r.t. A [r_max, d_in] and B^T [r_max, d_out]."""
+    layer.A.grad = layer.Bt.grad = None
+    (layer(x) * w).sum().backward()
+    assert layer.A.grad is not None
+    assert layer.Bt.grad is not None
+    return layer.A.grad, layer.Bt.grad
+
+
+def nonzero_rows(grad: torch.Tensor) -> list[int]:
+    return [i for i in range(grad.shape[0]) if torch.count_nonzero(grad[i]) > 0]
+
+
+# ----------------------------------------------------------------------------- layer maths
+
+
+def test_zero_b_gives_the_base_output_at_every_rank() -> None:
+    layer = make_layer(zero_b=True)
+    x, _ = x_and_w()
+    for b in range(1, R_MAX + 1):
+        layer.set_rank(b)
+        assert torch.equal(layer(x), layer.base(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_at_rank_b_is_alpha_over_b_times_the_truncated_product(training: bool) -> None:
+    layer = make_layer().double()
+    layer.train(training)
+    x, _ = x_and_w(torch.float64)
+    A, B = (t.detach() for t in layer.weights())
+    for b in range(1, R_MAX + 1):
+        layer.set_rank(b)
+        expected = layer.base(x) + (ALPHA / b) * (x @ A[:b].t() @ B[:, :b].t())
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.delta_weight(), (ALPHA / b) * B[:, :b] @ A[:b], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("b", [1, 3, 5, 8])
+def test_nested_truncation_equals_zero_padding_at_r_max_with_scale_alpha_over_b(b: int) -> None:
+    layer = make_layer().double()
+    x, _ = x_and_w(torch.float64)
+    A, B = (t.detach().clone() for t in layer.weights())
+    padded = DyLoRALinear(layer.base, R_MAX, ALPHA * R_MAX / b).double()  # alpha' / r_max = alpha / b
+    A[b:] = 0
+    B[:, b:] = 0
+    padded.load_weights(A, B)
+    padded.set_rank(R_MAX)
+    layer.set_rank(b)
+    torch.testing.assert_close(padded(x), layer(x), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 8])
+def test_frozen_mode_only_the_b_th_row_and_column_receive_gradient(b: int) -> None:
+    layer = make_layer("frozen")
+    layer.set_rank(b)
+    grad_A, grad_Bt = backward(layer, *x_and_w())
+    assert nonzero_rows(grad_A) == [b - 1]
+    assert nonzero_rows(grad_Bt) == [b - 1]
+    assert torch.count_nonzero(grad_A[b - 1]) == D_IN
+    assert torch.count_nonzero(grad_Bt[b - 1]) == D_OUT
+
+
+@pytest.mark.parametrize("b", [1, 4, 8])
+def test_full_mode_trains_the_first_b_ranks_and_leaves_the_rest(b: int) -> None:
+    layer = make_layer("full")
+    layer.set_rank(b)
+    grad_A, grad_Bt = backward(layer, *x_and_w())
+    assert nonzero_rows(grad_A) == list(range(b))
+    assert nonzero_rows(grad_Bt) == list(range(b))
+
+
+def test_frozen_gradients_equal_autograd_through_detached_lower_ranks() -> None:
+    """Reference: the official construction, cat(A[:b-1].detach(), A[b-1]) through plain autograd."""
+    layer = make_layer("frozen")
+    x, w = x_and_w()
+    for b in (1, 3, 8):
+        layer.set_rank(b)
+        xa = x.clone().requires_grad_(True)
+        (layer(xa) * w).sum().backward()
+        A, Bt = layer.A, layer.Bt
+        A_b = torch.cat([A[: b - 1].detach(), A[b - 1 : b]])
+        Bt_b = torch.cat([Bt[: b - 1].detach(), Bt[b - 1 : b]])
+        xb = x.clone().requires_grad_(True)
+        ref = layer.base(xb) + (ALPHA / b) * (xb @ A_b.t() @ Bt_b)
+        ref_dx, ref_dA, ref_dBt = torch.autograd.grad((ref * w).sum(), [xb, A, Bt])
+        torch.testing.assert_close(xa.grad, ref_dx, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.A.grad, ref_dA, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.Bt.grad, ref_dBt, rtol=1e-6, atol=1e-6)
+        layer.A.grad = layer.Bt.grad = None
+
+
+def test_full_mode_at_r_max_equals_peft_lora() -> None:
+    layer = make_layer("full")
+    layer.set_rank(R_MAX)
+    A, B = (t.detach() for t in layer.weights())
+    ref = peft_lora(layer.base, A, B, ALPHA)
+    x, w = x_and_w()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref_out = layer(xa), ref(xb)
+    (out * w).sum().backward()
+    (ref_out * w).sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.A.grad, ref.lora_A["default"].weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.Bt.grad.t(), ref.lora_B["default"].weight.grad, rtol=0, atol=1e-6)
+
+
+def test_frozen_mode_at_rank_one_equals_peft_lora_of_rank_one() -> None:
+    layer = make_layer("frozen")
+    layer.set_rank(1)
+    A, B = (t.detach() for t in layer.weights())
+    ref = peft_lora(layer.base, A[:1], B[:, :1], ALPHA)  # scaling alpha / 1
+    x, w = x_and_w()
+    out, ref_out = layer(x), ref(x)
+    (out * w).sum().backward()
+    (ref_out * w).sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.A.grad[:1], ref.lora_A["default"].weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.Bt.grad[:1].t(), ref.lora_B["default"].weight.grad, rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_computes_in_bf16_with_fp32_parameter_gradients() -> None:
+    layer = make_layer("full")
+    layer.set_rank(5)
+    x, w = x_and_w()
+    grad_A, grad_Bt = (g.clone() for g in backward(layer, x, w))
+    layer.A.grad = layer.Bt.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    (out.float() * w).sum().backward()
+    assert layer.A.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.A.grad, grad_A, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(layer.Bt.grad, grad_Bt, rtol=5e-2, atol=5e-2)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_rankwise_adamw_is_torch_adamw_with_each_rank_as_its_own_parameter(mode: str) -> None:
+    """Bitwise: a torch AdamW per rank (rows of A and B^T), stepped only when its rank trains."""
+    layer = make_layer(mode)
+    ranks = [layer.rank]
+    optimizer = RankwiseAdamW([layer], [], lambda: layer.trained_ranks(), lr=0.05, weight_decay=0.1)
+    rows = [
+        (nn.Parameter(layer.A[i].detach().clone()), nn.Parameter(layer.Bt[i].detach().clone()))
+        for i in range(R_MAX)
+    ]
+    reference = [torch.optim.AdamW(list(row), lr=0.05, weight_decay=0.1, foreach=True) for row in rows]
+    x, w = x_and_w()
+    for b in (8, 3, 5, 3, 1, 8, 2, 3):
+        ranks.append(b)
+        layer.set_rank(b)
+        grad_A, grad_Bt = backward(layer, x, w)
+        for i in layer.trained_ranks():
+            rows[i][0].grad, rows[i][1].grad = grad_A[i].clone(), grad_Bt[i].clone()
+            reference[i].step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(R_MAX):
+            assert torch.equal(layer.A[i], rows[i][0])
+            assert torch.equal(layer.Bt[i], rows[i][1])
+    trained = [sum(i in range(b - 1 if mode == "frozen" else 0, b) for b in ranks[1:]) for i in range(R_MAX)]
+    assert optimizer.rank_steps == trained
+
+
+def build(backbone: str = "tiny-clip", **args: object) -> DyLoRA:
+    model = tiny_backbone(backbone)
+    cfg = config.build(DyLoRAConfig, args, "dylora")
+    torch.manual_seed(1)
+    return DyLoRA(cfg, model, head_for(model, 4), tiny_context())
+
+
+def train_step(strategy: DyLoRA, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step in the loop's order, at the rank already set."""
+    info = experience_info(0, (0, 1), 4)
+    loss = strategy.loss(strategy.forward(x, info), y, info)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_frozen_ranks_stay_bitwise_unchanged_through_adamw_with_momentum_and_weight_decay() -> None:
+    strategy = build(towers=["vision"])
+    with torch.no_grad():
+        for a in strategy.adapters().values():
+            a.Bt.normal_(std=0.05)  # B != 0: every rank's A row gets a gradient too
+    strategy.train()
+    optimizer = strategy.make_optimizer(lr=1e-2, weight_decay=0.1)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    for b in (8, 7, 6, 5, 4, 3, 2, 1):  # every rank trains once: momentum everywhere
+        strategy.set_rank(b)
+        train_step(strategy, optimizer, x, y)
+    for a in strategy.adapters().values():
+        for p in (a.A, a.Bt):
+            assert all(torch.count_nonzero(optimizer.state[p]["exp_avg"][i]) > 0 for i in range(R_MAX))
+    before = {name: (a.A.detach().clone(), a.Bt.detach().clone()) for name, a in strategy.adapters().items()}
+    b = 4
+    strategy.set_rank(b)
+    train_step(strategy, optimizer, x, y)
+    for name, a in strategy.adapters().items():
+        for kind, p, old in (("A", a.A, before[name][0]), ("Bt", a.Bt, before[name][1])):
+            for i in range(R_MAX):
+                if i == b - 1:
+                    assert not torch.equal(p[i], old[i]), f"{name} {kind}[{i}] did not learn"
+                else:
+                    assert torch.equal(p[i], old[i]), f"{name} {kind}[{i}] moved"
+    # the check has teeth: a plain AdamW (the official setting) moves rows whose gradient is zero
+    a = strategy.adapters()["vision.1.fc1"]
+    plain = torch.optim.AdamW([a.A], lr=1e-2, weight_decay=0.1)
+    old = a.A.detach().clone()
+    for _ in range(2):
+        strategy.set_rank(8)
+        train_step(strategy, plain, x, y)
+    assert not torch.equal(a.A[0], old[0])
+
+
+def test_parameters_outside_the_adapters_are_stepped_with_the_scheduled_lr() -> None:
+    strategy = build("tiny-vit")  # linear head: trainable, not an adapter
+    strategy.train()
+    optimizer = strategy.make_optimizer(lr=1e-2, weight_decay=0.0)
+    assert isinstance(optimizer, RankwiseAdamW)
+    assert optimizer.inner is not None
+    head = strategy.head.linear.weight
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    old = head.detach().clone()
+    strategy.before_step(0)
+    train_step(strategy, optimizer, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    scheduler.step()
+    assert not torch.equal(head, old)
+    strategy.before_step(1)
+    train_step(strategy, optimizer, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert optimizer.inner.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"] < 1e-2
+
+
+def test_rank_is_sampled_uniformly_once_per_step_and_shared_by_all_layers() -> None:
+    strategy = build()
+    adapters = list(strategy.adapters().values())
+    counts = [0] * R_MAX
+    sequence = []
+    for step in range(4000):
+        strategy.before_step(step)
+        ranks = {a.rank for a in adapters}
+        assert len(ranks) == 1
+        b = ranks.pop()
+        counts[b - 1] += 1
+        sequence.append(b)
+    assert all(400 <= c <= 600 for c in counts), counts  # expected 500, sd ~21
+    chi2 = sum((c - 500) ** 2 / 500 for c in counts)
+    assert chi2 < 24.3  # 7 degrees of freedom, p = 0.001
+    again = build()
+    replay = []
+    for step in range(50):
+        again.before_step(step)
+        replay.append(again.last_rank)
+    assert replay == sequence[:50]
+    assert strategy.final_report()["curves"]["sampled_ranks"]["y"] == counts
+
+
+def test_evaluation_uses_the_eval_rank_not_the_last_sampled_one() -> None:
+    strategy = build()
+    strategy.train()
+    strategy.before_step(0)
+    while strategy.last_rank == R_MAX:
+        strategy.before_step(1)
+    strategy.eval()
+    assert {a.rank for a in strategy.adapters().values()} == {R_MAX}
+    other = build(eval_rank=3)
+    other.eval()
+    assert {a.rank for a in other.adapters().values()} == {3}
+
+
+def test_final_variants_evaluate_at_each_rank_and_restore_the_eval_rank() -> None:
+    strategy = build(eval_ranks=[1, 2, 4, 8])
+    variants = strategy.final_variants()
+    assert list(variants) == ["rank=1", "rank=2", "rank=4", "rank=8"]
+    for label, make in variants.items():
+        with make():
+            strategy.eval()  # what the loop does inside the variant
+            assert {a.rank for a in strategy.adapters().values()} == {int(label.split("=")[1])}
+        strategy.eval()
+        assert {a.rank for a in strategy.adapters().values()} == {R_MAX}
+
+
+def test_merge_each_experience_merges_at_the_eval_rank_and_starts_fresh() -> None:
+    strategy = build(merge_each_experience=True)
+    with torch.no_grad():
+        for a in strategy.adapters().values():
+            a.Bt.normal_(std=0.05)
+    info = experience_info(0, (0, 1), 4, training=False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    strategy.eval()
+    with torch.no_grad():
+        before = strategy.forward(x, info)
+        strategy.after_experience(info)
+        strategy.head.invalidate()
+        after = strategy.forward(x, info)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert all(torch.count_nonzero(a.Bt) == 0 for a in strategy.adapters().values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"r_max": 0}, "strategy.r_max"),
+        ({"alpha": 0.0}, "strategy.alpha"),
+        ({"r_max": 4}, "strategy.eval_ranks"),  # the default eval ranks go up to 8
+        ({"eval_ranks": [0, 2]}, "strategy.eval_ranks"),
+        ({"eval_ranks": [2, 2]}, "strategy.eval_ranks"),
+        ({"eval_rank": 9}, "strategy.eval_rank"),
+        ({"mode": "partial"}, "frozen"),
+    ],
+)
+def test_bad_configuration_fails_with_one_line(args: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        config.build(DyLoRAConfig, args, "dylora")
+    assert "\n" not in str(err.value)
+
+
+def test_runs_end_to_end_with_the_accuracy_vs_rank_variants(run_quick) -> None:
+    record = run_quick("dylora", strategy_args={"eval_ranks": [1, 8], "mode": "full"}, steps=4)
+    assert record.status == "ok"
+    variants = record.accuracy["variants"]
+    assert list(variants) == ["rank=1", "rank=8"]
+    assert variants["rank=8"]["row"] == record.accuracy["matrix"][-1]  # the main eval is at r_max
+    assert record.experiences[-1].strategy["eval_rank"] == R_MAX
+    assert 1 <= record.experiences[-1].strategy["mean_sampled_rank"] <= R_MAX
+    assert sum(record.strategy_report["curves"]["sampled_ranks"]["y"]) == 8
+    assert "2210.07558" in STRATEGIES.get("dylora").paper
+    assert "2210.07558" in STRATEGIES.entry("dylora").description
