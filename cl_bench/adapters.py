@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.backbones.base import ROLES, Backbone, Block
+from cl_bench.backbones.base import ROLES, Backbone, Block, Tower
 
 # ----------------------------------------------------------------------------- attention
 
@@ -300,6 +300,6 @@ def check_targets(roles: Sequence[str], towers: Sequence[str]) -> None:
         raise ConfigError(f"strategy.towers must be a non-empty subset of vision, text, got {list(towers)}")
 
 
-def available_towers(backbone: Backbone, towers: Sequence[str]) -> tuple[str, ...]:
+def available_towers(backbone: Backbone, towers: Sequence[str]) -> tuple[Tower, ...]:
     """The requested towers the backbone has (a vision-only backbone drops ``text``)."""
     return tuple(t for t in towers if t in backbone.towers())

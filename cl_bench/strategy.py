@@ -159,7 +159,8 @@ class Strategy:
         """Gradients are populated (and clipped, if enabled); the optimizer has not stepped."""
 
     def after_step(self, step: int) -> None:
-        """After ``optimizer.step()`` and the scheduler step."""
+        """After ``optimizer.step()``, the scheduler step and ``zero_grad`` of the loop's optimizer;
+        parameters outside that optimizer (e.g. SoRA's gates) still hold their gradients here."""
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         """After the last step of ``exp``, before its evaluation row."""
