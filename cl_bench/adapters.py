@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,9 @@ class UnfusedAttention(nn.Module):
             raise NotImplementedError("UnfusedAttention does not return attention weights")
         if key_padding_mask is not None:
             raise NotImplementedError("key_padding_mask is not supported")
+        if torch.is_autocast_enabled(query.device.type):
+            # one cast of the (fp32 layer-norm) input, not one per projection
+            query = query.to(torch.get_autocast_dtype(query.device.type))
         key = query if key is None else key
         value = query if value is None else value
         if not self.batch_first:
@@ -144,11 +149,22 @@ class AdaptedLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def low_rank(self) -> LowRank | None:
+        """The update as low-rank factors, for the fused path (None: the method has its own ``delta``)."""
+        return None
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's contribution alone (reference path; the fused path never calls it)."""
+        factors = self.low_rank()
+        if factors is None:
+            raise NotImplementedError
+        return factors.delta(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.delta(x)
+        factors = self.low_rank()
+        if factors is None:
+            return self.base(x) + self.delta(x)
+        return lora_linear(x, self.base.weight, self.base.bias, factors)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Parameters added by the method (everything except the frozen base layer)."""
@@ -221,9 +237,139 @@ def init_lora_pair(
     return nn.Parameter(A), nn.Parameter(B)
 
 
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * x A^T B^T``: the low-rank update applied to ``x`` without forming B A."""
-    return F.linear(F.linear(x, A), B) * scaling
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank update ``scaling * B A`` of a linear layer, with what LoRA variants change.
+
+    - ``grad_row_scale`` [d_out]: the output gradient reaching A and B is scaled per row by it
+      (ALLoRA); the gradient to the layer input is not.
+    - ``out_mask`` [d_out]: the whole output row (base, update and bias) is multiplied by it
+      (LoRAPrune's head/channel masks); gradients follow the masked function.
+    - ``trained_rows``: only the last ``trained_rows`` ranks receive gradient, the others get exact
+      zeros (DyLoRA's frozen mode); None: every rank.
+    A and B may be views or results of differentiable expressions (SoRA passes ``B * gate``).
+    """
+
+    A: torch.Tensor  # [r, d_in]
+    B: torch.Tensor  # [d_out, r]
+    scaling: float = 1.0
+    grad_row_scale: torch.Tensor | None = None
+    out_mask: torch.Tensor | None = None
+    trained_rows: int | None = None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * x A^T B^T`` (times the mask), computed unfused with autograd (reference path)."""
+        out = F.linear(F.linear(x, self.A), self.B) * self.scaling
+        return out if self.out_mask is None else out * self.out_mask.to(out.dtype)
+
+    def weight(self, base: torch.Tensor) -> torch.Tensor:
+        """``W0 + scaling * B A`` (rows masked), summed in at least fp32 so no update is rounded away."""
+        dtype = torch.promote_types(base.dtype, torch.float32)
+        merged = torch.addmm(
+            base.to(dtype), self.B.detach().to(dtype), self.A.detach().to(dtype), alpha=self.scaling
+        )
+        return merged if self.out_mask is None else merged * self.out_mask.to(dtype)[:, None]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when autocast is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _FusedLowRankLinear(torch.autograd.Function):
+    """``y = x (W0 + s B A)^T + b`` with the gradients of x, A and B, in as few kernels as possible.
+
+    Forward: the update is merged into the weight on the fly (an [d_out, d_in] addmm, negligible
+    next to the activations), so the layer costs one GEMM like a plain linear, plus the skinny
+    ``z = x A^T`` kept for B's gradient. Backward: ``grad_x = g W_eff`` (one GEMM), ``g B`` and
+    the two rank-r reductions for A and B. No elementwise pass over the activations beyond what a
+    plain linear does (the unfused ``W0 x + s B (A x)`` adds a product, a sum and their backward
+    copies per layer, which dominated the step on the GPU).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        base_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        factors: LowRank,
+    ) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            weight = factors.weight(base_weight).to(dtype)
+            b = None
+            if bias is not None:
+                b = bias if factors.out_mask is None else bias * factors.out_mask.to(bias.dtype)
+                b = b.to(dtype)
+            y = F.linear(x2, weight, b)
+            A_c, B_c = A.to(dtype), B.to(dtype)
+            z = x2 @ A_c.t()
+        ctx.save_for_backward(x2, z, weight, A_c, B_c)
+        ctx.factors, ctx.shape, ctx.dtypes = factors, shape, (x.dtype, A.dtype, B.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, z, weight, A_c, B_c = ctx.saved_tensors
+        f: LowRank = ctx.factors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+            grad_x = (g @ weight).reshape(ctx.shape).to(x_dtype) if need_x else None
+            scale = f.grad_row_scale
+            if f.out_mask is not None:
+                scale = f.out_mask if scale is None else scale * f.out_mask
+            scale_col = None if scale is None else scale.to(B_c.dtype)[:, None]
+            grad_A = grad_B = None
+            if need_A:
+                g_b = g @ (B_c if scale_col is None else B_c * scale_col)  # [N, r]
+                grad_A = (g_b.t() @ x2).mul_(f.scaling)
+            if need_B:
+                grad_B = (g.t() @ z).mul_(f.scaling)
+                if scale_col is not None:
+                    grad_B.mul_(scale_col)
+            if f.trained_rows is not None:
+                frozen = A_c.shape[0] - f.trained_rows
+                if grad_A is not None:
+                    grad_A[:frozen] = 0
+                if grad_B is not None:
+                    grad_B[:, :frozen] = 0
+        return (
+            grad_x,
+            None,
+            None,
+            None if grad_A is None else grad_A.to(a_dtype),
+            None if grad_B is None else grad_B.to(b_dtype),
+            None,
+        )
+
+
+def lora_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factors: LowRank
+) -> torch.Tensor:
+    """A frozen linear layer plus a low-rank update: fused when A or B needs a gradient, one GEMM
+    with the merged weight otherwise (evaluation)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        out = F.linear(x, weight, bias)  # a trainable base (never the case for adapters): plain autograd
+        mask = factors.out_mask
+        out = out if mask is None else out * mask.to(out.dtype)
+        return out + factors.delta(x)
+    if torch.is_grad_enabled() and (factors.A.requires_grad or factors.B.requires_grad or x.requires_grad):
+        return _FusedLowRankLinear.apply(x, weight, bias, factors.A, factors.B, factors)
+    dtype = compute_dtype(x)
+    b = bias
+    if b is not None and factors.out_mask is not None:
+        b = b * factors.out_mask.to(b.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), factors.weight(weight).to(dtype), None if b is None else b.to(dtype))
 
 
 class LoRALinear(AdaptedLinear):
@@ -238,8 +384,8 @@ class LoRALinear(AdaptedLinear):
         self.scaling = alpha / r
         self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, base.weight.device)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_delta(x, self.A, self.B, self.scaling)
+    def low_rank(self) -> LowRank:
+        return LowRank(self.A, self.B, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` as a dense [d_out, d_in] matrix."""

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.adapters import (
     ROLES,
     AdaptedLinear,
+    LowRank,
     available_towers,
     check_targets,
     init_lora_pair,
@@ -73,39 +73,6 @@ def row_scale(A: torch.Tensor, B: torch.Tensor, eta: float, norm: Norm = "l2") -
         return n.mul_(eta**2).add_(1.0).rsqrt_().mul_(eta)
 
 
-class _RowScaledLoRA(torch.autograd.Function):
-    """``y = (x A^T) B^T``; backward scales the output gradient by ``c`` (per row) for A and B only."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, A)
-        ctx.save_for_backward(x, A, B, c, z)
-        return F.linear(z, B)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, A, B, c, z = ctx.saved_tensors
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        r = A.shape[0]
-        c_col = c.to(B.dtype).unsqueeze(1)  # [d_out, 1]
-        grad_x = grad_A = grad_B = None
-        if need_x and need_A:
-            # one matmul gives both the unscaled (input) and the scaled (A) gradient of z
-            both = grad @ torch.cat([B, B * c_col], dim=1)
-            grad_z, grad_z_scaled = both[..., :r], both[..., r:]
-        else:
-            grad_z = grad @ B if need_x else None
-            grad_z_scaled = grad @ (B * c_col) if need_A else None
-        if need_x:
-            grad_x = grad_z @ A
-        if need_A:
-            grad_A = grad_z_scaled.reshape(-1, r).t() @ x.reshape(-1, x.shape[-1])
-        if need_B:
-            # sum_t c_i delta_ti z_tj = c_i (delta^T z)_ij: scale the small [d_out, r] result
-            grad_B = (grad.reshape(-1, grad.shape[-1]).t() @ z.reshape(-1, r)) * c_col
-        return grad_x, grad_A, grad_B, None
-
-
 class ALLoRALinear(AdaptedLinear):
     """``y = W0 x + b + B A x`` whose A/B gradients see the output gradient scaled by ``c`` (row_scale)."""
 
@@ -127,12 +94,11 @@ class ALLoRALinear(AdaptedLinear):
             return self.cached_scale
         return row_scale(self.A, self.B, self.eta, self.norm)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)):
-            return F.linear(F.linear(x, self.A), self.B)
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        return _RowScaledLoRA.apply(x.to(dtype), self.A.to(dtype), self.B.to(dtype), self.row_scale())
+    def low_rank(self) -> LowRank:
+        """``B A`` with no scaling; while A or B trains, their gradients see the output gradient scaled
+        per row by ``c`` (the fused layer applies it to the A/B gradients only, not to the input's)."""
+        training = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
+        return LowRank(self.A, self.B, 1.0, grad_row_scale=self.row_scale() if training else None)
 
     def delta_weight(self) -> torch.Tensor:
         """``B A`` as a dense [d_out, d_in] matrix (no scaling factor)."""

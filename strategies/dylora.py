@@ -45,12 +45,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.adapters import (
     ROLES,
     AdaptedLinear,
+    LowRank,
     available_towers,
     check_targets,
     init_lora_pair,
@@ -62,47 +62,6 @@ from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
 
 Mode = Literal["frozen", "full"]
-
-
-class _NestedLoRA(torch.autograd.Function):
-    """``y = scale * (x A[:b]^T) Bt[:b]`` for full-size A [r_max, d_in] and Bt [r_max, d_out].
-
-    The truncations are views (no copies); the matmuls run in ``x``'s dtype (the caller casts x
-    to the autocast dtype). Backward returns full-size gradients that are zero outside rows
-    ``lo..b-1``: ``lo = b - 1`` in frozen mode (only rank b learns), ``lo = 0`` in full mode.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, b: int, scale: float, lo: int
-    ) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            A_b, Bt_b = A[:b].to(x.dtype), Bt[:b].to(x.dtype)
-            z = F.linear(x, A_b)
-            y = torch.matmul(z, Bt_b).mul_(scale)
-        ctx.save_for_backward(x, z, A_b, Bt_b)
-        ctx.b, ctx.scale, ctx.lo = b, scale, lo
-        ctx.shapes = (A.shape, A.dtype, Bt.shape, Bt.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, z, A_b, Bt_b = ctx.saved_tensors
-        b, lo = ctx.b, ctx.lo
-        a_shape, a_dtype, bt_shape, bt_dtype = ctx.shapes
-        grad = grad * ctx.scale
-        grad_z = torch.matmul(grad, Bt_b.t())  # [..., b]
-        grad_x = torch.matmul(grad_z, A_b) if ctx.needs_input_grad[0] else None
-        x2, z2 = x.reshape(-1, x.shape[-1]), z.reshape(-1, b)
-        grad2, grad_z2 = grad.reshape(-1, grad.shape[-1]), grad_z.reshape(-1, b)
-        grad_A = grad_Bt = None
-        if ctx.needs_input_grad[1]:
-            grad_A = torch.zeros(a_shape, dtype=a_dtype, device=x.device)
-            grad_A[lo:b] = grad_z2[:, lo:b].t() @ x2
-        if ctx.needs_input_grad[2]:
-            grad_Bt = torch.zeros(bt_shape, dtype=bt_dtype, device=x.device)
-            grad_Bt[lo:b] = z2[:, lo:b].t() @ grad2
-        return grad_x, grad_A, grad_Bt, None, None, None
 
 
 class DyLoRALinear(AdaptedLinear):
@@ -143,16 +102,12 @@ class DyLoRALinear(AdaptedLinear):
         """0-based ranks that learn at the current rank: b - 1 (frozen) or 0..b-1 (full)."""
         return range(self.rank - 1 if self.mode == "frozen" else 0, self.rank)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        b, scale = self.rank, self.alpha / self.rank
-        if self.training and torch.is_grad_enabled() and (self.A.requires_grad or self.Bt.requires_grad):
-            device_type = x.device.type
-            dtype = (
-                torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-            )
-            lo = self.trained_ranks().start
-            return _NestedLoRA.apply(x.to(dtype), self.A, self.Bt, b, scale, lo)
-        return torch.matmul(F.linear(x, self.A[:b]), self.Bt[:b]) * scale
+    def low_rank(self) -> LowRank:
+        """Rank ``b``: views ``A[:b]`` and ``B[:, :b]`` with ``alpha / b``; in frozen mode only rank b
+        (the last of the views) receives gradient, the lower ranks get exact zeros."""
+        b = self.rank
+        trained = 1 if self.mode == "frozen" else None
+        return LowRank(self.A[:b], self.Bt[:b].t(), self.alpha / b, trained_rows=trained)
 
     def delta_weight(self, b: int | None = None) -> torch.Tensor:
         """``(alpha / b) B[:, :b] A[:b]`` as a dense [d_out, d_in] matrix."""

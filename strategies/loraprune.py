@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_bench.adapters import ROLES, LoRALinear, base_linear, check_targets, inject
+from cl_bench.adapters import ROLES, LoRALinear, LowRank, base_linear, check_targets, inject
 from cl_bench.backbones.base import Backbone, Block
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
@@ -104,9 +104,9 @@ class MaskedLoRALinear(LoRALinear):
         ones = torch.ones(base.out_features, device=base.weight.device) if masked else None
         self.register_buffer("mask", ones)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        return y if self.mask is None else y * self.mask.to(y.dtype)
+    def low_rank(self) -> LowRank:
+        """LoRA with the mask on whole output rows (base, update and bias), folded into the fused layer."""
+        return LowRank(self.A, self.B, self.scaling, out_mask=self.mask)
 
     def importance(self) -> torch.Tensor | None:
         """``|G_hat * (W0 + s B A)|`` (Eq. 1-2) from the current gradients; None without gradients."""

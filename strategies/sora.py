@@ -60,6 +60,7 @@ from torch import nn
 from cl_bench.adapters import (
     ROLES,
     AdaptedLinear,
+    LowRank,
     available_towers,
     check_targets,
     init_lora_pair,
@@ -117,9 +118,10 @@ class SoRALinear(AdaptedLinear):
         self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, base.weight.device)
         self.gate = nn.Parameter(torch.randn(r, device=base.weight.device))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.A)
-        return F.linear(z * (self.gate * self.scaling).to(z.dtype), self.B)
+    def low_rank(self) -> LowRank:
+        """The gate folds into B: ``(alpha / r) B diag(g) A = (B * (alpha / r) g) A``; autograd takes
+        the fused layer's gradient of that product back to B and to the gates."""
+        return LowRank(self.A, self.B * (self.gate * self.scaling), 1.0)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B diag(g) A`` as a dense [d_out, d_in] matrix."""

@@ -1,0 +1,98 @@
+"""The fused low-rank linear: forward and gradients equal an independent float64 evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cl_bench.adapters import LoRALinear, LowRank, lora_linear
+
+D_IN, D_OUT, R, N = 12, 10, 4, 7
+
+
+def setup(seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(D_IN, D_OUT).to(dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(D_OUT, D_IN, generator=g, dtype=dtype))
+        base.bias.copy_(torch.randn(D_OUT, generator=g, dtype=dtype))
+    base.requires_grad_(False)
+    A = torch.randn(R, D_IN, generator=g, dtype=dtype, requires_grad=True)
+    B = torch.randn(D_OUT, R, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, N, D_IN, generator=g, dtype=dtype, requires_grad=True)
+    return base, A, B, x
+
+
+def reference(x, base, A, B, s, mask=None):
+    y = x @ base.weight.t() + base.bias + s * (x @ A.t()) @ B.t()
+    return y if mask is None else y * mask
+
+
+def grads(out, tensors, upstream):
+    return torch.autograd.grad(out, tensors, upstream)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_forward_and_gradients_equal_the_reference(with_mask: bool) -> None:
+    base, A, B, x = setup()
+    mask = (torch.arange(D_OUT) % 3 != 0).double() if with_mask else None
+    upstream = torch.randn(2, N, D_OUT, dtype=torch.float64)
+    got = lora_linear(x, base.weight, base.bias, LowRank(A, B, 0.5, out_mask=mask))
+    want = reference(x, base, A, B, 0.5, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g_got, g_want in zip(grads(got, (x, A, B), upstream), grads(want, (x, A, B), upstream), strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+
+
+def test_row_scale_reaches_a_and_b_gradients_but_not_the_input() -> None:
+    base, A, B, x = setup()
+    c = torch.linspace(0.5, 2.0, D_OUT, dtype=torch.float64)
+    upstream = torch.randn(2, N, D_OUT, dtype=torch.float64)
+    got = lora_linear(x, base.weight, base.bias, LowRank(A, B, 1.0, grad_row_scale=c))
+    gx, gA, gB = grads(got, (x, A, B), upstream)
+    gx_ref, _, _ = grads(reference(x, base, A, B, 1.0), (x, A, B), upstream)
+    _, gA_ref, gB_ref = grads(reference(x, base, A, B, 1.0), (x, A, B), upstream * c)  # A/B: row-scaled
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gA, gA_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gB, gB_ref, rtol=0, atol=1e-12)
+
+
+def test_trained_rows_zero_the_other_ranks_exactly() -> None:
+    base, A, B, x = setup()
+    out = lora_linear(x, base.weight, base.bias, LowRank(A, B, 1.0, trained_rows=1))
+    gA, gB = torch.autograd.grad(out.sum(), (A, B))
+    _, gA_ref, gB_ref = grads(
+        reference(x, base, A, B, 1.0), (x, A, B), torch.ones(2, N, D_OUT, dtype=torch.float64)
+    )
+    assert torch.all(gA[:-1] == 0)
+    assert torch.all(gB[:, :-1] == 0)
+    torch.testing.assert_close(gA[-1], gA_ref[-1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(gB[:, -1], gB_ref[:, -1], rtol=0, atol=1e-12)
+
+
+def test_evaluation_uses_the_merged_weight_and_equals_the_reference() -> None:
+    base, A, B, x = setup()
+    with torch.no_grad():
+        got = lora_linear(x, base.weight, base.bias, LowRank(A, B, 0.25))
+        torch.testing.assert_close(got, reference(x, base, A, B, 0.25), rtol=0, atol=1e-12)
+
+
+def test_lora_layer_at_zero_b_is_exactly_the_base_layer() -> None:
+    base, _, _, x = setup(dtype=torch.float32)
+    layer = LoRALinear(base, 4, 8.0)
+    x = x.float().detach()
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+
+
+def test_bf16_autocast_computes_in_bf16_with_fp32_parameter_gradients() -> None:
+    base, A, B, x = setup(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, base.weight, base.bias, LowRank(A, B, 2.0))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert A.grad.dtype == torch.float32
+    assert B.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32
+    want = reference(x.detach().double(), base.double(), A.detach().double(), B.detach().double(), 2.0)
+    assert (out.double() - want).abs().max() / want.abs().max() < 2e-2
