@@ -161,7 +161,7 @@ def build(
         batch_size=s.batch,
     )
     strategy = strategy_cls(cfg, backbone, head, ctx)
-    strategy.to(device)
+    loop.place(strategy, device, s.precision)
     return strategy
 
 
@@ -183,7 +183,7 @@ def measure(strategy: Strategy, s: Setting, *, experiences: int = 1, compile_tow
         strategy.before_experience(info)
     strategy.head.invalidate()
     if compile_towers:
-        strategy.backbone.compile_towers()
+        strategy.backbone.compile_towers()  # after the experience boundaries: MoRA grows its banks there
     optimizer = strategy.make_optimizer(s.lr, 0.0)
     size = strategy.backbone.image_size
     x, y = _inputs(s, s.batch, size, device)

@@ -177,9 +177,7 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
         batch_size=cfg.batch_size,
     )
     strategy = p.strategy_cls(p.strategy_cfg, backbone, head, ctx)
-    strategy.to(device)
-    if cfg.compile:
-        backbone.compile_towers()
+    place(strategy, device, precision, compile_towers=cfg.compile)
     augment = scenario.augmentations if cfg.augment else ()
     preprocess = Preprocess(backbone.image_size, backbone.mean, backbone.std, device, augment)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -366,6 +364,15 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
         }
     )
     record.strategy_report = strategy.final_report()
+
+
+def place(strategy: Strategy, device: torch.device, precision: str, *, compile_towers: bool = False) -> None:
+    """Move a built strategy to the device; bf16 runs store frozen adapter bases in bf16."""
+    strategy.to(device)
+    if precision == "bf16":
+        strategy.store_frozen_weights(torch.bfloat16)
+    if compile_towers:
+        strategy.backbone.compile_towers()
 
 
 def train_step(

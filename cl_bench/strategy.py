@@ -177,6 +177,18 @@ class Strategy:
         self.backbone.to(device)
         self.head.to(device)
 
+    def store_frozen_weights(self, dtype: torch.dtype) -> None:
+        """Keep the frozen base layers of the adapters in ``dtype`` (bf16 runs).
+
+        Halves their memory and removes autocast's cast of every weight at every use; the math is
+        unchanged, since bf16 autocast casts them to bf16 anyway. Skipped when the method writes
+        into its base weights during training (``merge_each_experience``), which needs fp32.
+        """
+        if getattr(self.cfg, "merge_each_experience", False):
+            return
+        for adapter in self.adapters().values():
+            adapter.base.to(dtype)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What must be saved to restore the trained method: every parameter of backbone and head."""
         state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
