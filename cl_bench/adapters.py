@@ -102,9 +102,16 @@ class UnfusedAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, t.shape[1], -1, self.head_dim).transpose(1, 2)
 
-        q = heads(self.q_proj(query))
-        k = heads(self.k_proj(key))
-        v = heads(self.v_proj(value))
+        qkv = None
+        if key is query and value is query:  # self-attention: one GEMM for q, k and v when possible
+            qkv = fused_projections(query, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is not None:
+            widths = [_out_width(m) for m in (self.q_proj, self.k_proj, self.v_proj)]
+            q, k, v = (heads(t) for t in qkv.split(widths, dim=-1))
+        else:
+            q = heads(self.q_proj(query))
+            k = heads(self.k_proj(key))
+            v = heads(self.v_proj(value))
         if self.causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -119,6 +126,13 @@ class UnfusedAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+def _out_width(module: nn.Module) -> int:
+    """Output width of a linear layer or of an adapter around one."""
+    width = module.out_features  # nn.Linear and AdaptedLinear both expose it
+    assert isinstance(width, int)
+    return width
 
 
 # ----------------------------------------------------------------------------- injection
@@ -262,13 +276,19 @@ class LowRank:
         out = F.linear(F.linear(x, self.A), self.B) * self.scaling
         return out if self.out_mask is None else out * self.out_mask.to(out.dtype)
 
-    def weight(self, base: torch.Tensor) -> torch.Tensor:
-        """``W0 + scaling * B A`` (rows masked), summed in at least fp32 so no update is rounded away."""
-        dtype = torch.promote_types(base.dtype, torch.float32)
-        merged = torch.addmm(
-            base.to(dtype), self.B.detach().to(dtype), self.A.detach().to(dtype), alpha=self.scaling
-        )
-        return merged if self.out_mask is None else merged * self.out_mask.to(dtype)[:, None]
+    def weight(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``W0 + scaling * B A`` (rows masked) in ``dtype``, rounded once.
+
+        The sum is formed by one ``addmm`` with fp32 accumulation: in the base's own dtype when that
+        is ``dtype`` (a bf16 base in a bf16 run: the result is rounded to bf16 once), else in the
+        base's (fp32) dtype and then cast, so an update is never rounded away twice.
+        """
+        work = base.dtype
+        B, A = self.B.detach().to(work), self.A.detach().to(work)
+        merged = torch.addmm(base, B, A, alpha=self.scaling)
+        if self.out_mask is not None:
+            merged = merged * self.out_mask.to(work)[:, None]
+        return merged.to(dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -278,98 +298,138 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _FusedLowRankLinear(torch.autograd.Function):
-    """``y = x (W0 + s B A)^T + b`` with the gradients of x, A and B, in as few kernels as possible.
+Layer = tuple[torch.Tensor, torch.Tensor | None, LowRank]  # frozen weight, frozen bias, update
 
-    Forward: the update is merged into the weight on the fly (an [d_out, d_in] addmm, negligible
-    next to the activations), so the layer costs one GEMM like a plain linear, plus the skinny
-    ``z = x A^T`` kept for B's gradient. Backward: ``grad_x = g W_eff`` (one GEMM), ``g B`` and
-    the two rank-r reductions for A and B. No elementwise pass over the activations beyond what a
-    plain linear does (the unfused ``W0 x + s B (A x)`` adds a product, a sum and their backward
-    copies per layer, which dominated the step on the GPU).
+
+class _FusedLowRankLinears(torch.autograd.Function):
+    """``y = x [W_1; ...; W_k]^T + [b_1; ...; b_k]`` with ``W_i = W0_i + s_i B_i A_i``: k adapted
+    linears that share their input (q, k, v of an attention, or a single layer), fused.
+
+    Forward: each update is merged into its weight on the fly (an [d_out, d_in] addmm, negligible
+    next to the activations), so the k layers cost one GEMM like a plain linear, plus the skinny
+    ``z = x [s_1 A_1; ...]^T`` kept for the B gradients. Backward: ``grad_x = g W`` (one GEMM), then
+    one rank-sum(r) product ``g B`` with the block-diagonal of the (row-scaled) ``s_i B_i``, and the
+    two reductions that give every A_i and B_i. Compared with the unfused ``W0 x + s B (A x)``
+    per layer, this removes the elementwise sums/products over the activations and most of the
+    small kernels, which dominated the step on the GPU (both in kernel time and in launch time).
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        base_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        factors: LowRank,
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, layers: tuple[Layer, ...], *factors: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            weight = factors.weight(base_weight).to(dtype)
-            b = None
-            if bias is not None:
-                b = bias if factors.out_mask is None else bias * factors.out_mask.to(bias.dtype)
-                b = b.to(dtype)
-            y = F.linear(x2, weight, b)
-            A_c, B_c = A.to(dtype), B.to(dtype)
-            z = x2 @ A_c.t()
-        ctx.save_for_backward(x2, z, weight, A_c, B_c)
-        ctx.factors, ctx.shape, ctx.dtypes = factors, shape, (x.dtype, A.dtype, B.dtype)
+            weights, biases, a_scaled, b_blocks, row_scales = [], [], [], [], []
+            for weight, bias, f in layers:
+                weights.append(f.weight(weight, dtype))
+                if bias is not None:
+                    biases.append(bias if f.out_mask is None else bias * f.out_mask.to(bias.dtype))
+                scale = f.grad_row_scale
+                if f.out_mask is not None:
+                    scale = f.out_mask if scale is None else scale * f.out_mask
+                a_scaled.append((f.A.detach() * f.scaling).to(dtype))
+                b_s = (f.B.detach() * f.scaling).to(dtype)
+                b_blocks.append(b_s if scale is None else b_s * scale.to(dtype)[:, None])
+                row_scales.append(scale)
+            W = weights[0] if len(weights) == 1 else torch.cat(weights)
+            b = None if not biases else (biases[0] if len(biases) == 1 else torch.cat(biases)).to(dtype)
+            y = F.linear(x2, W, b)
+            A_s = a_scaled[0] if len(a_scaled) == 1 else torch.cat(a_scaled)
+            z_s = x2 @ A_s.t()  # [N, sum r]: s_i A_i x for every layer
+            B_bd = b_blocks[0] if len(b_blocks) == 1 else torch.block_diag(*b_blocks)
+        ctx.save_for_backward(x2, z_s, W, B_bd)
+        ctx.meta = (
+            shape,
+            x.dtype,
+            [(w.shape[0], f.A.shape[0], f.trained_rows, f.A.dtype, f.B.dtype) for w, _, f in layers],
+            row_scales,
+        )
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, z, weight, A_c, B_c = ctx.saved_tensors
-        f: LowRank = ctx.factors
-        x_dtype, a_dtype, b_dtype = ctx.dtypes
-        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        x2, z_s, W, B_bd = ctx.saved_tensors
+        shape, x_dtype, segments, row_scales = ctx.meta
         with torch.autocast(grad.device.type, enabled=False):
-            g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
-            grad_x = (g @ weight).reshape(ctx.shape).to(x_dtype) if need_x else None
-            scale = f.grad_row_scale
-            if f.out_mask is not None:
-                scale = f.out_mask if scale is None else scale * f.out_mask
-            scale_col = None if scale is None else scale.to(B_c.dtype)[:, None]
-            grad_A = grad_B = None
-            if need_A:
-                g_b = g @ (B_c if scale_col is None else B_c * scale_col)  # [N, r]
-                grad_A = (g_b.t() @ x2).mul_(f.scaling)
-            if need_B:
-                grad_B = (g.t() @ z).mul_(f.scaling)
-                if scale_col is not None:
-                    grad_B.mul_(scale_col)
-            if f.trained_rows is not None:
-                frozen = A_c.shape[0] - f.trained_rows
-                if grad_A is not None:
-                    grad_A[:frozen] = 0
-                if grad_B is not None:
-                    grad_B[:, :frozen] = 0
-        return (
-            grad_x,
-            None,
-            None,
-            None if grad_A is None else grad_A.to(a_dtype),
-            None if grad_B is None else grad_B.to(b_dtype),
-            None,
-        )
+            g = grad.reshape(-1, grad.shape[-1]).to(W.dtype)
+            grad_x = (g @ W).reshape(shape).to(x_dtype) if ctx.needs_input_grad[0] else None
+            grad_A_all = (g @ B_bd).t() @ x2  # [sum r, d_in]: (g_i c_i s_i B_i)^T x per block
+            grad_B_all = g.t() @ z_s  # [sum d_out, sum r]: the diagonal blocks are s_i g_i^T z_i
+        grads: list[torch.Tensor | None] = []
+        row = col = 0
+        for (d_out, r, trained, a_dtype, b_dtype), scale in zip(segments, row_scales, strict=True):
+            grad_A = grad_A_all[col : col + r].to(a_dtype)
+            grad_B = grad_B_all[row : row + d_out, col : col + r].to(b_dtype)
+            if scale is not None:
+                grad_B = grad_B * scale.to(b_dtype)[:, None]
+            if trained is not None:
+                grad_A[: r - trained] = 0
+                grad_B[:, : r - trained] = 0
+            grads.extend((grad_A, grad_B))
+            row, col = row + d_out, col + r
+        return (grad_x, None, *grads)
+
+
+def lora_linears(x: torch.Tensor, layers: tuple[Layer, ...]) -> torch.Tensor:
+    """Frozen linear layers with low-rank updates, sharing the input ``x``; outputs concatenated.
+
+    Fused (one GEMM) when an update or the input needs a gradient; one GEMM with the merged
+    weights otherwise (evaluation). A trainable base weight falls back to plain autograd.
+    """
+    if any(w.requires_grad or (b is not None and b.requires_grad) for w, b, _ in layers):
+        outs = []
+        for weight, bias, f in layers:
+            out = F.linear(x, weight, bias)
+            out = out if f.out_mask is None else out * f.out_mask.to(out.dtype)
+            outs.append(out + f.delta(x))
+        return torch.cat(outs, dim=-1)
+    factors = [t for _, _, f in layers for t in (f.A, f.B)]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in factors)):
+        return _FusedLowRankLinears.apply(x, layers, *factors)
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        weights = [f.weight(w, dtype) for w, _, f in layers]
+        biases = [
+            b if f.out_mask is None else b * f.out_mask.to(b.dtype) for _, b, f in layers if b is not None
+        ]
+        W = weights[0] if len(weights) == 1 else torch.cat(weights)
+        bias = None if not biases else (biases[0] if len(biases) == 1 else torch.cat(biases)).to(dtype)
+        return F.linear(x.to(dtype), W, bias)
 
 
 def lora_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factors: LowRank
 ) -> torch.Tensor:
-    """A frozen linear layer plus a low-rank update: fused when A or B needs a gradient, one GEMM
-    with the merged weight otherwise (evaluation)."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        out = F.linear(x, weight, bias)  # a trainable base (never the case for adapters): plain autograd
-        mask = factors.out_mask
-        out = out if mask is None else out * mask.to(out.dtype)
-        return out + factors.delta(x)
-    if torch.is_grad_enabled() and (factors.A.requires_grad or factors.B.requires_grad or x.requires_grad):
-        return _FusedLowRankLinear.apply(x, weight, bias, factors.A, factors.B, factors)
-    dtype = compute_dtype(x)
-    b = bias
-    if b is not None and factors.out_mask is not None:
-        b = b * factors.out_mask.to(b.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(dtype), factors.weight(weight).to(dtype), None if b is None else b.to(dtype))
+    """One frozen linear layer with a low-rank update (see :func:`lora_linears`)."""
+    return lora_linears(x, ((weight, bias, factors),))
+
+
+def fused_projections(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The outputs of several linear layers that read the same ``x``, concatenated, in one GEMM.
+
+    Works when every module is a plain ``nn.Linear`` (weights concatenated; gradients flow back to
+    each) or every module is an adapter with low-rank factors (:func:`lora_linears`). Returns None
+    otherwise (e.g. MoRA's routed layers, or a mix), and the caller runs them one by one.
+    """
+    if all(type(m) is nn.Linear for m in modules):
+        linears = [m for m in modules if isinstance(m, nn.Linear)]
+        weight = torch.cat([m.weight for m in linears])
+        biases = [m.bias for m in linears]
+        bias = torch.cat([b for b in biases if b is not None]) if all(b is not None for b in biases) else None
+        if bias is None and any(b is not None for b in biases):
+            return None
+        return F.linear(x, weight, bias)
+    if not all(isinstance(m, AdaptedLinear) for m in modules):
+        return None
+    layers = []
+    for m in modules:
+        assert isinstance(m, AdaptedLinear)
+        f = m.low_rank()
+        if f is None:
+            return None
+        layers.append((m.base.weight, m.base.bias, f))
+    return lora_linears(x, tuple(layers))
 
 
 class LoRALinear(AdaptedLinear):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cl_bench.adapters import LoRALinear, LowRank, lora_linear
+from cl_bench.adapters import LoRALinear, LowRank, fused_projections, lora_linear, lora_linears
 
 D_IN, D_OUT, R, N = 12, 10, 4, 7
 
@@ -96,3 +96,55 @@ def test_bf16_autocast_computes_in_bf16_with_fp32_parameter_gradients() -> None:
     assert x.grad.dtype == torch.float32
     want = reference(x.detach().double(), base.double(), A.detach().double(), B.detach().double(), 2.0)
     assert (out.double() - want).abs().max() / want.abs().max() < 2e-2
+
+
+def test_grouped_layers_equal_each_layer_on_its_own() -> None:
+    """q/k/v-style grouping: one GEMM for three layers, each with its own variant of the update."""
+    layers, refs = [], []
+    mask = (torch.arange(D_OUT) % 2 == 0).double()
+    c = torch.linspace(0.5, 2.0, D_OUT, dtype=torch.float64)
+    variants = [{"out_mask": mask}, {"grad_row_scale": c}, {"trained_rows": 1}]
+    for seed, extra in enumerate(variants):
+        base, A, B, _ = setup(seed)
+        layers.append((base.weight, base.bias, LowRank(A, B, 0.5 + seed, **extra)))
+        refs.append((base, A, B, 0.5 + seed, extra))
+    x = torch.randn(2, N, D_IN, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, N, 3 * D_OUT, dtype=torch.float64)
+    out = lora_linears(x, tuple(layers))
+    tensors = [x] + [t for _, _, f in layers for t in (f.A, f.B)]
+    got = torch.autograd.grad(out, tensors, upstream)
+    want_x = torch.zeros_like(x)
+    for i, (base, A, B, s, extra) in enumerate(refs):
+        g = upstream[..., i * D_OUT : (i + 1) * D_OUT]
+        y = reference(x, base, A, B, s, extra.get("out_mask"))
+        torch.testing.assert_close(out[..., i * D_OUT : (i + 1) * D_OUT], y, rtol=0, atol=1e-12)
+        gx, gA, gB = torch.autograd.grad(y, (x, A, B), g)
+        if "grad_row_scale" in extra:
+            _, gA, gB = torch.autograd.grad(
+                reference(x, base, A, B, s), (x, A, B), g * extra["grad_row_scale"]
+            )
+        if "trained_rows" in extra:
+            gA, gB = gA.clone(), gB.clone()
+            gA[:-1] = 0
+            gB[:, :-1] = 0
+        want_x += gx
+        torch.testing.assert_close(got[1 + 2 * i], gA, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[2 + 2 * i], gB, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[0], want_x, rtol=0, atol=1e-12)
+
+
+def test_fused_projections_of_plain_linears_keep_their_gradients() -> None:
+    torch.manual_seed(0)
+    linears = [nn.Linear(D_IN, D_OUT).double() for _ in range(3)]
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    fused = fused_projections(x, linears)
+    separate = torch.cat([m(x) for m in linears], dim=-1)
+    torch.testing.assert_close(fused, separate, rtol=0, atol=1e-12)
+    fused.square().sum().backward()
+    grads = [m.weight.grad.clone() for m in linears]
+    for m in linears:
+        m.weight.grad = None
+    separate.square().sum().backward()
+    for m, g in zip(linears, grads, strict=True):
+        torch.testing.assert_close(g, m.weight.grad, rtol=0, atol=1e-12)
+    assert fused_projections(x, [linears[0], LoRALinear(nn.Linear(D_IN, D_OUT).double(), 2, 2.0)]) is None

@@ -190,8 +190,9 @@ def test_bf16_autocast_computes_in_bf16_with_fp32_parameter_gradients() -> None:
     assert out.dtype == torch.bfloat16
     (out.float() * w).sum().backward()
     assert layer.A.grad.dtype == torch.float32
-    torch.testing.assert_close(layer.A.grad, grad_A, rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(layer.Bt.grad, grad_Bt, rtol=5e-2, atol=5e-2)
+    # bf16 arithmetic: compare as relative norms (single elements can cancel to noise)
+    for got, want in ((layer.A.grad, grad_A), (layer.Bt.grad, grad_Bt)):
+        assert float((got - want).norm() / want.norm()) < 2e-2
 
 
 # ----------------------------------------------------------------------------- the optimizer

@@ -192,17 +192,22 @@ def test_pruning_rounds_follow_the_schedule_and_masks_are_monotone() -> None:
 
 
 def test_masks_zero_whole_heads_and_channels_of_the_layer_output() -> None:
+    """Per layer and through the fused q/k/v projection the attention uses: bias included."""
+    from cl_bench.adapters import fused_projections
+
     strategy = make(steps=(50, 50))
     randomize_lora(strategy)
     drive_schedule(strategy, range(60))
     group = next(g for g in strategy.groups if g.name == "vision.1.attn")
     mlp = next(g for g in strategy.groups if g.name == "vision.1.mlp")
-    outputs: dict[str, torch.Tensor] = {}
-    for role in ("q", "k", "v", "fc1"):
-        strategy.adapters()[f"vision.1.{role}"].register_forward_hook(
-            lambda m, i, o, role=role: outputs.__setitem__(role, o.detach())
-        )
-    eval_logits(strategy, batch()[0])
+    adapters = strategy.adapters()
+    x = torch.randn(2, 5, adapters["vision.1.q"].in_features, generator=torch.Generator().manual_seed(0))
+    strategy.eval()
+    with torch.no_grad():
+        outputs = {role: adapters[f"vision.1.{role}"](x) for role in ("q", "k", "v", "fc1")}
+        grouped = fused_projections(x, [adapters[f"vision.1.{role}"] for role in ("q", "k", "v")])
+    assert grouped is not None
+    torch.testing.assert_close(grouped, torch.cat([outputs[r] for r in ("q", "k", "v")], dim=-1))
     pruned_heads = torch.nonzero(group.mask == 0).flatten()
     assert pruned_heads.numel() == 1
     for role in ("q", "k", "v"):
