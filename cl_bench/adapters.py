@@ -253,39 +253,50 @@ def init_lora_pair(
 
 @dataclass(frozen=True)
 class LowRank:
-    """A low-rank update ``scaling * B A`` of a linear layer, with what LoRA variants change.
+    """A low-rank update ``scaling * B diag(g) A`` of a linear layer, with what LoRA variants change.
 
-    - ``grad_row_scale`` [d_out]: the output gradient reaching A and B is scaled per row by it
+    - ``rank_scale`` g [r]: a trainable per-rank gate (SoRA); None: all ones.
+    - ``grad_row_scale`` [d_out]: the output gradient reaching A, B and g is scaled per row by it
       (ALLoRA); the gradient to the layer input is not.
     - ``out_mask`` [d_out]: the whole output row (base, update and bias) is multiplied by it
       (LoRAPrune's head/channel masks); gradients follow the masked function.
     - ``trained_rows``: only the last ``trained_rows`` ranks receive gradient, the others get exact
       zeros (DyLoRA's frozen mode); None: every rank.
-    A and B may be views or results of differentiable expressions (SoRA passes ``B * gate``).
+    A and B may be views or results of differentiable expressions.
     """
 
     A: torch.Tensor  # [r, d_in]
     B: torch.Tensor  # [d_out, r]
     scaling: float = 1.0
+    rank_scale: torch.Tensor | None = None
     grad_row_scale: torch.Tensor | None = None
     out_mask: torch.Tensor | None = None
     trained_rows: int | None = None
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The differentiable inputs: A, B and the gate if there is one."""
+        return (self.A, self.B) if self.rank_scale is None else (self.A, self.B, self.rank_scale)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``scaling * x A^T B^T`` (times the mask), computed unfused with autograd (reference path)."""
-        out = F.linear(F.linear(x, self.A), self.B) * self.scaling
+        """The update alone, computed unfused with autograd (reference path)."""
+        z = F.linear(x, self.A)
+        if self.rank_scale is not None:
+            z = z * self.rank_scale.to(z.dtype)
+        out = F.linear(z, self.B) * self.scaling
         return out if self.out_mask is None else out * self.out_mask.to(out.dtype)
 
     def weight(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``W0 + scaling * B A`` (rows masked) in ``dtype``, rounded once.
+        """``W0 + scaling * B diag(g) A`` (rows masked) in ``dtype``, rounded once.
 
-        The sum is formed by one ``addmm`` with fp32 accumulation: in the base's own dtype when that
-        is ``dtype`` (a bf16 base in a bf16 run: the result is rounded to bf16 once), else in the
-        base's (fp32) dtype and then cast, so an update is never rounded away twice.
+        One ``addmm`` with fp32 accumulation in the base's dtype (a bf16 base in a bf16 run: one
+        rounding to bf16; an fp32 base: summed in fp32, then cast), so no update is rounded away
+        twice.
         """
         work = base.dtype
-        B, A = self.B.detach().to(work), self.A.detach().to(work)
-        merged = torch.addmm(base, B, A, alpha=self.scaling)
+        B = self.B.detach().to(work)
+        if self.rank_scale is not None:
+            B = B * self.rank_scale.detach().to(work)
+        merged = torch.addmm(base, B, self.A.detach().to(work), alpha=self.scaling)
         if self.out_mask is not None:
             merged = merged * self.out_mask.to(work)[:, None]
         return merged.to(dtype)
@@ -302,16 +313,17 @@ Layer = tuple[torch.Tensor, torch.Tensor | None, LowRank]  # frozen weight, froz
 
 
 class _FusedLowRankLinears(torch.autograd.Function):
-    """``y = x [W_1; ...; W_k]^T + [b_1; ...; b_k]`` with ``W_i = W0_i + s_i B_i A_i``: k adapted
-    linears that share their input (q, k, v of an attention, or a single layer), fused.
+    """``y = x [W_1; ...; W_k]^T + [b_1; ...; b_k]`` with ``W_i = W0_i + s_i B_i diag(g_i) A_i``: k
+    adapted linears that share their input (q, k, v of an attention, or a single layer), fused.
 
     Forward: each update is merged into its weight on the fly (an [d_out, d_in] addmm, negligible
     next to the activations), so the k layers cost one GEMM like a plain linear, plus the skinny
-    ``z = x [s_1 A_1; ...]^T`` kept for the B gradients. Backward: ``grad_x = g W`` (one GEMM), then
-    one rank-sum(r) product ``g B`` with the block-diagonal of the (row-scaled) ``s_i B_i``, and the
-    two reductions that give every A_i and B_i. Compared with the unfused ``W0 x + s B (A x)``
-    per layer, this removes the elementwise sums/products over the activations and most of the
-    small kernels, which dominated the step on the GPU (both in kernel time and in launch time).
+    ``z = x [A_1; ...]^T`` kept for the B and g gradients. Backward: ``grad_x = g W`` (one GEMM),
+    one product ``g B`` with the block-diagonal of the (row-scaled) ``s_i B_i diag(g_i)`` that
+    gives every A_i, and one ``g^T z`` whose diagonal blocks give every B_i and g_i. Compared with
+    the unfused ``W0 x + s B (A x)`` per layer, this removes the elementwise sums and products over
+    the activations and most of the small kernels, which dominated the step on the GPU (in kernel
+    time and in launch time).
     """
 
     @staticmethod
@@ -320,53 +332,77 @@ class _FusedLowRankLinears(torch.autograd.Function):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            weights, biases, a_scaled, b_blocks, row_scales = [], [], [], [], []
+            weights, biases, a_blocks, b_blocks, gates, row_scales = [], [], [], [], [], []
             for weight, bias, f in layers:
-                weights.append(f.weight(weight, dtype))
+                A_c = f.A.detach().to(dtype)
+                B_c = f.B.detach().to(dtype)
+                gate = None if f.rank_scale is None else f.rank_scale.detach().to(dtype)
+                B_eff = B_c if gate is None else B_c * gate
+                if weight.dtype == dtype:  # one addmm, one rounding (see LowRank.weight)
+                    merged = torch.addmm(weight, B_eff, A_c, alpha=f.scaling)
+                    if f.out_mask is not None:
+                        merged = merged * f.out_mask.to(dtype)[:, None]
+                    weights.append(merged)
+                else:
+                    weights.append(f.weight(weight, dtype))
                 if bias is not None:
                     biases.append(bias if f.out_mask is None else bias * f.out_mask.to(bias.dtype))
                 scale = f.grad_row_scale
                 if f.out_mask is not None:
                     scale = f.out_mask if scale is None else scale * f.out_mask
-                a_scaled.append((f.A.detach() * f.scaling).to(dtype))
-                b_s = (f.B.detach() * f.scaling).to(dtype)
-                b_blocks.append(b_s if scale is None else b_s * scale.to(dtype)[:, None])
+                b_block = B_eff if f.scaling == 1 else B_eff * f.scaling
+                b_blocks.append(b_block if scale is None else b_block * scale.to(dtype)[:, None])
+                a_blocks.append(A_c)
+                gates.append(None if gate is None else (gate, B_c))
                 row_scales.append(scale)
             W = weights[0] if len(weights) == 1 else torch.cat(weights)
             b = None if not biases else (biases[0] if len(biases) == 1 else torch.cat(biases)).to(dtype)
             y = F.linear(x2, W, b)
-            A_s = a_scaled[0] if len(a_scaled) == 1 else torch.cat(a_scaled)
-            z_s = x2 @ A_s.t()  # [N, sum r]: s_i A_i x for every layer
+            A_cat = a_blocks[0] if len(a_blocks) == 1 else torch.cat(a_blocks)
+            z = x2 @ A_cat.t()  # [N, sum r]
             B_bd = b_blocks[0] if len(b_blocks) == 1 else torch.block_diag(*b_blocks)
-        ctx.save_for_backward(x2, z_s, W, B_bd)
+        ctx.save_for_backward(x2, z, W, B_bd)
         ctx.meta = (
             shape,
             x.dtype,
-            [(w.shape[0], f.A.shape[0], f.trained_rows, f.A.dtype, f.B.dtype) for w, _, f in layers],
+            [
+                (w.shape[0], f.A.shape[0], f.trained_rows, f.scaling, [t.dtype for t in f.tensors()])
+                for w, _, f in layers
+            ],
             row_scales,
+            gates,
         )
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, z_s, W, B_bd = ctx.saved_tensors
-        shape, x_dtype, segments, row_scales = ctx.meta
+        x2, z, W, B_bd = ctx.saved_tensors
+        shape, x_dtype, segments, row_scales, gates = ctx.meta
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(W.dtype)
             grad_x = (g @ W).reshape(shape).to(x_dtype) if ctx.needs_input_grad[0] else None
-            grad_A_all = (g @ B_bd).t() @ x2  # [sum r, d_in]: (g_i c_i s_i B_i)^T x per block
-            grad_B_all = g.t() @ z_s  # [sum d_out, sum r]: the diagonal blocks are s_i g_i^T z_i
+            grad_A_all = (g @ B_bd).t() @ x2  # [sum r, d_in]: (g_i c_i s_i B_i diag(g_i))^T x per block
+            P_all = g.t() @ z  # [sum d_out, sum r]: the diagonal blocks are g_i^T z_i
         grads: list[torch.Tensor | None] = []
         row = col = 0
-        for (d_out, r, trained, a_dtype, b_dtype), scale in zip(segments, row_scales, strict=True):
-            grad_A = grad_A_all[col : col + r].to(a_dtype)
-            grad_B = grad_B_all[row : row + d_out, col : col + r].to(b_dtype)
+        for (d_out, r, trained, scaling, dtypes), scale, gate in zip(
+            segments, row_scales, gates, strict=True
+        ):
+            grad_A = grad_A_all[col : col + r]
+            grad_B = P_all[row : row + d_out, col : col + r]  # dL/d(B diag(g)), up to s and c
             if scale is not None:
-                grad_B = grad_B * scale.to(b_dtype)[:, None]
+                grad_B = grad_B * scale.to(grad_B.dtype)[:, None]
+            if scaling != 1:
+                grad_B = grad_B * scaling
+            out = [grad_A, grad_B]
+            if gate is not None:
+                gate_c, B_c = gate
+                out = [grad_A, grad_B * gate_c, (grad_B * B_c).sum(0)]
+            out = [t.to(dt) for t, dt in zip(out, dtypes, strict=True)]
             if trained is not None:
-                grad_A[: r - trained] = 0
-                grad_B[:, : r - trained] = 0
-            grads.extend((grad_A, grad_B))
+                out[0][: r - trained] = 0
+                out[1][:, : r - trained] = 0
+            grads.extend(out)
             row, col = row + d_out, col + r
         return (grad_x, None, *grads)
 
@@ -384,7 +420,7 @@ def lora_linears(x: torch.Tensor, layers: tuple[Layer, ...]) -> torch.Tensor:
             out = out if f.out_mask is None else out * f.out_mask.to(out.dtype)
             outs.append(out + f.delta(x))
         return torch.cat(outs, dim=-1)
-    factors = [t for _, _, f in layers for t in (f.A, f.B)]
+    factors = [t for _, _, f in layers for t in f.tensors()]
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in factors)):
         return _FusedLowRankLinears.apply(x, layers, *factors)
     dtype = compute_dtype(x)

@@ -152,6 +152,24 @@ class RankwiseAdamW(torch.optim.Optimizer):
         self.inner = adamw(others, lr, weight_decay) if others else None
         for p in params:
             self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        # views of rank i of every parameter and moment, built once: the step runs every optimizer
+        # step and is Python-bound on a GPU, where rebuilding hundreds of views costs milliseconds
+        self._rank_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def _views(self, i: int, stepped: list[nn.Parameter]) -> tuple[list[torch.Tensor], ...]:
+        """(parameters, exp_avgs, exp_avg_sqs) at rank i; cached when every parameter steps."""
+        every = len(stepped) == len(self.param_groups[0]["params"])
+        if every and i in self._rank_views:
+            return self._rank_views[i]
+        states = [self.state[p] for p in stepped]
+        views = (
+            [p[i] for p in stepped],
+            [s["exp_avg"][i] for s in states],
+            [s["exp_avg_sq"][i] for s in states],
+        )
+        if every:
+            self._rank_views[i] = views
+        return views
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -164,14 +182,11 @@ class RankwiseAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         stepped = [p for p in group["params"] if p.grad is not None]
         if stepped:
-            states = [self.state[p] for p in stepped]
             for i in self.trained_ranks():
                 self.rank_steps[i] += 1
                 t = self.rank_steps[i]
-                params = [p[i] for p in stepped]
+                params, exp_avgs, exp_avg_sqs = self._views(i, stepped)
                 grads = [p.grad[i] for p in stepped]  # type: ignore[index]
-                exp_avgs = [s["exp_avg"][i] for s in states]
-                exp_avg_sqs = [s["exp_avg_sq"][i] for s in states]
                 if weight_decay != 0:
                     torch._foreach_mul_(params, 1 - lr * weight_decay)
                 torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)

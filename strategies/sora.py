@@ -119,9 +119,9 @@ class SoRALinear(AdaptedLinear):
         self.gate = nn.Parameter(torch.randn(r, device=base.weight.device))
 
     def low_rank(self) -> LowRank:
-        """The gate folds into B: ``(alpha / r) B diag(g) A = (B * (alpha / r) g) A``; autograd takes
-        the fused layer's gradient of that product back to B and to the gates."""
-        return LowRank(self.A, self.B * (self.gate * self.scaling), 1.0)
+        """``(alpha / r) B diag(g) A``: the fused layer takes the gate as a per-rank scale and returns
+        its gradient analytically (no extra autograd nodes per layer)."""
+        return LowRank(self.A, self.B, self.scaling, rank_scale=self.gate)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B diag(g) A`` as a dense [d_out, d_in] matrix."""

@@ -148,3 +148,28 @@ def test_fused_projections_of_plain_linears_keep_their_gradients() -> None:
     for m, g in zip(linears, grads, strict=True):
         torch.testing.assert_close(g, m.weight.grad, rtol=0, atol=1e-12)
     assert fused_projections(x, [linears[0], LoRALinear(nn.Linear(D_IN, D_OUT).double(), 2, 2.0)]) is None
+
+
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_rank_scale_gate_gradients_equal_the_reference(row_scale: bool) -> None:
+    """SoRA's y = W0 x + b + s B diag(g) A x: analytic gradients of A, B, g and x."""
+    base, A, B, x = setup()
+    gate = torch.randn(R, dtype=torch.float64, requires_grad=True)
+    c = torch.linspace(0.5, 2.0, D_OUT, dtype=torch.float64) if row_scale else None
+    upstream = torch.randn(2, N, D_OUT, dtype=torch.float64)
+    got = lora_linear(x, base.weight, base.bias, LowRank(A, B, 0.5, rank_scale=gate, grad_row_scale=c))
+    want = x @ base.weight.t() + base.bias + 0.5 * ((x @ A.t()) * gate) @ B.t()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g_got = torch.autograd.grad(got, (x, A, B, gate), upstream)
+    gx_ref = torch.autograd.grad(want, x, upstream, retain_graph=True)[0]
+    g_ref = torch.autograd.grad(want, (A, B, gate), upstream if c is None else upstream * c)
+    torch.testing.assert_close(g_got[0], gx_ref, rtol=0, atol=1e-12)
+    for a, b in zip(g_got[1:], g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lora_linear(x, base.weight, base.bias, LowRank(A, B, 0.5, rank_scale=gate)),
+            want,
+            rtol=0,
+            atol=1e-12,
+        )
