@@ -95,13 +95,17 @@ def self_activation(
     ``softmax(s / tau)``; with ``threshold > 0`` (eval) entries with ``s < threshold`` become exactly
     0, without renormalising. ``idx`` is None when every rank is selected (k >= R); otherwise the
     dense weights are ``zeros.scatter(-1, idx, w_sel)``. The top-k is taken on z itself: dividing by
-    the positive norm keeps the order, and only k entries of s are then ever formed.
+    the positive norm keeps the order, and only k entries of s are then ever formed. The norm,
+    softmax and returned ``z_sel`` are in float32 at least (a bf16 z is read once by the norm and
+    the top-k, never copied whole to float32).
     """
-    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    route_dtype = torch.promote_types(z.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=route_dtype).clamp_min(NORM_EPS)
     if k < z.shape[-1]:
         z_sel, idx = torch.topk(z, k, dim=-1)
     else:
         z_sel, idx = z, None
+    z_sel = z_sel.to(route_dtype)
     s_sel = z_sel / norm
     w_sel = torch.softmax(s_sel / tau, dim=-1)
     if threshold > 0:
@@ -236,16 +240,14 @@ class MoRALinear(AdaptedLinear):
         A_full, B_full = self.stacked()
         dtype = _compute_dtype(x)
         z = _bank_linear(x.to(dtype), A_full.to(dtype), self.A, 0)
-        route_dtype = torch.promote_types(dtype, torch.float32)
-        z = z.to(route_dtype)
         w_sel, z_sel, idx = self_activation(z, self.k, self.tau, 0.0 if self.training else self.threshold)
-        h = w_sel * z_sel
+        h = (w_sel * z_sel).to(dtype)
         if idx is not None:
             h = torch.zeros_like(z).scatter(-1, idx, h)
         mode = 0 if self.training else 1
         self.active_sum.select(0, mode).add_(torch.count_nonzero(w_sel))
         self.n_tokens[mode] += w_sel.numel() // w_sel.shape[-1]
-        return _bank_linear(h.to(dtype), B_full.to(dtype), self.B, 1)
+        return _bank_linear(h, B_full.to(dtype), self.B, 1)
 
     @torch.no_grad()
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +255,7 @@ class MoRALinear(AdaptedLinear):
         A_full, _ = self.stacked()
         z = F.linear(x.to(A_full.dtype), A_full)
         w_sel, _, idx = self_activation(z, self.k, self.tau, 0.0 if self.training else self.threshold)
-        return w_sel if idx is None else torch.zeros_like(z).scatter(-1, idx, w_sel)
+        return w_sel if idx is None else torch.zeros_like(z, dtype=w_sel.dtype).scatter(-1, idx, w_sel)
 
     # -- measurements and state ----------------------------------------------------------------
     def reset_counts(self) -> None:
