@@ -182,9 +182,10 @@ class MoRALinear(AdaptedLinear):
         self.register_buffer(
             "bt_store", torch.zeros(rows, base.out_features, device=device), persistent=False
         )
-        # non-zero routing weights summed over tokens, [train, eval]; token counts stay on the host
+        # non-zero routing weights summed over tokens and the tokens counted, [train, eval]: device
+        # tensors, so counting neither syncs nor (under torch.compile) changes a guarded Python value
         self.register_buffer("active_sum", torch.zeros(2, dtype=torch.long, device=device), persistent=False)
-        self.n_tokens = [0, 0]
+        self.register_buffer("n_tokens", torch.zeros(2, dtype=torch.long, device=device), persistent=False)
         self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, device)
 
     # -- the bank ------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class MoRALinear(AdaptedLinear):
             h = torch.zeros_like(z).scatter(-1, idx, h)
         mode = 0 if self.training else 1
         self.active_sum.select(0, mode).add_(torch.count_nonzero(w_sel))
-        self.n_tokens[mode] += w_sel.numel() // w_sel.shape[-1]
+        self.n_tokens.select(0, mode).add_(w_sel.numel() // w_sel.shape[-1])
         return _bank_linear(h, B_full.to(dtype), self.B, 1)
 
     @torch.no_grad()
@@ -260,7 +261,7 @@ class MoRALinear(AdaptedLinear):
     # -- measurements and state ----------------------------------------------------------------
     def reset_counts(self) -> None:
         self.active_sum.zero_()
-        self.n_tokens = [0, 0]
+        self.n_tokens.zero_()
 
     def get_extra_state(self) -> dict[str, Any]:
         """The bank and its size travel with ``state_dict`` (the stores themselves are not saved)."""
@@ -399,12 +400,12 @@ class MoRA(Strategy):
     def _active(self) -> tuple[list[float], list[float]]:
         """Mean non-zero routing weights per token and layer, (train, eval); NaN where none ran."""
         layers = list(self._adapters.values())
-        sums = torch.stack([a.active_sum for a in layers]).tolist()  # one device sync
+        counts = torch.stack([torch.stack([a.active_sum, a.n_tokens]) for a in layers]).tolist()  # one sync
         per_mode: tuple[list[float], list[float]] = ([], [])
-        for a, s in zip(layers, sums, strict=True):
+        for sums, tokens in counts:
             for mode in (0, 1):
-                n = a.n_tokens[mode]
-                per_mode[mode].append(s[mode] / n if n else math.nan)
+                n = tokens[mode]
+                per_mode[mode].append(sums[mode] / n if n else math.nan)
         return per_mode
 
     @staticmethod

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 ROLES = ("q", "k", "v", "out", "fc1", "fc2")
+# Graphs torch.compile may build per block code object under ``compile=true`` (torch's default: 8).
+RECOMPILE_LIMIT = 64
 Tower = Literal["vision", "text"]
 
 
@@ -137,13 +139,22 @@ class Backbone(nn.Module):
             return []
         return [p for n, p in self.model.named_parameters() if n.startswith(self.text_prefixes)]
 
-    def compile_towers(self) -> None:
+    def compile_towers(self, backend: str = "inductor") -> None:
         """Compile every block in place with ``torch.compile`` (``--set compile=true``).
 
-        ``nn.Module.compile`` keeps module names and parameters, so block paths stay valid.
+        ``nn.Module.compile`` keeps module names and parameters, so block paths stay valid. Some
+        strategies change, between steps, state that dynamo specialises on: LISA which blocks
+        train, DyLoRA the sampled rank (a slice length), MoRA the bank size at each experience.
+        Each distinct state compiles one graph; torch's default limit of 8 graphs per code object
+        would make such a run silently fall back to eager after a few steps, so it is raised to
+        :data:`RECOMPILE_LIMIT` (tests/strategies/test_contract.py checks every strategy stays below
+        it). ``backend`` exists for tests (``"eager"``: dynamo's tracing without inductor).
         """
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
         for block in self.blocks:
-            self.block_module(block).compile()
+            self.block_module(block).compile(backend=backend)
 
     def info(self) -> BackboneInfo:
         return BackboneInfo(

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from cl_bench import config
+from cl_bench import config, loop
+from cl_bench.backbones.base import RECOMPILE_LIMIT
 from cl_bench.registry import STRATEGIES
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
 
@@ -90,3 +91,58 @@ def test_trains_on_transformers_backbones(name: str, backbone_name: str, run_qui
     record = run_quick(name, strategy_args=CONTRACT[name], backbone=backbone_name)
     assert record.status == "ok"
     assert record.backbone["kind"] == ("vision" if backbone_name == "tiny-vit" else "clip")
+
+
+# Strategies that change, between steps of one experience, block state dynamo specialises on:
+# LISA the trainable blocks, DyLoRA the sampled rank. They compile one graph per distinct state.
+PER_STEP_GRAPHS = {"lisa", "dylora"}
+COMPILE_ARGS = {"lisa": {"interval_steps": 3}}  # several resamplings within the test's steps
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CONTRACT if STRATEGIES.get(n).trains))
+def test_compiled_blocks_stay_compiled(name: str) -> None:
+    """``--set compile=true`` never silently falls back to eager: over two experiences of training
+    and evaluation every block stays under the recompile limit (a fallback raises here), and a
+    strategy whose blocks keep their state between steps compiles nothing after its first steps
+    (a per-step Python counter on a module would recompile every step). Dynamo's ``eager``
+    backend: the tracing and guards of ``torch.compile`` without inductor's code generation."""
+    torch._dynamo.reset()
+    backbone = tiny_backbone("tiny-clip")
+    cls = STRATEGIES.get(name)
+    cfg = config.build(cls.Config, {**CONTRACT[name], **COMPILE_ARGS.get(name, {})}, name)
+    strategy = cls(cfg, backbone, head_for(backbone, 4), tiny_context(steps=(12, 12), n_classes=4))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1])
+    cpu = torch.device("cpu")
+
+    def train(info, steps: range, optimizer) -> None:
+        strategy.train()
+        for step in steps:
+            loop.train_step(strategy, optimizer, None, x, y, info, step, device=cpu, precision="fp32")
+
+    def evaluate(info) -> None:
+        strategy.eval()
+        with torch.no_grad():
+            strategy.forward(x, info)
+
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        first = experience_info(0, (0, 1), 4, n_steps=12)
+        strategy.train()
+        strategy.before_experience(first)
+        backbone.compile_towers(backend="eager")
+        assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+        optimizer = strategy.make_optimizer(1e-3, 0.0)
+        train(first, range(2), optimizer)
+        evaluate(first)
+        steady = torch._dynamo.config.patch(error_on_recompile=name not in PER_STEP_GRAPHS)
+        with steady:
+            train(first, range(2, 12), optimizer)
+            evaluate(first)
+        strategy.after_experience(first)
+        second = experience_info(1, (2, 3), 4, n_steps=12)
+        strategy.train()
+        strategy.before_experience(second)
+        train(second, range(12, 24), strategy.make_optimizer(1e-3, 0.0))
+        evaluate(second)
+        strategy.after_experience(second)
+    torch._dynamo.reset()
