@@ -365,6 +365,14 @@ STRATEGY_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("mora (1 exp, 16 ranks)", "mora", {}, 1),
     ("mora (10 exps, 160 ranks)", "mora", {}, 10),
 )
+# The same rows with ``--set compile=true`` (skipped by --quick: inductor needs minutes on a CPU).
+COMPILED_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
+    ("lora (compiled)", "lora", {}, 1),
+    ("dylora (compiled)", "dylora", {}, 1),
+    ("sora (compiled)", "sora", {}, 1),
+    ("allora (compiled)", "allora", {}, 1),
+    ("mora (10 exps, compiled)", "mora", {}, 10),
+)
 
 
 def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> list[Row]:
@@ -388,10 +396,12 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             row = measure(build(strategy, s, args), s, experiences=experiences)
             row.name = name
             rows.append(row)
-    if wanted("lora (compiled)") and not quick:
-        with _guard(rows, "lora (compiled)"):
-            row = measure(build("lora", s), s, compile_towers=True)
-            row.name, row.note = "lora (compiled)", "--set compile=true: every block under torch.compile"
+    for name, strategy, args, experiences in COMPILED_ROWS:
+        if quick or not wanted(name) or strategy not in STRATEGIES:
+            continue
+        with _guard(rows, name):
+            row = measure(build(strategy, s, args), s, experiences=experiences, compile_towers=True)
+            row.name, row.note = name, "--set compile=true: every block under torch.compile"
             rows.append(row)
     if wanted("forward-only (compiled)") and not quick:
         with _guard(rows, "forward-only (compiled)"):
