@@ -205,7 +205,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
     os.environ.setdefault("WANDB_MODE", "disabled")  # avalanche imports wandb at module level
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # REMAINDER leaves leading options (--quick, --help) unparsed
+        args.bench_args = [*extra, *args.bench_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging()
     commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "bench": cmd_bench}
     try:

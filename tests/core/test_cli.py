@@ -199,3 +199,21 @@ def test_help_and_list_do_not_import_heavy_libraries() -> None:
         timeout=60,
     )
     assert "run" in out.stdout
+
+
+def test_bench_passes_its_options_through(capsys) -> None:
+    """Leading options reach the benchmark's own parser (argparse.REMAINDER alone drops them)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("usage: cl-bench bench")
+    assert "--quick" in out
+    assert "--only" in out
+
+
+def test_other_commands_reject_unknown_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
