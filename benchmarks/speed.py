@@ -321,7 +321,7 @@ def measure_end_to_end(s: Setting, workdir: Path, *, quick: bool) -> Row:
         "e2e lora split-cifar100",
         train_samples_per_s=train_samples / train_time,
         eval_samples_per_s=sum(e.eval_samples_per_s for e in record.experiences) / len(record.experiences),
-        peak_train_bytes=record.timing["peak_memory_train_bytes"] if s.device == "cuda" else None,
+        peak_train_bytes=int(record.timing["peak_memory_train_bytes"]) if s.device == "cuda" else None,
         note=f"wall {wall:.1f}s for {record.scenario['n_experiences']} experiences ({n_train} train images, "
         f"{len(record.accuracy['matrix']) + 1} evaluations of {n_test}); data written in {written:.1f}s",
         extra={

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -203,13 +203,16 @@ def select_blocks(backbone: Backbone, towers: Sequence[str]) -> list[Block]:
     return [b for b in backbone.blocks if b.tower in towers]
 
 
+AdapterT = TypeVar("AdapterT", bound=AdaptedLinear)
+
+
 def inject(
     backbone: Backbone,
-    factory: Callable[[nn.Linear, Block, str], AdaptedLinear],
+    factory: Callable[[nn.Linear, Block, str], AdapterT],
     *,
     roles: Sequence[str] = ROLES,
     towers: Sequence[str] = ("vision", "text"),
-) -> dict[str, AdaptedLinear]:
+) -> dict[str, AdapterT]:
     """Replace the linear at each ``role`` of each block of ``towers`` by ``factory(linear, block, role)``.
 
     Returns ``{"vision.3.q": adapter, ...}`` in model order. The new modules are moved to the
@@ -218,7 +221,7 @@ def inject(
     bad = [r for r in roles if r not in ROLES]
     if bad:
         raise ValueError(f"unknown role(s) {bad}; valid: {', '.join(ROLES)}")
-    adapters: dict[str, AdaptedLinear] = {}
+    adapters: dict[str, AdapterT] = {}
     for block in select_blocks(backbone, towers):
         block_module = backbone.block_module(block)
         for role in roles:

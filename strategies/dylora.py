@@ -39,6 +39,7 @@ Choices where paper, official code (huawei-noah/Efficient-NLP ``DyLoRA/``) and C
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ class RankwiseAdamW(torch.optim.Optimizer):
                 self.rank_steps[i] += 1
                 t = self.rank_steps[i]
                 params, exp_avgs, exp_avg_sqs = self._views(i, stepped)
-                grads = [p.grad[i] for p in stepped]  # type: ignore[index]
+                grads = [p.grad[i] for p in stepped]
                 if weight_decay != 0:
                     torch._foreach_mul_(params, 1 - lr * weight_decay)
                 torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -319,7 +320,7 @@ class DyLoRA(Strategy):
 
     def final_variants(self) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
         """``rank=<b>`` for each of ``eval_ranks``: the accuracy-vs-rank curve of the final model."""
-        return {f"rank={b}": (lambda b=b: self.evaluated_at(b)) for b in self.cfg.eval_ranks}
+        return {f"rank={b}": functools.partial(self.evaluated_at, b) for b in self.cfg.eval_ranks}
 
     def report(self) -> dict[str, float | int]:
         ranks = self._experience_ranks

@@ -6,6 +6,8 @@ where present, trains with the backbone. One AdamW per experience (rebuilt by th
 
 from __future__ import annotations
 
+from typing import Any
+
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import Strategy
 
@@ -16,7 +18,7 @@ class Finetune(Strategy):
     default_lr = 1e-5
     default_weight_decay = 0.0
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for name, param in self.backbone.model.named_parameters():
             param.requires_grad_(name != "logit_scale")

@@ -6,6 +6,8 @@ final norms and projections of both towers (the backbone's ``head_names``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import Strategy
 
@@ -17,7 +19,7 @@ class LinearProbe(Strategy):
     paper = "linear probing (Kornblith et al. 2019; Radford et al. 2021)"
     default_lr = 1e-3
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for name, param in self.backbone.model.named_parameters():
             param.requires_grad_(name.startswith(self.backbone.head_names))

@@ -88,7 +88,7 @@ def checkpoint_when(module: nn.Module, frozen: Callable[[], bool]) -> None:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
-    module.forward = maybe_checkpointed  # type: ignore[method-assign]
+    module.forward = maybe_checkpointed
 
 
 def _matches(name: str, prefixes: tuple[str, ...]) -> bool:

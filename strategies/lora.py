@@ -10,6 +10,7 @@ folds the adapter into the backbone after each experience and starts a fresh one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cl_bench.adapters import ROLES, LoRALinear, available_towers, check_targets, inject, merge_into_base
 from cl_bench.errors import ConfigError
@@ -41,7 +42,7 @@ class LoRA(Strategy):
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv 2106.09685)"
     default_lr = 5e-4
 
-    def __init__(self, cfg: LoRAConfig, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, cfg: LoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)
         self.backbone.requires_grad_(False)
         self._adapters = inject(

@@ -283,7 +283,7 @@ class LoRAPrune(Strategy):
             masked = (block.tower, block.index) in prunable and role in masked_roles
             return MaskedLoRALinear(linear, cfg.r, cfg.alpha, masked)
 
-        self._adapters: dict[str, MaskedLoRALinear] = inject(  # type: ignore[assignment]
+        self._adapters: dict[str, MaskedLoRALinear] = inject(
             self.backbone, factory, roles=ROLES, towers=towers
         )
         self.groups: list[PruneGroup] = []

@@ -125,7 +125,7 @@ class _BankLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor, tail_dim: int
     ) -> torch.Tensor:
         r = tail.shape[tail_dim]
@@ -168,6 +168,11 @@ class MoRALinear(AdaptedLinear):
     :attr:`bank_b` [d_out, R_old] are frozen (views of non-trainable buffers). ``capacity``
     preallocates the rank stores (rows), so increments within it never reallocate.
     """
+
+    a_store: torch.Tensor
+    bt_store: torch.Tensor
+    active_sum: torch.Tensor
+    n_tokens: torch.Tensor
 
     def __init__(
         self, base: nn.Linear, r: int, topk: int, tau: float, threshold: float, capacity: int = 0
@@ -332,7 +337,7 @@ class MoRA(Strategy):
             )
         self.backbone.requires_grad_(False)
         capacity = cfg.r * max(1, ctx.n_experiences)
-        self._adapters: dict[str, MoRALinear] = inject(  # type: ignore[assignment]
+        self._adapters: dict[str, MoRALinear] = inject(
             self.backbone,
             lambda linear, block, role: MoRALinear(linear, cfg.r, cfg.topk, cfg.tau, cfg.delta, capacity),
             roles=cfg.roles,

@@ -212,7 +212,7 @@ class SoRA(Strategy):
     def adapters(self) -> dict[str, SoRALinear]:  # type: ignore[override]
         return self._adapters
 
-    def gates(self) -> list[nn.Parameter]:
+    def gates(self) -> list[torch.Tensor]:
         return [a.gate for a in self._adapters.values()]
 
     # -- optimizers ---------------------------------------------------------------------------

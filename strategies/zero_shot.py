@@ -3,6 +3,8 @@ that row's label space (the b row repeated up to the label-space rule)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import Strategy
 
@@ -14,7 +16,7 @@ class ZeroShot(Strategy):
     paper = "Radford et al. 2021, CLIP (zero-shot classification with class-name prompts)"
     trains = False
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backbone.requires_grad_(False)
         self.head.requires_grad_(False)
