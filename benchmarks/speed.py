@@ -174,8 +174,19 @@ def _inputs(
     return x, y
 
 
-def measure(strategy: Strategy, s: Setting, *, experiences: int = 1, compile_towers: bool = False) -> Row:
-    """Train-step and eval throughput of ``strategy`` after ``experiences`` experience boundaries."""
+def measure(
+    strategy: Strategy,
+    s: Setting,
+    *,
+    experiences: int = 1,
+    compile_towers: bool = False,
+    graphs: bool = False,
+) -> Row:
+    """Train-step and eval throughput of ``strategy`` after ``experiences`` experience boundaries.
+
+    ``graphs``: the step as ``cl-bench run`` takes it on CUDA (``cuda_graphs = true``), forward and
+    backward replayed from CUDA graphs where the strategy allows it; otherwise eager.
+    """
     device = torch.device(s.device)
     strategy.train()
     for index in range(experiences):
@@ -189,10 +200,20 @@ def measure(strategy: Strategy, s: Setting, *, experiences: int = 1, compile_tow
     x, y = _inputs(s, s.batch, size, device)
     y = y + info.classes[0]
     counter = iter(range(10**9))
+    runner = loop.step_graphs(strategy, info, device=device, precision=s.precision) if graphs else None
 
     def step() -> None:
         loop.train_step(
-            strategy, optimizer, None, x, y, info, next(counter), device=device, precision=s.precision
+            strategy,
+            optimizer,
+            None,
+            x,
+            y,
+            info,
+            next(counter),
+            device=device,
+            precision=s.precision,
+            graphs=runner,
         )
 
     for _ in range(s.warmup * (3 if compile_towers else 1)):

@@ -53,6 +53,7 @@ class RunConfig:
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: Device = "auto"
     compile: bool = False
+    cuda_graphs: bool = True  # CUDA: replay forward/backward of graph-safe strategies from CUDA graphs
     augment: bool = True  # the scenario's augmentations (crop/flip for CIFAR, none for digits)
     label_space: LabelSpace = "seen"  # METRICS.md: scoring label space of the accuracy matrix
     train_classes: TrainClasses = "seen"  # classes that compete in the default training loss

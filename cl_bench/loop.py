@@ -26,6 +26,7 @@ from cl_bench.config import RunConfig, build, to_dict
 from cl_bench.data import ExperienceData, Preprocess, sample_ids
 from cl_bench.errors import ClBenchError, ConfigError, DivergenceError
 from cl_bench.evaluate import allowed_classes, autocast, n_correct, test_logits
+from cl_bench.graphs import StepGraphs
 from cl_bench.heads import make_head
 from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from cl_bench.results import ExperienceRecord, RunResult
@@ -261,6 +262,9 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
             head.invalidate()
             optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
             scheduler = _scheduler(optimizer, cfg, steps[i])
+            graphs = (
+                step_graphs(strategy, info, device=device, precision=precision) if cfg.cuda_graphs else None
+            )
             window = torch.zeros((), device=device)
             window_start, window_tic = step, time.perf_counter()
             for x, y in data.batches(cfg.batch_size, shuffle=True, generator=generator, n_steps=steps[i]):
@@ -276,6 +280,7 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
                     device=device,
                     precision=precision,
                     max_grad_norm=cfg.max_grad_norm,
+                    graphs=graphs,
                 )
                 window += loss.float()
                 step += 1
@@ -375,6 +380,39 @@ def place(strategy: Strategy, device: torch.device, precision: str, *, compile_t
         strategy.backbone.compile_towers()
 
 
+def forward_backward(
+    strategy: Strategy,
+    images: torch.Tensor,
+    y: torch.Tensor,
+    info: ExperienceInfo,
+    *,
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor:
+    """Forward, loss and backward of one training step (the part CUDA graphs capture); the loss."""
+    with autocast(device, precision):
+        logits = strategy.forward(images, info)
+        loss = strategy.loss(logits, y, info)
+    loss.backward()
+    return loss
+
+
+def step_graphs(
+    strategy: Strategy, info: ExperienceInfo, *, device: torch.device, precision: str
+) -> StepGraphs | None:
+    """A CUDA-graph runner for the steps of experience ``info`` (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    params = {id(p): p for p in strategy.trainable_parameters()}
+    for module in (strategy.backbone, strategy.head):
+        params.update((id(p), p) for p in module.parameters() if p.requires_grad)
+
+    def body(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return forward_backward(strategy, x, y, info, device=device, precision=precision)
+
+    return StepGraphs(body, list(params.values()), device)
+
+
 def train_step(
     strategy: Strategy,
     optimizer: torch.optim.Optimizer,
@@ -387,16 +425,19 @@ def train_step(
     device: torch.device,
     precision: str,
     max_grad_norm: float = 0.0,
+    graphs: StepGraphs | None = None,
 ) -> torch.Tensor:
     """One optimizer step with every hook, in the loop's order; returns the detached loss.
 
+    With ``graphs`` (a runner from :func:`step_graphs`), forward, loss and backward are replayed
+    from a CUDA graph when the strategy's :meth:`~cl_bench.strategy.Strategy.graph_key` allows it.
     Nothing here waits for the device: the loss stays a tensor (benchmarks time this function).
     """
     strategy.before_step(step)
-    with autocast(device, precision):
-        logits = strategy.forward(images, info)
-        loss = strategy.loss(logits, y, info)
-    loss.backward()
+    if graphs is not None:
+        loss = graphs(strategy.graph_key(), images, y)
+    else:
+        loss = forward_backward(strategy, images, y, info, device=device, precision=precision)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(strategy.trainable_parameters(), max_grad_norm)
     strategy.after_backward(step)

@@ -16,7 +16,7 @@ reaches into the loop. It reports its own figures through :meth:`report` (per ex
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -94,6 +94,7 @@ class Strategy:
     default_lr: ClassVar[float] = 1e-3
     default_weight_decay: ClassVar[float] = 0.0
     trains: ClassVar[bool] = True  # False: the loop evaluates but never trains (zero-shot)
+    graph_safe: ClassVar[bool] = False  # True: forward/backward may be replayed from CUDA graphs
 
     def __init__(self, cfg: Any, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
         self.cfg = cfg
@@ -147,6 +148,17 @@ class Strategy:
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """A fresh optimizer for this experience (rebuilt at every experience by the loop)."""
         return adamw(self.trainable_parameters(), lr, weight_decay)
+
+    def graph_key(self) -> Hashable | None:
+        """The key of this step's forward + loss + backward for CUDA-graph replay; None: run it eagerly.
+
+        Called after :meth:`before_step`. Steps with the same key must launch the same kernels on
+        the same tensors: whatever the forward and the loss read that changes between steps must be
+        a parameter or a buffer updated in place, never a tensor rebuilt by a hook (the graph would
+        keep reading the old one). The hooks themselves, the optimizer and any host-side logic
+        always run eagerly. Default: ``()`` for strategies that declare ``graph_safe``.
+        """
+        return () if self.graph_safe else None
 
     # -- hooks (no-ops) -------------------------------------------------------------------------
     def before_experience(self, exp: ExperienceInfo) -> None:

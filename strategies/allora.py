@@ -76,6 +76,8 @@ def row_scale(A: torch.Tensor, B: torch.Tensor, eta: float, norm: Norm = "l2") -
 class ALLoRALinear(AdaptedLinear):
     """``y = W0 x + b + B A x`` whose A/B gradients see the output gradient scaled by ``c`` (row_scale)."""
 
+    step_scale: torch.Tensor
+
     def __init__(self, base: nn.Linear, r: int, eta: float, norm: Norm = "l2") -> None:
         super().__init__(base)
         if r < 1:
@@ -86,12 +88,17 @@ class ALLoRALinear(AdaptedLinear):
         self.eta = eta
         self.norm: Norm = norm
         self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, base.weight.device)
-        self.cached_scale: torch.Tensor | None = None  # c for the current step, set by the strategy
+        # c of the current step, written in place by the strategy before the forward (a buffer, so
+        # a step replayed from a CUDA graph reads this step's value); valid while ``scale_fresh``
+        self.register_buffer(
+            "step_scale", torch.ones(base.out_features, device=base.weight.device), persistent=False
+        )
+        self.scale_fresh = False
 
     def row_scale(self) -> torch.Tensor:
         """The per-row gradient scale ``c`` [d_out] (fp32) of the current A and B."""
-        if self.cached_scale is not None:
-            return self.cached_scale
+        if self.scale_fresh:
+            return self.step_scale
         return row_scale(self.A, self.B, self.eta, self.norm)
 
     def low_rank(self) -> LowRank:
@@ -139,6 +146,7 @@ class ALLoRA(Strategy):
         "(arXiv 2410.09692)"
     )
     default_lr = 5e-4
+    graph_safe = True
 
     def __init__(self, cfg: ALLoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)
@@ -169,12 +177,13 @@ class ALLoRA(Strategy):
                 A = torch.stack([a.A for a in layers])
                 B = torch.stack([a.B for a in layers])
                 scales = row_scale(A, B, self.cfg.eta, self.cfg.norm)
-                for adapter, c in zip(layers, scales, strict=True):
-                    adapter.cached_scale = c
+                torch._foreach_copy_([a.step_scale for a in layers], list(scales.unbind(0)))
+                for adapter in layers:
+                    adapter.scale_fresh = True
 
     def after_backward(self, step: int) -> None:
         for adapter in self._adapters.values():
-            adapter.cached_scale = None
+            adapter.scale_fresh = False
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         if self.cfg.merge_each_experience:

@@ -243,6 +243,7 @@ class DyLoRA(Strategy):
         "Search-Free Low Rank Adaptation (arXiv 2210.07558)"
     )
     default_lr = 5e-4
+    graph_safe = True
 
     def __init__(self, cfg: DyLoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)
@@ -279,6 +280,10 @@ class DyLoRA(Strategy):
         ids = {id(p) for layer in layers for p in (layer.A, layer.Bt)}
         others = [p for p in self.trainable_parameters() if id(p) not in ids]
         return RankwiseAdamW(layers, others, self.trained_ranks, lr, weight_decay)
+
+    def graph_key(self) -> int:
+        """One CUDA graph per sampled rank: the rank decides the shapes of the step's kernels."""
+        return self.rank
 
     def sample_rank(self) -> int:
         """Draw b uniformly from 1..r_max with the strategy's own generator (CPU, no device sync)."""

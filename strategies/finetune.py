@@ -16,6 +16,7 @@ from cl_bench.strategy import Strategy
 class Finetune(Strategy):
     paper = "sequential fine-tuning (the standard naive continual-learning baseline)"
     default_lr = 1e-5
+    graph_safe = True
     default_weight_decay = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -326,6 +326,7 @@ class MoRA(Strategy):
         "Associative Memory Experts (arXiv 2506.21035; v1: Self-Activated Sparse Mixture-of-Rank)"
     )
     default_lr = 5e-4
+    graph_safe = True
     default_weight_decay = 0.0
 
     def __init__(self, cfg: MoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:

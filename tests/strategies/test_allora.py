@@ -237,12 +237,18 @@ def test_step_scales_are_computed_batched_per_shape_and_live_only_until_after_ba
         with torch.no_grad():
             a.B.normal_()
     fresh = {name: a.row_scale() for name, a in strategy.adapters().items()}
+    buffers = {name: a.step_scale for name, a in strategy.adapters().items()}
     strategy.before_step(0)
     for name, a in strategy.adapters().items():
-        assert a.cached_scale is not None
+        assert a.scale_fresh
+        assert a.row_scale() is buffers[name]  # written in place: a CUDA graph reads this step's c
         torch.testing.assert_close(a.row_scale(), fresh[name], rtol=1e-6, atol=0)
     strategy.after_backward(0)
-    assert all(a.cached_scale is None for a in strategy.adapters().values())
+    assert not any(a.scale_fresh for a in strategy.adapters().values())
+    with torch.no_grad():
+        layers = list(strategy.adapters().values())
+        layers[0].B.mul_(3.0)
+    assert not torch.equal(layers[0].row_scale(), buffers[next(iter(buffers))])  # recomputed, not stale
     layers = list(strategy.adapters().values())[:3]  # same shape (q, k, v)
     batched = row_scale(torch.stack([a.A for a in layers]), torch.stack([a.B for a in layers]), 2.0)
     assert batched.shape == (3, layers[0].out_features)

@@ -1,0 +1,101 @@
+"""CUDA-graph replay of the forward and backward pass of training steps (``cuda_graphs = true``).
+
+An eager training step launches thousands of small kernels from Python (a CLIP ViT-B/16 with
+adapters on both towers: ~150 adapted layers), and on a fast GPU the host cannot launch them as
+fast as the GPU runs them: the step is bound by the CPU, not by the GPU. A CUDA graph records
+the kernels of one forward + loss + backward once and replays them with a single launch.
+
+What is captured: ``strategy.forward``, ``strategy.loss`` and ``loss.backward()``, on static
+input buffers. Everything else of the step stays eager and unchanged: the hooks
+(``before_step``, ``after_backward``, ``after_step``), gradient clipping, the optimizer and the
+scheduler. So a strategy may keep any host-side logic in its hooks; what it must guarantee is
+declared by :meth:`cl_bench.strategy.Strategy.graph_key`: two steps with the same key run the same
+kernels on the same tensors, and everything the forward reads that changes between steps is a
+parameter or a buffer updated in place.
+
+One graph is captured per key (DyLoRA: one per sampled rank), the second time the key is seen
+(the first step of a key runs eagerly and warms up lazy initialisation). All graphs of one
+runner share one memory pool: they are replayed one at a time on one stream, and nothing a
+graph allocates outlives its replay except its loss and its gradients, which the runner keeps.
+After a replay the parameters' ``.grad`` point at that graph's gradient buffers, as after an
+eager ``backward``. Steps whose inputs have another shape (a short last batch) run eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Forward, loss and backward of one step on the given inputs; returns the (undetached) loss.
+Body = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: torch.Tensor
+    grads: list[torch.Tensor | None]
+
+
+class StepGraphs:
+    """Runs ``body(x, y)`` (forward, loss, backward) eagerly or from a CUDA graph, by key.
+
+    ``params`` are the tensors whose ``.grad`` the step produces (the optimizer's parameters).
+    Build one runner per experience: a graph is only valid for the parameters, optimizer and
+    experience it was captured with.
+    """
+
+    def __init__(self, body: Body, params: list[nn.Parameter], device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.body = body
+        self.params = params
+        self.device = device
+        self._graphs: dict[Hashable, _Captured] = {}
+        self._seen: set[Hashable] = set()
+        self._pool: Any = None  # the memory pool handle of the first capture, shared by the others
+        self.n_replays = 0
+        self.n_eager = 0
+
+    def __call__(self, key: Hashable | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward + loss + backward of one step; returns the detached loss."""
+        if key is None:
+            return self._eager(x, y)
+        full_key = (key, tuple(x.shape), x.dtype, tuple(y.shape))
+        captured = self._graphs.get(full_key)
+        if captured is None:
+            if full_key not in self._seen:  # first sight: warm up eagerly (a real step)
+                self._seen.add(full_key)
+                return self._eager(x, y)
+            captured = self._graphs[full_key] = self._capture(x, y)
+        captured.x.copy_(x)
+        captured.y.copy_(y)
+        captured.graph.replay()
+        for p, grad in zip(self.params, captured.grads, strict=True):
+            p.grad = grad
+        self.n_replays += 1
+        return captured.loss
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.n_eager += 1
+        loss = self.body(x, y)
+        return loss.detach()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> _Captured:
+        """Record ``body`` on static copies of the inputs (capture runs nothing: the caller replays)."""
+        static_x, static_y = x.clone(), y.clone()
+        for p in self.params:  # so that backward assigns fresh gradient buffers inside the graph
+            p.grad = None
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss = self.body(static_x, static_y).detach()
+        self._pool = graph.pool()
+        grads = [p.grad for p in self.params]
+        return _Captured(graph, static_x, static_y, loss, grads)
