@@ -2,7 +2,8 @@
 
 This is the only module that reads argv/environment and the only one in ``cl_bench`` that imports
 the component packages (``strategies``, ``scenarios``, ``reports``) to fill the registries. Heavy
-libraries are imported only by the commands that need them, so ``--help`` and ``list`` are fast.
+libraries are imported only by the commands that need them: ``--help`` imports none, and
+``report`` reads JSON without ever importing torch, avalanche or open_clip.
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ COMPONENT_MODULES = (
 )
 
 
+REGISTRY_COMMANDS = frozenset({"run", "list", "bench"})
+"""Commands that look components up in the registries; ``report`` reads JSON only and must not
+import the component packages (they pull in torch, avalanche and open_clip)."""
+
+
 def load_components() -> None:
-    """Import every component module so its registrations run (cheap: no heavy libraries)."""
+    """Import every component module so its registrations run.
+
+    Not free: the component modules import torch (and the scenarios avalanche), so only the
+    commands of :data:`REGISTRY_COMMANDS` call it.
+    """
     for name in COMPONENT_MODULES:
         importlib.import_module(name)
 
@@ -214,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "bench": cmd_bench}
     try:
-        load_components()
+        if args.command in REGISTRY_COMMANDS:
+            load_components()
         return commands[args.command](args)
     except ClBenchError as err:
         print(f"error: {err}", file=sys.stderr)
