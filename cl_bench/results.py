@@ -195,16 +195,30 @@ def environment(device: str, device_name: str, precision: str) -> dict[str, Any]
 # ----------------------------------------------------------------------------- reading many records
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
 
     Temporary file in the same directory, fsync, rename, fsync of the directory: an interrupted
-    run or ``cl-bench report`` never leaves half a record or half a page behind.
+    run or ``cl-bench report`` never leaves half a record or half a page behind. The file gets
+    the mode an ordinary ``open()`` would give it (``0o666`` less the umask), not the private
+    ``0o600`` of the temporary file, so records and reports stay readable by the group.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

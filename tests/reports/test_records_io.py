@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from cl_bench.results import METRIC_COLUMNS, find_records, load_runs, write_text_atomic
+from cl_bench.results import METRIC_COLUMNS, find_records, load_runs, write_json_atomic, write_text_atomic
+from reports.build import build_report
 from tests.reports.records import make_record, write_record
 
 ORDER = [  # scenario, strategy, seed, run_id
@@ -139,6 +143,36 @@ def test_write_text_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path: P
     write_text_atomic(target, "second ✓")
     assert target.read_text(encoding="utf-8") == "second ✓"
     assert [p.name for p in target.parent.iterdir()] == ["report.html"]
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_open(tmp_path: Path, umask_022: None) -> None:
+    write_text_atomic(tmp_path / "page.html", "x")
+    write_json_atomic(tmp_path / "result.json", {"schema_version": 1})
+    assert _mode(tmp_path / "page.html") == 0o644  # not mkstemp's 0o600
+    assert _mode(tmp_path / "result.json") == 0o644
+    os.umask(0o027)
+    write_text_atomic(tmp_path / "page.html", "y")  # replacing a file applies the umask again
+    assert _mode(tmp_path / "page.html") == 0o640
+
+
+def test_report_and_csv_files_are_readable_by_others(runs_dir: Path, tmp_path: Path, umask_022: None) -> None:
+    out = build_report([runs_dir], tmp_path / "site" / "report.html")
+    written = sorted(out.parent.iterdir())
+    assert len(written) == 7  # report.html and six CSVs
+    assert {p.name: _mode(p) for p in written} == {p.name: 0o644 for p in written}
 
 
 def test_records_written_here_are_valid_json(runs_dir: Path) -> None:
