@@ -322,18 +322,17 @@ def _strategy_view(record: dict[str, Any], color: str) -> dict[str, Any]:
     if not variants.empty:
         view["variants"] = {
             "plot": None,
+            "same_pass": variants["variant"].iloc[0] == tables.MAIN_VARIANT,
             "rows": [
                 [
                     row.variant,
                     fmt_float(row.acc_final),
-                    "" if row.variant == "(main)" else _signed(row.acc_delta),
+                    "" if pos == 0 else _signed(row.acc_delta),
                     fmt_rate(row.eval_samples_per_s),
-                    ""
-                    if row.variant == "(main)"
-                    else (f"{row.speedup:.2f}×" if _is_num(row.speedup) else DASH),
+                    "" if pos == 0 else (f"{row.speedup:.2f}×" if _is_num(row.speedup) else DASH),
                     fmt_bytes(row.peak_memory_eval_bytes),
                 ]
-                for row in variants.itertuples(index=False)
+                for pos, row in enumerate(variants.itertuples(index=False))
             ],
         }
         ranks = tables.rank_variants(record)

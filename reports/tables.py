@@ -223,49 +223,48 @@ def strategy_scalars_frame(record: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def final_eval_samples_per_s(record: dict[str, Any]) -> float | None:
-    """Eval throughput of the final model (last experience), the reference for evaluation variants."""
-    experiences = record.get("experiences") or []
-    value = experiences[-1].get("eval_samples_per_s") if experiences else None
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+MAIN_VARIANT = "main"
+"""The ``accuracy.variants`` label of the unmodified final model, evaluated in the same pass as the
+other variants: the baseline of every variant's speed ratio."""
+
+
+_VARIANT_FIGURES = ("acc_final", "eval_samples_per_s", "peak_memory_eval_bytes")
+
+
+def _variant_figures(figures: Any) -> dict[str, float]:
+    """The numbers of one ``accuracy.variants`` entry (NaN where missing or not a number)."""
+    figures = figures if isinstance(figures, dict) else {}
+    return {k: float(figures[k]) if _number(figures.get(k)) else math.nan for k in _VARIANT_FIGURES}
 
 
 def variants_frame(record: dict[str, Any]) -> pd.DataFrame:
-    """``accuracy.variants`` of one run with the main final model as the first row.
+    """``accuracy.variants`` of one run, below a first row for the main (unmodified) final model.
 
     Columns: variant, acc_final, eval_samples_per_s, peak_memory_eval_bytes, and ``speedup`` and
-    ``acc_delta`` relative to the main row (e.g. LoRAPrune's sliced model against the masked one).
+    ``acc_delta`` of each variant relative to the first row (e.g. LoRAPrune's sliced model against
+    the masked one). The first row is the :data:`MAIN_VARIANT` entry when the record has one: the
+    final model re-evaluated in the same pass just before the variants, so that the speed ratio
+    compares like with like. Older records lack it; their first row is ``(main)`` with the main
+    matrix's accuracy only, and ``speedup`` is NaN throughout: the eval throughput and memory of the
+    final experience were measured in another pass and are no baseline (noise alone moved the
+    throughput by 20%). A record whose only variant is ``main`` gives an empty frame.
     """
     variants = (record.get("accuracy") or {}).get("variants") or {}
     columns = ["variant", "acc_final", "eval_samples_per_s", "peak_memory_eval_bytes", "speedup", "acc_delta"]
-    if not variants:
+    others = {str(label): figures for label, figures in variants.items() if str(label) != MAIN_VARIANT}
+    if not others:
         return pd.DataFrame(columns=columns)
-    experiences = record.get("experiences") or []
-    main_acc = (record.get("metrics") or {}).get("acc_final")
-    main_sps = final_eval_samples_per_s(record)
-    rows = [
-        {
-            "variant": "(main)",
-            "acc_final": main_acc,
-            "eval_samples_per_s": main_sps,
-            "peak_memory_eval_bytes": experiences[-1].get("peak_memory_eval_bytes") if experiences else None,
-        }
-    ]
-    for label, figures in variants.items():
-        figures = figures if isinstance(figures, dict) else {}
-        rows.append(
-            {
-                "variant": str(label),
-                "acc_final": figures.get("acc_final"),
-                "eval_samples_per_s": figures.get("eval_samples_per_s"),
-                "peak_memory_eval_bytes": figures.get("peak_memory_eval_bytes"),
-            }
-        )
+    same_pass = isinstance(variants.get(MAIN_VARIANT), dict)
+    if same_pass:
+        baseline = _variant_figures(variants[MAIN_VARIANT])
+    else:
+        baseline = _variant_figures({"acc_final": (record.get("metrics") or {}).get("acc_final")})
+    rows = [{"variant": MAIN_VARIANT if same_pass else "(main)", **baseline}]
+    rows += [{"variant": label, **_variant_figures(figures)} for label, figures in others.items()]
     frame = pd.DataFrame(rows, columns=columns[:4])
-    for col in columns[1:4]:
-        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
-    frame["speedup"] = frame["eval_samples_per_s"] / main_sps if main_sps else math.nan
-    frame["acc_delta"] = frame["acc_final"] - main_acc if _number(main_acc) else math.nan
+    main_sps = baseline["eval_samples_per_s"]
+    frame["speedup"] = frame["eval_samples_per_s"] / main_sps if main_sps > 0 else math.nan
+    frame["acc_delta"] = frame["acc_final"] - baseline["acc_final"]
     return frame
 
 

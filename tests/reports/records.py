@@ -208,6 +208,13 @@ def strategy_figures_record(run_id: str = "sora-fig", pretrained: bool = False) 
             "events": {"sampled_blocks": [[0, "vision", [3, 7]], [20, "vision", [1, 4]]]},
         },
         variants={
+            # the unmodified final model, evaluated in the variants' pass (the speed baseline)
+            "main": {
+                "row": [0.5, 0.7, 0.9],
+                "acc_final": 0.7,
+                "eval_samples_per_s": 800.0,
+                "peak_memory_eval_bytes": 2**29,
+            },
             "rank=4": {"row": [0.5, 0.6, 0.8], "acc_final": 0.6333, "eval_samples_per_s": 900.0},
             "rank=1": {"row": [0.3, 0.4, 0.5], "acc_final": 0.4, "eval_samples_per_s": 1100.0},
             "rank=2": {"row": [0.4, 0.5, 0.7], "acc_final": 0.5333, "eval_samples_per_s": 1000.0},

@@ -178,18 +178,55 @@ def test_strategy_figures_are_rendered_from_record_conventions(tmp_path: Path) -
     assert "live_gates_per_layer over 3 layers" in figures
     assert "<b>sampled_blocks</b>: 2 entries" in figures
     # accuracy.variants: a table against the main model, and accuracy vs rank for rank=N labels
-    variants = tables.variants_frame(strategy_figures_record())
-    assert variants["variant"].tolist() == ["(main)", "rank=4", "rank=1", "rank=2", "sliced"]
-    sliced = variants.set_index("variant").loc["sliced"]
-    assert sliced["speedup"] == pytest.approx(1200.0 / 600.0)  # main: final experience's eval samples/s
-    assert "2.00×" in figures
+    assert "Evaluation variants of the final model" in figures
     assert tables.rank_variants(strategy_figures_record())["rank"].tolist() == [1, 2, 4]
     assert 'alt="accuracy vs rank of sora-fig"' in figures
     # one <img> each: heatmap, curves, scenario curves, per-experience, one curve, one per-layer, rank
     assert page.count("<img ") == 7
     assert_self_contained(page)
     variants_csv = pd.read_csv(tmp_path / "report_variants.csv")
-    assert variants_csv["variant"].tolist() == ["(main)", "rank=4", "rank=1", "rank=2", "sliced"]
+    assert variants_csv["variant"].tolist() == ["main", "rank=4", "rank=1", "rank=2", "sliced"]
+
+
+def test_variant_speed_is_relative_to_the_main_model_of_the_same_pass(tmp_path: Path) -> None:
+    record = strategy_figures_record()
+    variants = tables.variants_frame(record).set_index("variant")
+    assert variants.index.tolist() == ["main", "rank=4", "rank=1", "rank=2", "sliced"]  # main once, first
+    # the final experience evaluated at 600 samples/s in another pass; the same-pass main at 800
+    assert record["experiences"][-1]["eval_samples_per_s"] == 600.0
+    assert variants.loc["sliced", "speedup"] == pytest.approx(1200.0 / 800.0)
+    assert variants.loc["rank=1", "speedup"] == pytest.approx(1100.0 / 800.0)
+    assert variants.loc["sliced", "acc_delta"] == pytest.approx(0.0)
+    assert variants.loc["rank=1", "acc_delta"] == pytest.approx(0.4 - 0.7)
+    write_record(tmp_path / "runs", record)
+    page = _build([tmp_path / "runs"], tmp_path / "report.html")
+    table = page[page.index("Evaluation variants") : page.index("Final figures")]
+    assert "<td>1.50×</td>" in table
+    assert "<td>2.00×</td>" not in table
+    assert table.count('<td class="l">main</td>') == 1
+    assert "measured in the same evaluation pass" in table
+
+
+def test_a_record_without_the_same_pass_main_variant_shows_no_speed_ratio(tmp_path: Path) -> None:
+    record = strategy_figures_record()
+    del record["accuracy"]["variants"]["main"]
+    variants = tables.variants_frame(record).set_index("variant")
+    assert variants.index.tolist() == ["(main)", "rank=4", "rank=1", "rank=2", "sliced"]
+    assert variants["speedup"].isna().all()
+    assert math.isnan(variants.loc["(main)", "eval_samples_per_s"])  # another pass's figure is no baseline
+    assert variants.loc["(main)", "acc_final"] == pytest.approx(0.7)
+    assert variants.loc["rank=1", "acc_delta"] == pytest.approx(0.4 - 0.7)
+    write_record(tmp_path / "runs", record)
+    page = _build([tmp_path / "runs"], tmp_path / "report.html")
+    table = page[page.index("Evaluation variants") : page.index("Final figures")]
+    assert "×" not in table
+    assert "No speed ratio" in table
+
+
+def test_a_lone_main_variant_is_no_variant_table() -> None:
+    record = strategy_figures_record()
+    record["accuracy"]["variants"] = {"main": record["accuracy"]["variants"]["main"]}
+    assert tables.variants_frame(record).empty
 
 
 def test_a_run_without_strategy_figures_has_no_empty_section(standard_report: Built) -> None:
