@@ -135,26 +135,41 @@ def _metric_defs() -> list[dict[str, str]]:
     ]
 
 
-def _group_key(row: pd.Series) -> tuple[Any, ...]:
-    return tuple(None if pd.isna(row[k]) else row[k] for k in tables.GROUP)
+def group_label(strategy: Any, config: Any) -> str:
+    """A group's name on the page: the strategy, and its differing config keys in brackets
+    (``lora [strategy_args.r=16]``) when its scenario has runs of other configurations."""
+    config = "" if config is None or pd.isna(config) else str(config)
+    return f"{strategy} [{config}]" if config else str(strategy)
 
 
-def _overview_view(
-    overview: pd.DataFrame, colors: dict[str, str], differences: dict[tuple[Any, ...], list[str]]
-) -> list[dict[str, Any]]:
+def excluded_note(n_failed: int, n_incomplete: int) -> str:
+    """``(+2 failed)``, ``(+1 incomplete)``, ``(+2 failed, +1 incomplete)`` or ``""``."""
+    parts = [f"+{n} {kind}" for n, kind in ((n_failed, "failed"), (n_incomplete, "incomplete")) if n]
+    return f"({', '.join(parts)})" if parts else ""
+
+
+def _group_view(row: pd.Series, colors: dict[str, str]) -> dict[str, Any]:
+    """The identity cells shared by the overview, parameter and resource rows."""
+    return {
+        "scenario": row["scenario"],
+        "strategy": row["strategy"],
+        "label": group_label(row["strategy"], row[tables.CONFIG]),
+        "backbone": row["backbone"],
+        "color": colors.get(row["strategy"], "#333"),
+        "n": int(row["n_runs"]),
+    }
+
+
+def _overview_view(overview: pd.DataFrame, colors: dict[str, str]) -> list[dict[str, Any]]:
     best = tables.best_in_scenario(overview, tables.OVERVIEW_METRICS)
     rows = []
     for pos, (_, row) in enumerate(overview.reset_index(drop=True).iterrows()):
         n_runs = int(row["n_runs"])
         rows.append(
             {
-                "scenario": row["scenario"],
-                "strategy": row["strategy"],
-                "backbone": row["backbone"],
-                "color": colors.get(row["strategy"], "#333"),
-                "n": n_runs,
+                **_group_view(row, colors),
                 "seeds": row["seeds"],
-                "differs": differences.get(_group_key(row), []),
+                "excluded": excluded_note(int(row["n_failed"]), int(row["n_incomplete"])),
                 "cells": [
                     {
                         **stat_parts(row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"], n_runs, fmt_float),
@@ -175,11 +190,7 @@ def _aggregate_view(
         n_runs = int(row["n_runs"])
         rows.append(
             {
-                "scenario": row["scenario"],
-                "strategy": row["strategy"],
-                "backbone": row["backbone"],
-                "color": colors.get(row["strategy"], "#333"),
-                "n": n_runs,
+                **_group_view(row, colors),
                 "cells": [
                     {
                         **stat_parts(
@@ -356,7 +367,7 @@ def _signed(value: Any) -> str:
     return f"{value:+.3f}" if _is_num(value) else DASH
 
 
-def _run_view(record: dict[str, Any], color: str, open_: bool) -> dict[str, Any]:
+def _run_view(record: dict[str, Any], color: str, config_label: str, open_: bool) -> dict[str, Any]:
     config = record.get("config") or {}
     accuracy = record.get("accuracy") or {}
     metrics = record.get("metrics") or {}
@@ -368,6 +379,7 @@ def _run_view(record: dict[str, Any], color: str, open_: bool) -> dict[str, Any]
         "anchor": _anchor(run_id),
         "open": open_,
         "strategy": config.get("strategy"),
+        "label": group_label(config.get("strategy"), config_label),
         "strategy_class": (record.get("strategy") or {}).get("class"),
         "paper": (record.get("strategy") or {}).get("paper"),
         "scenario": config.get("scenario"),
@@ -498,17 +510,39 @@ def build_report(paths: list[Path], output: Path) -> Path:
     runs = tables.runs_frame(records)
     ok_runs = runs[runs["status"] == "ok"]
     frames = {
-        "overview": tables.aggregate(ok_runs, tables.OVERVIEW_METRICS),
+        "overview": tables.overview_frame(runs),
         "runs": runs,
         "parameters": tables.aggregate(ok_runs, tables.PARAMETER_COLUMNS),
         "resources": tables.aggregate(ok_runs, tables.RESOURCE_COLUMNS),
         "variants": _variants_all(ok),
-        "excluded": tables.problems_frame(excluded, problems),
+        "excluded": tables.problems_frame(excluded, problems, _labels(runs)),
     }
     for name, frame in frames.items():
         write_text_atomic(csvs[name], frame.to_csv(index=False))
     write_text_atomic(output, html)
     return output
+
+
+def _labels(runs: pd.DataFrame) -> dict[str, str]:
+    """``run_id`` -> config label, from a :func:`reports.tables.runs_frame`."""
+    return dict(zip(runs["run_id"].astype(str), runs[tables.CONFIG], strict=True))
+
+
+def _scenario_groups(
+    ok: list[dict[str, Any]], labels: dict[str, str]
+) -> list[tuple[str, dict[str, list[Any]]]]:
+    """Per scenario (sorted), its completed runs by group label (backbone named where it varies)."""
+    out = []
+    for scenario in sorted({str(r["config"]["scenario"]) for r in ok}):
+        records = [r for r in ok if str(r["config"]["scenario"]) == scenario]
+        several_backbones = len({str(r["config"].get("backbone")) for r in records}) > 1
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            config = record["config"]
+            name = str(config["strategy"]) + (f" / {config.get('backbone')}" if several_backbones else "")
+            groups.setdefault(group_label(name, labels[str(record["run_id"])]), []).append(record)
+        out.append((scenario, groups))
+    return out
 
 
 def render(
@@ -520,29 +554,19 @@ def render(
 ) -> str:
     """The HTML page for completed runs ``ok`` (sorted), with ``excluded`` runs and ``problems`` listed."""
     colors = plots.strategy_colors([str(r["config"]["strategy"]) for r in ok + excluded])
-    runs = tables.runs_frame(ok)
-    overview = tables.aggregate(runs, tables.OVERVIEW_METRICS)
-    differences = tables.config_differences(ok)
-
-    scenarios = []
-    for scenario in sorted({str(r["config"]["scenario"]) for r in ok}):
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for record in ok:
-            if str(record["config"]["scenario"]) == scenario:
-                config = record["config"]
-                label = str(config["strategy"])
-                if (
-                    len({str(r["config"].get("backbone")) for r in ok if r["config"]["scenario"] == scenario})
-                    > 1
-                ):
-                    label += f" / {config.get('backbone')}"
-                groups.setdefault(label, []).append(record)
-        scenarios.append({"name": scenario, "plot": plots.scenario_curves(groups, colors)})
-
+    all_runs = tables.runs_frame(ok + excluded)
+    labels = _labels(all_runs)
+    runs = all_runs[all_runs["status"] == "ok"]
+    scenarios = [
+        {"name": scenario, "plot": plots.scenario_curves(groups, colors)}
+        for scenario, groups in _scenario_groups(ok, labels)
+    ]
     not_pretrained = [r for r in ok + excluded if (r.get("backbone") or {}).get("pretrained") is False]
-    excluded_rows = tables.problems_frame(excluded, []).to_dict("records")
+    excluded_rows = tables.problems_frame(excluded, [], labels).to_dict("records")
     for row in excluded_rows:
         row["color"] = colors.get(row["strategy"], "#333")
+        row["label"] = group_label(row["strategy"], row[tables.CONFIG])
+        row["seed"] = DASH if pd.isna(row["seed"]) else int(row["seed"])
     context = {
         "title": "cl-bench report",
         "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -556,7 +580,8 @@ def render(
             {"name": m, "formula": FORMULAS[m], "direction": "↓" if m in tables.LOWER_IS_BETTER else "↑"}
             for m in tables.OVERVIEW_METRICS
         ],
-        "overview": _overview_view(overview, colors, differences),
+        "overview": _overview_view(tables.overview_frame(all_runs), colors),
+        "non_experiment_keys": sorted(tables.NON_EXPERIMENT_KEYS),
         "parameter_headers": [label for _, label, _ in PARAMETER_VIEW],
         "parameters": _aggregate_view(
             tables.aggregate(runs, tables.PARAMETER_COLUMNS), PARAMETER_VIEW, colors
@@ -565,7 +590,10 @@ def render(
         "resources": _aggregate_view(tables.aggregate(runs, tables.RESOURCE_COLUMNS), RESOURCE_VIEW, colors),
         "memory_kinds": sorted({str(k) for k in runs["memory_kind"].dropna()}),
         "scenarios": scenarios,
-        "runs": [_run_view(r, colors[str(r["config"]["strategy"])], open_=len(ok) <= 8) for r in ok],
+        "runs": [
+            _run_view(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])], open_=len(ok) <= 8)
+            for r in ok
+        ],
         "excluded": excluded_rows,
         "problems": [{"path": str(p.path), "reason": p.reason} for p in problems],
         "not_pretrained": [

@@ -42,6 +42,9 @@ _PALETTE: tuple[Color, ...] = (
     "#9467BD",
 )
 
+_LINE_STYLES: tuple[tuple[str, str], ...] = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+"""Line style and marker of the 1st, 2nd... group drawn in one strategy's colour."""
+
 _STYLE: dict[str, Any] = {
     "svg.fonttype": "none",
     "svg.hashsalt": "cl-bench-report",
@@ -220,6 +223,9 @@ def _mean_std(series: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray, 
 def scenario_curves(groups: Mapping[str, Sequence[dict[str, Any]]], colors: Mapping[str, Color]) -> str:
     """All strategies of one scenario on one figure: mean over seeds with a +-1 std band.
 
+    ``groups`` maps a legend label to the runs averaged under it; groups of one strategy share its
+    colour and differ in line style and marker.
+
     Left: ``A_seen[i]`` (accuracy on all classes seen so far). Right: the mean over every test
     experience of row i (before training as ``b``), which includes zero-shot accuracy on the
     future experiences.
@@ -228,9 +234,13 @@ def scenario_curves(groups: Mapping[str, Sequence[dict[str, Any]]], colors: Mapp
         fig = _figure(10.5, 3.2)
         left, right = fig.subplots(1, 2)
         max_T = 0
+        styles_used: dict[Color, int] = {}
         for label, records in groups.items():
             strategy = records[0]["config"]["strategy"]
             color = colors.get(strategy, "#333333")
+            # groups of one strategy (configurations, backbones) share its colour: vary the line
+            nth = styles_used[color] = styles_used.get(color, -1) + 1
+            linestyle, marker = _LINE_STYLES[nth % len(_LINE_STYLES)]
             seen = [(r.get("accuracy") or {}).get("seen") or [] for r in records]
             rows = []
             for r in records:
@@ -246,7 +256,7 @@ def scenario_curves(groups: Mapping[str, Sequence[dict[str, Any]]], colors: Mapp
                     continue
                 x = np.arange(start, start + len(mean))
                 max_T = max(max_T, len(mean) + start)
-                ax.plot(x, mean, color=color, marker="o", label=label + suffix)
+                ax.plot(x, mean, color=color, linestyle=linestyle, marker=marker, label=label + suffix)
                 if len(records) > 1:
                     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
         for ax, title, start in (

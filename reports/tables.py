@@ -1,13 +1,35 @@
 """The report's tables as pandas DataFrames: one row per run, per-group aggregates, per-run details.
 
 Every table here is plain data (numbers, not formatted strings) so that it can be written to CSV
-as is; ``reports.build`` formats them for the page. Runs are grouped by scenario, strategy and
-backbone; a group's figures are the mean and the sample standard deviation (``ddof=1``, undefined
-for a single run) over its runs, i.e. over seeds, with the number of runs that had a value.
+as is; ``reports.build`` formats them for the page.
+
+Groups. Runs are grouped by scenario, strategy and backbone (:data:`GROUP`) and then split by
+every other configuration key whose value differs between them (:data:`GROUP_KEYS` adds the
+``config`` label, e.g. ``strategy_args.r=16``; empty when the runs agree), so that a group's
+runs are seeds of one experiment and never a mix of configurations. A group's figures are the
+mean and the sample standard deviation (``ddof=1``, undefined for a single run) over its
+completed runs, with the number of runs that had a value; its failed and incomplete runs are
+counted apart (``n_failed``, ``n_incomplete``), never averaged.
+
+Keys that do not define the experiment never split a group (:func:`defines_experiment`):
+
+- seeds: ``seed``, ``order_seed`` and any nested ``*seed`` key (``scenario_args.data_seed``,
+  ``scenario_args.split_seed``): the runs of a group are meant to differ in them;
+- where and how a run was recorded: ``run_id``, ``out``, ``overwrite``, ``report``, ``log_every``
+  (``--no-progress`` is a command-line flag, not part of the config);
+- execution settings that compute the same model: ``compile``, ``cuda_graphs``,
+  ``strategy_args.checkpoint_frozen`` (LISA's recomputation of frozen blocks);
+- where the data lives: ``scenario_args.root``, ``scenario_args.verify_checksums``.
+
+Everything else splits, including ``device``, ``precision``, ``eval_batch_size`` and
+``steps_per_experience``: they change the accuracies or the memory and time figures. A key
+present in some runs and absent from others (a record from an older cl-bench) splits too, shown
+as ``key=unset``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -18,7 +40,29 @@ import pandas as pd
 from cl_bench.results import RecordProblem, run_row
 
 GROUP: list[str] = ["scenario", "strategy", "backbone"]
-"""Runs that share these keys are seeds of one configuration and are averaged together."""
+"""The identity of an experiment; runs that share it and their whole config but seeds are averaged."""
+CONFIG = "config"
+"""Column of the label naming a group's configuration keys that differ from its siblings'."""
+GROUP_KEYS: list[str] = [*GROUP, CONFIG]
+"""The keys of an aggregated row: :data:`GROUP` split by configuration (see the module docstring)."""
+
+NON_EXPERIMENT_KEYS: frozenset[str] = frozenset(
+    {
+        "seed",
+        "order_seed",
+        "run_id",
+        "out",
+        "overwrite",
+        "report",
+        "log_every",
+        "compile",
+        "cuda_graphs",
+        "strategy_args.checkpoint_frozen",
+        "scenario_args.root",
+        "scenario_args.verify_checksums",
+    }
+)
+"""Dotted config keys that never split a group (with nested ``*seed`` keys; module docstring)."""
 
 OVERVIEW_METRICS: tuple[str, ...] = (
     "acc_final",
@@ -51,50 +95,164 @@ RESOURCE_COLUMNS: tuple[str, ...] = (
     "wall_time_s",
 )
 
-# Config keys that legitimately differ between the seeds of one group.
-_SEED_LIKE = re.compile(r"(^|\.)(seed|order_seed|run_id|out|overwrite|report|[a-z_]*_seed)$")
+
+def defines_experiment(key: str) -> bool:
+    """False for the dotted config keys listed in :data:`NON_EXPERIMENT_KEYS` and nested ``*seed`` keys."""
+    return key not in NON_EXPERIMENT_KEYS and not ("." in key and key.endswith("seed"))
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+_UNSET = object()
+
+
+def _group_of(record: dict[str, Any]) -> tuple[Any, ...]:
+    row = run_row(record)
+    return tuple(row[k] for k in GROUP)
+
+
+def config_differences(records: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], list[str]]:
+    """Per :data:`GROUP`, the dotted config keys that define the experiment and differ between its
+    runs (sorted), for the groups where any do."""
+    by_group: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for record in records:
+        by_group.setdefault(_group_of(record), []).append(_flatten(record.get("config") or {}))
+    differences: dict[tuple[Any, ...], list[str]] = {}
+    for key, configs in by_group.items():
+        names = sorted({name for cfg in configs for name in cfg if defines_experiment(name)})
+        differing = [name for name in names if len({repr(cfg.get(name, _UNSET)) for cfg in configs}) > 1]
+        if differing:
+            differences[key] = differing
+    return differences
+
+
+def _label_value(value: Any) -> str:
+    if value is _UNSET:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_labels(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """``run_id`` -> the :data:`CONFIG` label of its group: ``key=value`` for each key of
+    :func:`config_differences` (``"strategy_args.r=16, lr=0.01"``), ``""`` where its group's runs agree.
+
+    Labels depend on the records given: pass all of them (any status) so that a failed run and the
+    completed runs of its configuration land in the same group.
+    """
+    records = list(records)
+    differences = config_differences(records)
+    labels: dict[str, str] = {}
+    for record in records:
+        flat = _flatten(record.get("config") or {})
+        keys = differences.get(_group_of(record), [])
+        labels[str(record.get("run_id"))] = ", ".join(
+            f"{k}={_label_value(flat.get(k, _UNSET))}" for k in keys
+        )
+    return labels
 
 
 def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per record (any status), columns of :func:`cl_bench.results.run_row`, in record order."""
+    """One row per record (any status), in record order: the columns of
+    :func:`cl_bench.results.run_row` plus :data:`CONFIG` (the label of :func:`config_labels`,
+    computed over these records); seeds as nullable integers."""
+    records = list(records)
+    labels = config_labels(records)
     columns = list(run_row({}).keys())
-    return pd.DataFrame([run_row(r) for r in records], columns=columns)
+    frame = pd.DataFrame([run_row(r) for r in records], columns=columns)
+    frame.insert(columns.index("backbone") + 1, CONFIG, [labels[str(r.get("run_id"))] for r in records])
+    for col in ("seed", "order_seed"):
+        frame[col] = _int_column(frame[col])
+    return frame
+
+
+def _int_column(values: pd.Series) -> pd.Series:
+    """Integers with missing values (``Int64``), not floats: seed 2 stays ``2`` in a CSV."""
+    return pd.to_numeric(values, errors="coerce").round().astype("Int64")
+
+
+def _with_config(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with a :data:`CONFIG` column (empty labels for a frame built without one, such as
+    :func:`cl_bench.results.load_runs`)."""
+    return runs if CONFIG in runs.columns else runs.assign(**{CONFIG: ""})
 
 
 def aggregate(runs: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
-    """Mean, sample std (ddof=1) and count of each column per group of :data:`GROUP`.
+    """Mean, sample std (ddof=1) and count of each column per group of :data:`GROUP_KEYS`.
 
-    Returns one row per group with columns ``n_runs``, ``seeds`` and ``<col>_mean``, ``<col>_std``,
-    ``<col>_n`` for each column (``_n`` counts the runs where the value is defined: forgetting of a
-    one-experience run is undefined, not 0). Groups are sorted by scenario, strategy, backbone.
+    ``runs`` are the runs to average (the report passes the completed ones). Returns one row per
+    group with columns ``n_runs``, ``seeds`` and ``<col>_mean``, ``<col>_std``, ``<col>_n`` for
+    each column (``_n`` counts the runs where the value is defined: forgetting of a one-experience
+    run is undefined, not 0). Groups are sorted by scenario, strategy, backbone, config.
     """
     columns = list(columns)
-    out_columns = [*GROUP, "n_runs", "seeds"] + [f"{c}_{s}" for c in columns for s in ("mean", "std", "n")]
+    runs = _with_config(runs)
+    out_columns = [*GROUP_KEYS, "n_runs", "seeds"] + [
+        f"{c}_{s}" for c in columns for s in ("mean", "std", "n")
+    ]
     if runs.empty:
         return pd.DataFrame(columns=out_columns)
-    values = runs[[*GROUP, *columns]].copy()
+    values = runs[[*GROUP_KEYS, *columns]].copy()
     for col in columns:
         values[col] = pd.to_numeric(values[col], errors="coerce").astype("float64")
-    grouped = values.groupby(GROUP, sort=True, dropna=False)
+    grouped = values.groupby(GROUP_KEYS, sort=True, dropna=False)
     stats = grouped[columns].agg(["mean", "std", "count"])
     stats.columns = [f"{c}_{'n' if s == 'count' else s}" for c, s in stats.columns]
-    seeds = runs.groupby(GROUP, sort=True, dropna=False)["seed"].agg(
-        lambda s: ",".join(str(v) for v in sorted(s.dropna().astype(int)))
+    seeds = runs.groupby(GROUP_KEYS, sort=True, dropna=False)["seed"].agg(
+        lambda s: ",".join(str(v) for v in sorted(pd.to_numeric(s, errors="coerce").dropna().astype(int)))
     )
     stats.insert(0, "seeds", seeds)
     stats.insert(0, "n_runs", grouped.size())
     return stats.reset_index()[out_columns]
 
 
+def overview_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """:func:`aggregate` of the completed runs over :data:`OVERVIEW_METRICS`, with every group of
+    ``runs`` (any status) and its ``n_failed`` and ``n_incomplete`` (status ``running``: crashed,
+    killed or still going) after ``n_runs``.
+
+    A group whose runs all failed has a row too, with ``n_runs`` 0 and no values: the overview
+    shows every experiment that was attempted, not only those that worked.
+    """
+    runs = _with_config(runs)
+    stats = aggregate(runs[runs["status"] == "ok"], OVERVIEW_METRICS)
+    counts = (
+        runs.assign(
+            n_failed=(runs["status"] == "failed").astype(int),
+            n_incomplete=(runs["status"] == "running").astype(int),
+        )
+        .groupby(GROUP_KEYS, sort=True, dropna=False)[["n_failed", "n_incomplete"]]
+        .sum()
+        .reset_index()
+    )
+    merged = counts.merge(stats, on=GROUP_KEYS, how="outer", sort=True)
+    merged["n_runs"] = merged["n_runs"].fillna(0).astype(int)
+    merged["seeds"] = merged["seeds"].fillna("")
+    for col in ("n_failed", "n_incomplete"):
+        merged[col] = merged[col].fillna(0).astype(int)
+    order = [*GROUP_KEYS, "n_runs", "n_failed", "n_incomplete"]
+    merged = merged.sort_values(GROUP_KEYS, kind="stable", na_position="last").reset_index(drop=True)
+    return merged[order + [c for c in stats.columns if c not in order]]
+
+
 def best_in_scenario(overview: pd.DataFrame, metrics: Iterable[str]) -> set[tuple[int, str]]:
     """``(row position, metric)`` pairs holding the best mean of their scenario.
 
     Direction follows :data:`LOWER_IS_BETTER`. Means are compared at the displayed precision
-    (3 decimals) so that ties are all marked; a scenario with a single group marks nothing.
+    (3 decimals) so that ties are all marked; a scenario with a single group of completed runs
+    marks nothing.
     """
     marks: set[tuple[int, str]] = set()
     for _, rows in overview.reset_index(drop=True).groupby("scenario", sort=False, dropna=False):
-        if len(rows) < 2:
+        if (rows["n_runs"] > 0).sum() < 2:
             continue
         for metric in metrics:
             means = rows[f"{metric}_mean"].round(3).dropna()
@@ -105,59 +263,37 @@ def best_in_scenario(overview: pd.DataFrame, metrics: Iterable[str]) -> set[tupl
     return marks
 
 
-def config_differences(records: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], list[str]]:
-    """Per group, the config keys (dotted) whose values differ between its runs, seeds excluded.
+def problems_frame(
+    records: Iterable[dict[str, Any]],
+    problems: Iterable[RecordProblem],
+    labels: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """Failed or incomplete runs (with their reason) and unreadable files, one row each.
 
-    Averaging runs that differ in, say, ``lr`` is rarely intended; the report names such keys next
-    to the group instead of hiding the mix.
+    ``labels`` are the :data:`CONFIG` labels of :func:`config_labels` over all records of the
+    report (by default over ``records`` alone); seeds are nullable integers.
     """
-    by_group: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for record in records:
-        row = run_row(record)
-        flat = pd.json_normalize(record.get("config") or {}, sep=".").iloc[0].to_dict()
-        by_group.setdefault(tuple(row[k] for k in GROUP), []).append(flat)
-    differences: dict[tuple[Any, ...], list[str]] = {}
-    for key, configs in by_group.items():
-        names = sorted({name for cfg in configs for name in cfg})
-        differing = [
-            name
-            for name in names
-            if not _SEED_LIKE.search(name) and len({repr(cfg.get(name)) for cfg in configs}) > 1
-        ]
-        if differing:
-            differences[key] = differing
-    return differences
-
-
-def problems_frame(records: Iterable[dict[str, Any]], problems: Iterable[RecordProblem]) -> pd.DataFrame:
-    """Failed or incomplete runs (with their reason) and unreadable files, one row each."""
+    records = list(records)
+    labels = config_labels(records) if labels is None else labels
+    identity = ("run_id", "status", "scenario", "strategy", "backbone")
     rows: list[dict[str, Any]] = []
     for record in records:
         row = run_row(record)
         rows.append(
             {
                 "kind": "failed" if row["status"] == "failed" else "incomplete",
-                **{k: row[k] for k in ("run_id", "status", "scenario", "strategy", "backbone", "seed")},
+                **{k: row[k] for k in identity},
+                CONFIG: labels.get(str(row["run_id"]), ""),
+                "seed": row["seed"],
                 "reason": failure_reason(record),
                 "path": row["path"],
             }
         )
-    rows.extend(
-        {
-            "kind": "unreadable",
-            "run_id": None,
-            "status": None,
-            "scenario": None,
-            "strategy": None,
-            "backbone": None,
-            "seed": None,
-            "reason": p.reason,
-            "path": str(p.path),
-        }
-        for p in problems
-    )
-    columns = ["kind", "run_id", "status", "scenario", "strategy", "backbone", "seed", "reason", "path"]
-    return pd.DataFrame(rows, columns=columns)
+    rows.extend({"kind": "unreadable", "reason": p.reason, "path": str(p.path)} for p in problems)
+    columns = ["kind", *identity, CONFIG, "seed", "reason", "path"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["seed"] = _int_column(frame["seed"])
+    return frame
 
 
 def failure_reason(record: dict[str, Any]) -> str:

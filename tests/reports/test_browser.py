@@ -85,7 +85,8 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert console == []
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
     assert title == "cl-bench report"
-    assert overview_rows == 4  # split-digits lora; synthetic finetune, lora, sora
+    # split-digits lora with 2 and with 12 experiences (two configurations); synthetic finetune, lora, sora
+    assert overview_rows == 5
     assert len(images) == report.read_text(encoding="utf-8").count("<img ")
     assert len(images) >= 15
     broken = [i["alt"] for i in images if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]

@@ -22,7 +22,7 @@ from cl_bench.results import find_records
 from reports import tables
 from reports.build import build_report, fmt_bytes, fmt_stat
 from tests.reports.conftest import Built
-from tests.reports.records import make_record, strategy_figures_record, write_record
+from tests.reports.records import last_row, make_record, strategy_figures_record, write_record
 
 CSV_NAMES = ("overview", "runs", "parameters", "resources", "variants", "excluded")
 
@@ -81,11 +81,13 @@ def test_failed_and_running_runs_are_listed_apart(standard_report: Built) -> Non
     assert "status running: 1 of 2 experiences recorded" in excluded_section
     runs_section = page[page.index('id="runs"') : page.index('id="excluded"')]
     assert "c-lora-s2-failed" not in runs_section
-    excluded = pd.read_csv(standard_report.out.with_name("report_excluded.csv"))
-    assert excluded[["run_id", "kind"]].values.tolist() == [
-        ["d-finetune-s1-running", "incomplete"],
-        ["c-lora-s2-failed", "failed"],
+    excluded_csv = standard_report.out.with_name("report_excluded.csv")
+    excluded = pd.read_csv(excluded_csv)
+    assert excluded[["run_id", "kind", "seed"]].values.tolist() == [
+        ["d-finetune-s1-running", "incomplete", 1],
+        ["c-lora-s2-failed", "failed", 2],
     ]
+    assert ",2,DivergenceError" in excluded_csv.read_text(encoding="utf-8")  # seeds as integers, not 2.0
     err = standard_report.stderr.splitlines()
     assert any("c-lora-s2-failed left out of the averages" in line for line in err)
 
@@ -258,14 +260,107 @@ def test_every_metric_formula_and_the_provenance_are_printed(standard_report: Bu
     assert "&#34;lr&#34;: 0.001" in page  # the resolved config, escaped
 
 
-def test_a_group_mixing_configurations_is_flagged(tmp_path: Path) -> None:
+def test_runs_of_different_configurations_are_separate_groups(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    write_record(runs, make_record("lr1", seed=0))
-    write_record(runs, make_record("lr2", seed=1, config_extra={"lr": 0.01}))
-    page = _build([runs], tmp_path / "report.html")
-    assert "mixed config" in page
-    assert "<code>lr</code>" in page
-    assert "<code>seed</code>" not in page
+    write_record(runs, make_record("r8-s0", seed=0, matrix=last_row(0.5)))
+    write_record(runs, make_record("r8-s1", seed=1, matrix=last_row(0.7)))
+    # differs only in keys that do not define the experiment: same group as the two above
+    provenance_only = {
+        "compile": True,
+        "cuda_graphs": False,
+        "log_every": 5,
+        "out": "elsewhere",
+        "overwrite": True,
+        "report": True,
+        "order_seed": 3,
+        "scenario_args": {"n_experiences": 2, "data_seed": 7},
+    }
+    write_record(runs, make_record("r8-s2", seed=2, matrix=last_row(0.6), config_extra=provenance_only))
+    r16 = {"strategy_args": {"r": 16}}
+    write_record(runs, make_record("r16-s0", seed=0, matrix=last_row(0.8), config_extra=r16))
+    write_record(runs, make_record("r16-s1", seed=1, matrix=last_row(0.9), config_extra=r16))
+    write_record(runs, make_record("r16-s2", seed=2, status="failed", config_extra=r16))
+    out = tmp_path / "report.html"
+    page = _build([runs], out)
+    overview = pd.read_csv(out.with_name("report_overview.csv"), keep_default_na=False)
+    assert overview[["strategy", "config", "n_runs", "n_failed", "seeds"]].values.tolist() == [
+        ["lora", "strategy_args.r=16", 2, 1, "0,1"],
+        ["lora", "strategy_args.r=8", 3, 0, "0,1,2"],
+    ]
+    assert overview["acc_final_mean"].tolist() == pytest.approx([0.85, 0.6])
+    assert "lora [strategy_args.r=16]" in page
+    assert "lora [strategy_args.r=8]" in page
+    assert "mixed config" not in page
+    params = pd.read_csv(out.with_name("report_parameters.csv"), keep_default_na=False)
+    assert params["config"].tolist() == ["strategy_args.r=16", "strategy_args.r=8"]
+    excluded = pd.read_csv(out.with_name("report_excluded.csv"), keep_default_na=False)
+    assert excluded["config"].tolist() == ["strategy_args.r=16"]
+
+
+def test_which_config_keys_define_the_experiment() -> None:
+    for key in (
+        "lr",
+        "strategy_args.r",
+        "precision",
+        "device",
+        "eval_batch_size",
+        "scenario_args.n_experiences",
+    ):
+        assert tables.defines_experiment(key), key
+    for key in (
+        "seed",
+        "order_seed",
+        "run_id",
+        "out",
+        "overwrite",
+        "report",
+        "log_every",
+        "compile",
+        "cuda_graphs",
+        "scenario_args.data_seed",
+        "scenario_args.split_seed",
+        "scenario_args.root",
+    ):
+        assert not tables.defines_experiment(key), key
+    older = make_record("old", seed=0)
+    newer = make_record("new", seed=1, config_extra={"eval_batch_size": 64, "lr": 0.01})
+    assert tables.config_labels([older, newer]) == {
+        "old": "eval_batch_size=unset, lr=0.001",
+        "new": "eval_batch_size=64, lr=0.01",
+    }
+    assert tables.config_labels([older, make_record("other-seed", seed=5)]) == {"old": "", "other-seed": ""}
+
+
+def test_failed_and_incomplete_runs_are_counted_in_the_overview(standard_report: Built) -> None:
+    overview = _overview(standard_report.out)
+    assert overview.loc[("synthetic", "lora"), ["n_runs", "n_failed", "n_incomplete"]].tolist() == [2, 1, 0]
+    assert overview.loc[("synthetic", "finetune"), ["n_runs", "n_failed", "n_incomplete"]].tolist() == [
+        1,
+        0,
+        1,
+    ]
+    assert overview.loc[("split-digits", "lora"), ["n_runs", "n_failed", "n_incomplete"]].tolist() == [
+        1,
+        0,
+        0,
+    ]
+    page = standard_report.page
+    assert '>2 <a class="excluded-n" href="#excluded">(+1 failed)</a></td>' in page
+    assert '>1 <a class="excluded-n" href="#excluded">(+1 incomplete)</a></td>' in page
+
+
+def test_a_group_whose_runs_all_failed_still_has_an_overview_row(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, make_record("lora-ok", "lora", seed=0))
+    write_record(runs, make_record("sora-0", "sora", seed=0, status="failed"))
+    write_record(runs, make_record("sora-1", "sora", seed=1, status="failed"))
+    out = tmp_path / "report.html"
+    page = _build([runs], out)
+    sora = _overview(out).loc[("synthetic", "sora")]
+    assert sora[["n_runs", "n_failed", "n_incomplete"]].tolist() == [0, 2, 0]
+    assert math.isnan(sora["acc_final_mean"])
+    assert '>0 <a class="excluded-n" href="#excluded">(+2 failed)</a></td>' in page
+    assert 'class="stat best"' not in page  # one group with values: nothing to compare
 
 
 def assert_self_contained(page: str) -> None:
