@@ -47,16 +47,20 @@ Implementation: per layer the bank lives in two preallocated stores, ``a_store``
 and ``bt_store`` [capacity, d_out] (B transposed, so a block is a contiguous row range; capacity =
 r * n_experiences, grown by doubling if exceeded). The trainable block (parameters ``A`` [r, d_in],
 ``B`` [d_out, r]) is written into its rows at every forward (2r rows, never the bank), so z and
-the output are single matmuls over one stacked matrix, with no Python loop over experts. A custom
-autograd function gives the gradient of x through all R ranks but computes the weight gradient of
-the new block only (a plain ``cat`` would compute it for all R ranks and discard most of it).
-Routing is O(N R): one ``torch.topk`` on z (same order as s: s is z times a positive per-token
-scale), a softmax over k entries and one scatter; it runs in float32 under bf16 autocast. For N
-tokens a layer costs 2 N R (d_in + d_out) flops forward, as much for the input gradient, and
-2 N r (d_in + d_out) for the weight gradient (a rank-r LoRA: 2 N r (d_in + d_out) for each of the
-three), and keeps z [N, R] for backward besides what a LoRA keeps. There is no host sync in the
-forward: the active-rank counters accumulate on the device and are read only by
-:meth:`MoRA.report`. Eval throughput as the bank grows is the loop's ``eval_samples_per_s``.
+the output are single matmuls over one stacked matrix, with no Python loop over experts. In
+training the whole layer is one autograd function (:class:`_MoRALayer`): the frozen GEMM, z, the
+routing and an ``addmm`` of ``B h`` onto the frozen output; its backward gives x the gradient
+through all R ranks (``g W0 + dz A`` in one GEMM and one ``addmm``) and computes the weight
+gradient of the new block only (a plain ``cat`` would compute it for all R ranks and discard
+most of it). Routing is O(N R) and lives in :mod:`strategies.mora.routing`: on CUDA two Triton
+kernels (one pass over z forward, one backward, in float32 registers), elsewhere ``torch.topk``
+on z (same order as s), a softmax over the k entries and one scatter. For N tokens a layer costs
+2 N R (d_in + d_out) flops forward, as much for the input gradient, and 2 N r (d_in + d_out) for
+the weight gradient (a rank-r LoRA: 2 N r (d_in + d_out) for each of the three), and keeps z
+[N, R] for backward besides what a LoRA keeps. There is no host sync in the forward: the
+active-rank counters accumulate on the device and are read only by :meth:`MoRA.report`, so the
+step can be replayed from a CUDA graph. Eval throughput as the bank grows is the loop's
+``eval_samples_per_s``. ``fused_routing = false`` takes the torch routing on CUDA too.
 """
 
 from __future__ import annotations
@@ -82,76 +86,65 @@ from cl_bench.errors import ConfigError
 from cl_bench.heads import Head
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext, adamw
-
-NORM_EPS = 1e-12  # F.normalize's default, as the official X-TAIL layer
-
-
-def self_activation(
-    z: torch.Tensor, k: int, tau: float, threshold: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Routing weights of the selected ranks: ``(w_sel, z_sel, idx)``, each [..., min(k, R)].
-
-    ``s = z / ||z||`` across the last (rank) axis; the top-k entries of the signed ``s`` get
-    ``softmax(s / tau)``; with ``threshold > 0`` (eval) entries with ``s < threshold`` become exactly
-    0, without renormalising. ``idx`` is None when every rank is selected (k >= R); otherwise the
-    dense weights are ``zeros.scatter(-1, idx, w_sel)``. The top-k is taken on z itself: dividing by
-    the positive norm keeps the order, and only k entries of s are then ever formed. The norm,
-    softmax and returned ``z_sel`` are in float32 at least (a bf16 z is read once by the norm and
-    the top-k, never copied whole to float32).
-    """
-    route_dtype = torch.promote_types(z.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=route_dtype).clamp_min(NORM_EPS)
-    if k < z.shape[-1]:
-        z_sel, idx = torch.topk(z, k, dim=-1)
-    else:
-        z_sel, idx = z, None
-    z_sel = z_sel.to(route_dtype)
-    s_sel = z_sel / norm
-    w_sel = torch.softmax(s_sel / tau, dim=-1)
-    if threshold > 0:
-        w_sel = torch.where(s_sel >= threshold, w_sel, torch.zeros_like(w_sel))
-    return w_sel, z_sel, idx
+from strategies.mora.routing import dense_weights, route, route_backward, route_reference
 
 
-class _BankLinear(torch.autograd.Function):
-    """``F.linear(x, weight)`` where ``weight`` stacks frozen bank ranks and a trainable ``tail``.
+class _MoRALayer(torch.autograd.Function):
+    """``y = W0 x + b + B_full route(A_full x)`` for training, one autograd node per layer.
 
-    ``tail_dim`` 0: the tail is the last r rows of ``weight`` [R, d_in] (the projection A);
-    ``tail_dim`` 1: the tail is its last r columns, ``weight`` [d_out, R] (the expansion B).
-    Backward: the gradient of x through every rank; the weight gradient of the tail only.
-    ``weight`` is kept as a ctx attribute, not saved with a version check: the trainable rows of
-    the store are rewritten (with the same values) by each forward, also between a forward and its
-    backward when a layer runs twice in one step.
+    ``a_full`` [R, d_in] and ``bt_full`` [R, d_out] stack the frozen bank and the trainable block
+    (its last r rows, written there by :meth:`MoRALinear.stacked`); ``A``/``B`` are the block's
+    parameters, which receive the gradient of those rows only. Forward: one GEMM for the frozen
+    layer, one for z, the routing, and one ``addmm`` adding ``h Bt_full`` onto the frozen output.
+    Backward: ``grad_h = g Bt_full^T``, the routing backward, then ``grad_x = g W0 + dz A_full``
+    (one GEMM and one ``addmm``) and the block's ``dz[:, -r:]^T x`` and ``g^T h[:, -r:]``. Only x
+    and z are kept (plus h's last r columns), as a LoRA keeps x and its skinny projection.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor, tail_dim: int
+        ctx: Any,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        layer: MoRALinear,
+        a_full: torch.Tensor,
+        bt_full: torch.Tensor,
     ) -> torch.Tensor:
-        r = tail.shape[tail_dim]
-        ctx.weight, ctx.tail_dim, ctx.r, ctx.tail_dtype = weight, tail_dim, r, tail.dtype
-        if ctx.needs_input_grad[2]:
-            ctx.save_for_backward(x if tail_dim == 0 else x[..., -r:].contiguous())
-        return F.linear(x, weight)
+        dtype = _compute_dtype(x)
+        shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            weight = layer.base.weight.to(dtype)
+            bias = None if layer.base.bias is None else layer.base.bias.to(dtype)
+            Af, Btf = a_full.to(dtype), bt_full.to(dtype)
+            z = x2 @ Af.t()
+            h, counts = route(z.detach(), layer.k, layer.tau, fused=layer.fused)
+            layer.count(counts, training=True)
+            y = torch.addmm(F.linear(x2, weight, bias), h, Btf)
+        r = A.shape[0]
+        ctx.save_for_backward(x2, z, h[:, -r:].contiguous(), weight)
+        # the stores are rewritten (with the same values) by every forward, also between a forward
+        # and its backward when a layer runs twice in one step: kept without a version check
+        ctx.Af, ctx.Btf = Af, Btf
+        ctx.meta = (shape, x.dtype, r, A.dtype, B.dtype, layer.k, layer.tau, layer.fused)
+        return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
-        grad_x = grad @ ctx.weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_tail = None
-        if ctx.needs_input_grad[2]:
-            (saved,) = ctx.saved_tensors
-            g = grad.reshape(-1, grad.shape[-1])
-            s = saved.reshape(-1, saved.shape[-1]).to(g.dtype)
-            grad_tail = g[:, -ctx.r :].t() @ s if ctx.tail_dim == 0 else g.t() @ s
-            grad_tail = grad_tail.to(ctx.tail_dtype)
-        return grad_x, None, grad_tail, None
-
-
-def _bank_linear(x: torch.Tensor, weight: torch.Tensor, tail: nn.Parameter, tail_dim: int) -> torch.Tensor:
-    """:class:`_BankLinear` when a gradient is wanted, a plain ``F.linear`` otherwise (eval)."""
-    if torch.is_grad_enabled() and (tail.requires_grad or x.requires_grad):
-        return _BankLinear.apply(x, weight, tail, tail_dim)
-    return F.linear(x, weight)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, z, h_tail, weight = ctx.saved_tensors
+        Af, Btf = ctx.Af, ctx.Btf
+        shape, x_dtype, r, a_dtype, b_dtype, k, tau, fused = ctx.meta
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+            grad_h = g @ Btf.t()
+            dz = route_backward(z, grad_h, k, tau, fused=fused)
+            grad_A = (dz[:, -r:].t() @ x2).to(a_dtype) if ctx.needs_input_grad[1] else None
+            grad_B = (g.t() @ h_tail).to(b_dtype) if ctx.needs_input_grad[2] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.addmm(g @ weight, dz, Af).reshape(shape).to(x_dtype)
+        return grad_x, grad_A, grad_B, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -175,12 +168,21 @@ class MoRALinear(AdaptedLinear):
     n_tokens: torch.Tensor
 
     def __init__(
-        self, base: nn.Linear, r: int, topk: int, tau: float, threshold: float, capacity: int = 0
+        self,
+        base: nn.Linear,
+        r: int,
+        topk: int,
+        tau: float,
+        threshold: float,
+        capacity: int = 0,
+        *,
+        fused: bool = True,
     ) -> None:
         super().__init__(base)
         if r < 1 or topk < 1 or tau <= 0 or not 0 <= threshold <= 1:
             raise ValueError(f"bad MoRA layer settings r={r} topk={topk} tau={tau} delta={threshold}")
         self.r, self.k, self.tau, self.threshold = r, max(topk, 2), tau, threshold
+        self.fused = fused  # Triton routing kernels on CUDA (False: the reference everywhere)
         self.n_old = 0  # ranks in the frozen bank
         device, rows = base.weight.device, max(capacity, r)
         self.register_buffer("a_store", torch.zeros(rows, base.in_features, device=device), persistent=False)
@@ -242,26 +244,54 @@ class MoRALinear(AdaptedLinear):
         return [self.bank_a, self.bank_b, self.A, self.B] if self.n_old else [self.A, self.B]
 
     # -- forward -------------------------------------------------------------------------------
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: the fused layer (:class:`_MoRALayer`); without gradients: the same function
+        in three GEMMs and the routing; eval with gradients (tests, analysis): the reference."""
         A_full, B_full = self.stacked()
+        wants_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.A.requires_grad or self.B.requires_grad
+        )
+        if wants_grad and self.training:
+            out: torch.Tensor = _MoRALayer.apply(x, self.A, self.B, self, A_full, B_full.t())
+            return out
+        if wants_grad:
+            return self.base(x) + self.delta(x)
         dtype = _compute_dtype(x)
-        z = _bank_linear(x.to(dtype), A_full.to(dtype), self.A, 0)
-        w_sel, z_sel, idx = self_activation(z, self.k, self.tau, 0.0 if self.training else self.threshold)
-        h = (w_sel * z_sel).to(dtype)
-        if idx is not None:
-            h = torch.zeros_like(z).scatter(-1, idx, h)
-        mode = 0 if self.training else 1
-        self.active_sum.select(0, mode).add_(torch.count_nonzero(w_sel))
-        self.n_tokens.select(0, mode).add_(w_sel.numel() // w_sel.shape[-1])
-        return _bank_linear(h, B_full.to(dtype), self.B, 1)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            bias = None if self.base.bias is None else self.base.bias.to(dtype)
+            z = x2 @ A_full.to(dtype).t()
+            h, counts = route(z, self.k, self.tau, self.gate, fused=self.fused)
+            self.count(counts, training=self.training)
+            y = torch.addmm(F.linear(x2, self.base.weight.to(dtype), bias), h, B_full.t().to(dtype))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @property
+    def gate(self) -> float:
+        """The eval-only activation gate delta (0 in training)."""
+        return 0.0 if self.training else self.threshold
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``B (w * z)`` alone by the reference routing and plain autograd over ``[bank; block]``."""
+        A_full = torch.cat([self.bank_a, self.A])
+        B_full = torch.cat([self.bank_b, self.B], dim=1)
+        dtype = _compute_dtype(x)
+        z = F.linear(x.to(dtype), A_full.to(dtype))
+        h, counts = route_reference(z, self.k, self.tau, self.gate)
+        self.count(counts, training=self.training)
+        return F.linear(h, B_full.to(dtype))
 
     @torch.no_grad()
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Dense routing weights w [..., R] of the current mode (for inspection and tests)."""
         A_full, _ = self.stacked()
-        z = F.linear(x.to(A_full.dtype), A_full)
-        w_sel, _, idx = self_activation(z, self.k, self.tau, 0.0 if self.training else self.threshold)
-        return w_sel if idx is None else torch.zeros_like(z, dtype=w_sel.dtype).scatter(-1, idx, w_sel)
+        return dense_weights(F.linear(x.to(A_full.dtype), A_full), self.k, self.tau, self.gate)
+
+    def count(self, counts: torch.Tensor, *, training: bool) -> None:
+        """Add the non-zero routing weights of ``counts`` (one per token) to the device counters."""
+        mode = 0 if training else 1
+        self.active_sum.select(0, mode).add_(counts.sum())
+        self.n_tokens.select(0, mode).add_(counts.numel())
 
     # -- measurements and state ----------------------------------------------------------------
     def reset_counts(self) -> None:
@@ -296,6 +326,7 @@ class MoRAConfig(StrategyConfig):
     use_image_to_text: bool = True
     use_text_to_image: bool = True
     normalize_text_targets: bool = False  # official: raw multi-hot targets
+    fused_routing: bool = True  # CUDA: the Triton routing kernels (false: the torch reference)
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -340,7 +371,9 @@ class MoRA(Strategy):
         capacity = cfg.r * max(1, ctx.n_experiences)
         self._adapters: dict[str, MoRALinear] = inject(
             self.backbone,
-            lambda linear, block, role: MoRALinear(linear, cfg.r, cfg.topk, cfg.tau, cfg.delta, capacity),
+            lambda linear, block, role: MoRALinear(
+                linear, cfg.r, cfg.topk, cfg.tau, cfg.delta, capacity, fused=cfg.fused_routing
+            ),
             roles=cfg.roles,
             towers=available_towers(self.backbone, cfg.towers),
         )
