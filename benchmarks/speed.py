@@ -73,10 +73,16 @@ class Row:
     note: str = ""
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    mode: str = (
+        ""  # "graphs" (cl-bench run's default on CUDA), "eager", "compiled"; ratios compare within a mode
+    )
+    strategy: str = ""  # registry name of the strategy the row trains ("" for reference rows)
 
 
 class PeftLoRA(Strategy):
     """The reference: HF peft's LoRA layers injected into the same model, trained by the same step."""
+
+    graph_safe = True  # its forward reads parameters only: the graph runner applies as to ours
 
     def __init__(self, cfg: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)
@@ -174,18 +180,24 @@ def _inputs(
     return x, y
 
 
+GRAPH_WARMUP_LIMIT = 200  # steps: a strategy with several graph keys (DyLoRA: one per rank) warms up longer
+
+
 def measure(
     strategy: Strategy,
     s: Setting,
     *,
     experiences: int = 1,
     compile_towers: bool = False,
-    graphs: bool = False,
-) -> Row:
-    """Train-step and eval throughput of ``strategy`` after ``experiences`` experience boundaries.
+    modes: tuple[str, ...] = ("graphs", "eager"),
+) -> dict[str, Row]:
+    """Train-step throughput and peak memory of ``strategy`` in each mode, then its eval throughput.
 
-    ``graphs``: the step as ``cl-bench run`` takes it on CUDA (``cuda_graphs = true``), forward and
-    backward replayed from CUDA graphs where the strategy allows it; otherwise eager.
+    ``graphs``: the step as ``cl-bench run`` takes it on CUDA (``cuda_graphs = true``): forward and
+    backward replayed from CUDA graphs where the strategy allows it (warmed up until every key it
+    uses has been captured, so captures are not timed); ``eager``: every kernel launched from
+    Python. The peak is measured from before the warm-up: a graph's capture allocates its
+    activations there, once. Both modes continue training the same model and optimizer.
     """
     device = torch.device(s.device)
     strategy.train()
@@ -200,32 +212,57 @@ def measure(
     x, y = _inputs(s, s.batch, size, device)
     y = y + info.classes[0]
     counter = iter(range(10**9))
-    runner = loop.step_graphs(strategy, info, device=device, precision=s.precision) if graphs else None
+    rows: dict[str, Row] = {}
+    for mode in modes:
+        graphs = mode == "graphs" and strategy.graph_key() is not None and device.type == "cuda"
+        if mode == "graphs" and not graphs:
+            continue
+        runner = loop.step_graphs(strategy, info, device=device, precision=s.precision) if graphs else None
 
-    def step() -> None:
-        loop.train_step(
-            strategy,
-            optimizer,
-            None,
-            x,
-            y,
-            info,
-            next(counter),
-            device=device,
-            precision=s.precision,
-            graphs=runner,
+        def step(runner: Any = runner) -> None:
+            loop.train_step(
+                strategy,
+                optimizer,
+                None,
+                x,
+                y,
+                info,
+                next(counter),
+                device=device,
+                precision=s.precision,
+                graphs=runner,
+            )
+
+        _reset_peak(device)
+        for _ in range(s.warmup * (3 if compile_towers else 1)):
+            step()
+        if runner is not None:  # until the last s.warmup steps all replayed a captured graph
+            for _ in range(GRAPH_WARMUP_LIMIT):
+                replays = runner.n_replays
+                for _ in range(s.warmup):
+                    step()
+                if runner.n_replays - replays == s.warmup:
+                    break
+        train = _rate(step, s.batch, s, device)
+        row = Row(
+            strategy.__class__.__name__,
+            train,
+            peak_train_bytes=_peak(device),
+            mode=("compiled+" if compile_towers else "") + ("graphs" if graphs else "eager"),
         )
-
-    for _ in range(s.warmup * (3 if compile_towers else 1)):
-        step()
-    _reset_peak(device)
-    train = _rate(step, s.batch, s, device)
-    peak_train = _peak(device)
-    optimizer.zero_grad(set_to_none=True)
+        if runner is not None:
+            row.extra = {"graphs_captured": runner.n_captured, "eager_steps": runner.n_eager}
+        rows[mode] = row
+        del runner
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     optimizer.state.clear()  # free the moments before the eval measurement
-    row = Row(strategy.__class__.__name__, train, None, peak_train)
-    row.eval_samples_per_s, row.peak_eval_bytes = measure_eval(strategy, s)
-    return row
+    eval_rate, eval_peak = measure_eval(strategy, s)
+    for row in rows.values():
+        row.eval_samples_per_s, row.peak_eval_bytes = eval_rate, eval_peak
+    return rows
 
 
 def measure_eval(strategy: Strategy, s: Setting) -> tuple[float, int | None]:
@@ -389,11 +426,20 @@ STRATEGY_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
 # The same rows with ``--set compile=true`` (skipped by --quick: inductor needs minutes on a CPU).
 COMPILED_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("lora (compiled)", "lora", {}, 1),
-    ("dylora (compiled)", "dylora", {}, 1),
-    ("sora (compiled)", "sora", {}, 1),
-    ("allora (compiled)", "allora", {}, 1),
     ("mora (10 exps, compiled)", "mora", {}, 10),
 )
+
+
+def _named(rows: dict[str, Row], name: str, strategy: str, note: str = "") -> list[Row]:
+    """Name the rows of one strategy: ``name`` for ``cl-bench run``'s default path (graphs on CUDA
+    where the strategy is graph-safe), ``name (eager)`` for the eager step beside it."""
+    out = []
+    for mode, row in rows.items():
+        both = "graphs" in rows and "eager" in rows
+        row.name = f"{name} (eager)" if both and mode == "eager" else name
+        row.strategy, row.note = strategy, note
+        out.append(row)
+    return out
 
 
 def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> list[Row]:
@@ -402,28 +448,30 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
     def wanted(name: str) -> bool:
         return only is None or name in only
 
+    modes = ("eager",) if s.device != "cuda" else ("graphs", "eager")
     if wanted("forward-only"):
         with _guard(rows, "forward-only"):
             rows.append(measure_forward_only(s))
     if wanted("peft-lora"):
         with _guard(rows, "peft-lora"):
-            row = measure(build("peft-lora", s, cls=PeftLoRA), s)
-            row.name, row.note = "peft-lora", "HF peft LoRA r=8 on the same layers"
-            rows.append(row)
+            measured = measure(build("peft-lora", s, cls=PeftLoRA), s, modes=modes)
+            rows.extend(_named(measured, "peft-lora", "peft-lora", "HF peft LoRA r=8 on the same layers"))
     for name, strategy, args, experiences in STRATEGY_ROWS:
         if not wanted(name) or strategy not in STRATEGIES:
             continue
         with _guard(rows, name):
-            row = measure(build(strategy, s, args), s, experiences=experiences)
-            row.name = name
-            rows.append(row)
+            measured = measure(build(strategy, s, args), s, experiences=experiences, modes=modes)
+            rows.extend(_named(measured, name, strategy))
     for name, strategy, args, experiences in COMPILED_ROWS:
         if quick or not wanted(name) or strategy not in STRATEGIES:
             continue
         with _guard(rows, name):
-            row = measure(build(strategy, s, args), s, experiences=experiences, compile_towers=True)
-            row.name, row.note = name, "--set compile=true: every block under torch.compile"
-            rows.append(row)
+            measured = measure(
+                build(strategy, s, args), s, experiences=experiences, compile_towers=True, modes=("graphs",)
+            )
+            rows.extend(
+                _named(measured, name, strategy, "--set compile=true: every block under torch.compile")
+            )
     if wanted("forward-only (compiled)") and not quick:
         with _guard(rows, "forward-only (compiled)"):
             rows.append(measure_forward_only(s, compile_towers=True))
@@ -433,14 +481,31 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
     if wanted("e2e"):
         with _guard(rows, "e2e lora split-cifar100"), tempfile.TemporaryDirectory() as tmp:
             rows.append(measure_end_to_end(s, Path(tmp), quick=quick))
+    _note_lisa_memory(rows)
     return rows
 
 
+def _note_lisa_memory(rows: list[Row]) -> None:
+    """LISA's target is memory: its peak next to full fine-tuning's in the same (eager) mode."""
+    for lisa in (r for r in rows if r.strategy == "lisa" and not r.error):
+        finetune = next(
+            (r for r in rows if r.strategy == "finetune" and r.mode == lisa.mode and not r.error), None
+        )
+        if finetune and finetune.peak_train_bytes and lisa.peak_train_bytes:
+            share = lisa.peak_train_bytes / finetune.peak_train_bytes
+            lisa.note = f"peak train memory {share:.2f}x finetune's ({lisa.mode}); runs eagerly"
+
+
 def table(rows: list[Row]) -> str:
-    """The printed table: throughput, ratios to lora and to peft, memory, notes."""
-    by_name = {r.name: r for r in rows}
-    lora = by_name.get("lora")
-    peft = by_name.get("peft-lora")
+    """The printed table: throughput, ratios to lora and to peft in the same mode, memory, notes.
+
+    ``vs peft eager`` compares with HF peft as people run it (an eager loop); ``vs lora`` and
+    ``vs peft`` compare with the same mode (graphs with graphs, eager with eager).
+    """
+    reference = {(r.strategy, r.mode): r for r in rows if not r.error}
+
+    def same_mode(r: Row, strategy: str) -> Row | None:
+        return reference.get((strategy, r.mode)) if r.mode else reference.get((strategy, "graphs"))
 
     def ratio(value: float | None, ref: Row | None, attr: str) -> str:
         base = getattr(ref, attr) if ref else None
@@ -454,9 +519,11 @@ def table(rows: list[Row]) -> str:
 
     header = (
         "row",
+        "mode",
         "train/s",
         "vs lora",
         "vs peft",
+        "vs peft eager",
         "eval/s",
         "eval vs lora",
         "peak train GiB",
@@ -465,16 +532,20 @@ def table(rows: list[Row]) -> str:
         "note",
     )
     lines = [header]
+    peft_eager = reference.get(("peft-lora", "eager"))
     for r in rows:
         if r.error:
-            lines.append((r.name, "ERROR", "", "", "", "", "", "", "", r.error[:80]))
+            lines.append((r.name, r.mode, "ERROR", "", "", "", "", "", "", "", "", r.error[:80]))
             continue
+        lora, peft = same_mode(r, "lora"), same_mode(r, "peft-lora")
         lines.append(
             (
                 r.name,
+                r.mode or "-",
                 num(r.train_samples_per_s),
                 ratio(r.train_samples_per_s, lora, "train_samples_per_s"),
                 ratio(r.train_samples_per_s, peft, "train_samples_per_s"),
+                ratio(r.train_samples_per_s, peft_eager, "train_samples_per_s"),
                 num(r.eval_samples_per_s),
                 ratio(r.eval_samples_per_s, lora, "eval_samples_per_s"),
                 gib(r.peak_train_bytes),

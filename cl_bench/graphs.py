@@ -63,6 +63,11 @@ class StepGraphs:
         self.n_replays = 0
         self.n_eager = 0
 
+    @property
+    def n_captured(self) -> int:
+        """Graphs captured so far (one per key and input shape)."""
+        return len(self._graphs)
+
     def __call__(self, key: Hashable | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward + loss + backward of one step; returns the detached loss."""
         if key is None:

@@ -26,15 +26,18 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
     assert rows["loraprune sliced 50%"].extra["sparsity"] > 0.4
 
 
-def test_table_gives_ratios_to_lora_and_peft_and_shows_errors() -> None:
+def test_table_gives_ratios_within_a_mode_and_to_eager_peft_and_shows_errors() -> None:
     rows = [
-        Row("peft-lora", 100.0, 200.0, 2 * 2**30),
-        Row("lora", 150.0, 300.0, 2**30),
-        Row("sora", error="RuntimeError: boom"),
+        Row("peft-lora", 120.0, 200.0, 2 * 2**30, strategy="peft-lora", mode="graphs"),
+        Row("peft-lora (eager)", 100.0, 200.0, 2 * 2**30, strategy="peft-lora", mode="eager"),
+        Row("lora", 300.0, 300.0, 2**30, strategy="lora", mode="graphs"),
+        Row("lora (eager)", 150.0, 300.0, 2**30, strategy="lora", mode="eager"),
+        Row("sora", error="RuntimeError: boom", strategy="sora", mode="graphs"),
     ]
-    text = table(rows)
-    lora_line = next(line for line in text.splitlines() if line.startswith("lora "))
-    assert "1.50x" in lora_line  # train vs peft
-    assert "0.50x" not in lora_line
-    assert "ERROR" in text
-    assert "RuntimeError: boom" in text
+    lines = {line.split("  ")[0].strip(): line for line in table(rows).splitlines()}
+    assert "2.50x" in lines["lora"]  # graphs vs graphed peft
+    assert "3.00x" in lines["lora"]  # vs peft as people run it (eager)
+    assert "1.50x" in lines["lora (eager)"]  # eager vs eager peft
+    assert "2.00x" not in lines["lora (eager)"]  # never compared with the graphed lora
+    assert "ERROR" in lines["sora"]
+    assert "RuntimeError: boom" in lines["sora"]
