@@ -31,7 +31,7 @@ from cl_bench.heads import make_head
 from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from cl_bench.results import ExperienceRecord, RunResult
 from cl_bench.scenario import Scenario
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyContext
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyContext, nothing
 
 log = logging.getLogger("cl_bench")
 
@@ -177,13 +177,14 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
         steps_per_experience=steps,
         batch_size=cfg.batch_size,
     )
+    backbone_info = {**vars(backbone.info()), "n_classes": scenario.n_classes}  # before any adapter
     strategy = p.strategy_cls(p.strategy_cfg, backbone, head, ctx)
     place(strategy, device, precision, compile_towers=cfg.compile)
     augment = scenario.augmentations if cfg.augment else ()
     preprocess = Preprocess(backbone.image_size, backbone.mean, backbone.std, device, augment)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     record.scenario = scenario.describe()
-    record.backbone = {**vars(backbone.info()), "n_classes": scenario.n_classes}
+    record.backbone = backbone_info
     T, C = scenario.n_experiences, scenario.n_classes
     all_classes = torch.arange(C, device=device)
     per_exp = scenario.classes_per_experience
@@ -336,7 +337,10 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
     bar.close()
 
     variants: dict[str, Any] = {}
-    for label, make_context in strategy.final_variants().items():
+    final_variants = strategy.final_variants()
+    if final_variants:  # the unchanged model again, first: the speed baseline of the variants
+        final_variants = {"main": nothing, **final_variants}
+    for label, make_context in final_variants.items():
         with make_context():
             memory.reset_peak(device)
             correct, _, seconds = evaluate_row(T - 1, None)
