@@ -7,6 +7,7 @@ iterating the dataset item by item.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,14 @@ def class_order(n_classes: int, cfg: StreamConfig, order_seed: int) -> list[int]
     return [int(c) for c in np.random.default_rng(order_seed).permutation(n_classes)]
 
 
+def _quiet_avalanche_import() -> None:
+    """Avalanche imports qpsolvers, which warns on every run that no QP solver is installed (only
+    Avalanche's GEM/A-GEM strategies need one; cl-bench uses none): silence that one warning."""
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+
+
 def _avalanche_dataset(source: ImageSource) -> Any:
+    _quiet_avalanche_import()
     from avalanche.benchmarks.utils import DataAttribute
     from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
 
@@ -71,6 +79,7 @@ def make_scenario(
     metadata: dict[str, Any] | None = None,
 ) -> Scenario:
     """Split the classes into ``cfg.n_experiences`` equal experiences and wrap them in a Scenario."""
+    _quiet_avalanche_import()
     from avalanche.benchmarks.scenarios import (
         class_incremental_benchmark,
         task_incremental_benchmark,
