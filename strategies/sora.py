@@ -25,12 +25,19 @@ Sparsifying scheduler (Algorithm 1, the official ``lambda_schedule``): xi is ste
 list of stages. In continual learning one stage lasts ``experiences_per_stage`` experiences (one
 by default), so xi grows as the stream goes on: the explicit list ``xi``, or ``xi_schedule``
 (``linear`` / ``log_linear`` / ``exp_linear`` as in the official code) from ``xi_start`` to
-``xi_end`` over ceil(n_experiences / experiences_per_stage) stages. The defaults (0 -> 0.5 in
-step-size units) follow the official schedule script (xi_0 = 0, xi_max = 7e-4 at lr 1.2e-3, about
-0.6 step sizes). An Adam step moves a gate by about its learning rate, so in paper mode a gate
-survives only while its normalised gradient drift exceeds xi (xi >= 1 kills every gate
-eventually), and a gate of size |g| needs about |g| / (gate_lr * xi) steps to die: short
-experiences sparsify little unless ``gate_lr`` is raised.
+``xi_end`` over ceil(n_experiences / experiences_per_stage) stages. The defaults depend on the
+threshold mode, since xi is in step-size units in one and absolute in the other; both follow the
+official RTE schedule script (STRATEGIES.md Part B §3, Defaults: xi_0 = 0, xi_max = 7e-4 at
+lr 1.2e-3, 7 stages; the no-schedule scripts use xi = 3e-4):
+- ``paper``: 0 -> 0.5 step sizes (7e-4 / 1.2e-3 is about 0.6, rounded down);
+- ``code``: 0 -> 7e-4, absolute, as ``sparse_lambda_2``. Paper mode's 0.5 as an absolute
+  threshold would shrink every gate by 0.5 a step and kill them all within a few steps.
+``xi_end`` left unset takes its mode's value (``XI_END``); ``xi_start`` is 0 in both; values
+given explicitly are kept as they are. An Adam step moves a gate by about its learning rate, so
+in paper mode a gate survives only while its normalised gradient drift exceeds xi (xi >= 1
+kills every gate eventually), and a gate of size |g| needs about |g| / (gate_lr * xi) steps to
+die: short experiences sparsify little unless ``gate_lr`` is raised. In code mode a gate of
+size |g| needs about |g| / xi steps, whatever the learning rate.
 
 Further choices (STRATEGIES.md Part A and Part B §3):
 - the gate optimizer is Adam without weight decay, learning rate ``gate_lr`` (0: the run's lr,
@@ -74,6 +81,13 @@ from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
 Threshold = Literal["paper", "code"]
 XiSchedule = Literal["linear", "log_linear", "exp_linear"]
 
+# Default last xi of the sparsifying schedule per threshold mode (xi_start is 0 in both, the
+# official schedule script's xi_0). Code mode: xi is absolute, the schedule script's xi_max = 7e-4
+# (STRATEGIES.md Part B §3, Defaults: RTE, lr 1.2e-3; the no-schedule script uses 3e-4). Paper
+# mode: lambda = eta_t * xi, so xi is in step-size units: 7e-4 / 1.2e-3 is about 0.6 step sizes,
+# rounded down to 0.5. Paper mode's 0.5 used as an absolute code-mode xi would kill every gate.
+XI_END: dict[str, float] = {"paper": 0.5, "code": 7e-4}
+
 
 def soft_threshold(u: torch.Tensor, lam: float) -> torch.Tensor:
     """``T_lam(u) = sign(u) max(|u| - lam, 0)`` (the paper's soft-threshold), as ``u - clamp(u, -lam, lam)``.
@@ -96,6 +110,7 @@ def xi_stages(cfg: SoRAConfig, n_experiences: int) -> list[float]:
         return list(cfg.xi)
     n = max(1, math.ceil(n_experiences / cfg.experiences_per_stage))
     a, b = cfg.xi_start, cfg.xi_end
+    assert b is not None  # resolved per threshold mode in SoRAConfig.__post_init__
     if cfg.xi_schedule == "linear":
         values = np.linspace(a, b, n)
     elif cfg.xi_schedule == "log_linear":
@@ -155,7 +170,7 @@ class SoRAConfig(StrategyConfig):
     xi: tuple[float, ...] = ()  # explicit xi per stage (overrides xi_schedule); the last one repeats
     xi_schedule: XiSchedule = "linear"
     xi_start: float = 0.0  # paper mode: in units of the gate learning rate; code mode: absolute
-    xi_end: float = 0.5
+    xi_end: float | None = None  # None: XI_END[threshold], 0.5 (paper) or 7e-4 (code)
     experiences_per_stage: int = 1
     gate_lr: float = 0.0  # 0: the run's learning rate
     l1: float = 0.0  # the official code's sparse_lambda (L1 on the gates); not in the paper
@@ -168,6 +183,10 @@ class SoRAConfig(StrategyConfig):
             raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
         if self.alpha <= 0:
             raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
+        if self.threshold not in XI_END:  # config.build checks the Literal; direct construction too
+            raise ConfigError(f"strategy.threshold must be one of paper, code, got {self.threshold!r}")
+        if self.xi_end is None:  # resolved here, so the run record holds the value used
+            object.__setattr__(self, "xi_end", XI_END[self.threshold])
         for name in ("xi_start", "xi_end", "gate_lr", "l1"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):

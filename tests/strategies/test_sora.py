@@ -16,6 +16,7 @@ from cl_bench import config
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
 from strategies.sora import (
+    XI_END,
     SoRA,
     SoRAConfig,
     SoRALinear,
@@ -288,6 +289,36 @@ def test_xi_schedule_one_stage_per_experience_growing_along_the_stream() -> None
     listed = build(xi=[0.5, 0.25])
     listed.before_experience(experience_info(2, (0,), 4))
     assert listed.xi == 0.25  # the last stage repeats
+
+
+def test_xi_defaults_depend_on_the_threshold_mode_and_explicit_values_are_kept() -> None:
+    """Paper mode: xi in step-size units, 0 -> 0.5; code mode: absolute, 0 -> 7e-4 (the official
+    schedule script's xi_max, STRATEGIES.md Part B §3)."""
+    paper = config.build(SoRAConfig, {}, "sora")
+    code = config.build(SoRAConfig, {"threshold": "code"}, "sora")
+    assert (paper.xi_start, paper.xi_end) == (0.0, 0.5) == (0.0, XI_END["paper"])
+    assert (code.xi_start, code.xi_end) == (0.0, 7e-4) == (0.0, XI_END["code"])
+    assert xi_stages(code, 8) == pytest.approx(np.linspace(0.0, 7e-4, 8).tolist())
+    assert config.build(SoRAConfig, {"threshold": "code", "xi_end": 0.5}, "sora").xi_end == 0.5
+    assert config.build(SoRAConfig, {"xi_end": 7e-4}, "sora").xi_end == 7e-4
+    assert SoRAConfig(threshold="code").xi_end == 7e-4  # direct construction resolves it too
+    assert config.to_dict(code)["xi_end"] == 7e-4  # the run record holds the value used
+
+
+@pytest.mark.parametrize("threshold", ["paper", "code"])
+def test_default_xi_keeps_the_gates_alive_over_a_short_run(run_quick, threshold: str) -> None:
+    """12 steps per experience at the last stage's xi: an absolute xi of 0.5 in code mode would
+    shrink every gate by 0.5 a step and kill all of them (|g| < 6.5 dies in 12 steps)."""
+    record = run_quick("sora", strategy_args={"threshold": threshold}, steps=12)
+    assert record.status == "ok"
+    last = record.experiences[-1].strategy
+    assert last["xi"] == XI_END[threshold]
+    assert last["live_gates"] >= 0.9 * last["total_gates"]
+    if threshold == "code":
+        assert last["threshold"] == 7e-4
+    else:  # lambda = eta_t * xi at the last step of a cosine schedule from the default lr
+        assert 0.0 < last["threshold"] < SoRA.default_lr * 0.5
+    assert record.config["strategy_args"]["xi_end"] == XI_END[threshold]
 
 
 def test_l1_term_is_added_to_the_loss() -> None:
