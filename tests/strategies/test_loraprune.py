@@ -191,6 +191,82 @@ def test_pruning_rounds_follow_the_schedule_and_masks_are_monotone() -> None:
     assert strategy.report()["sparsity"] == report["scalars"]["achieved_sparsity"]
 
 
+def zeroed(group: Any) -> list[int]:
+    """Indices of the pruned heads/channels of a group, ascending."""
+    return torch.nonzero(group.mask == 0).flatten().tolist()
+
+
+def least_important(importance: torch.Tensor, pruned: list[int], k: int) -> list[int]:
+    """``argsort(importance)[:k]`` with the already-pruned groups ranked lowest (counted among the k)."""
+    score = importance.clone()
+    score[pruned] = -math.inf
+    return sorted(torch.argsort(score)[:k].tolist())
+
+
+def distinct_importance(n: int, seed: int) -> torch.Tensor:
+    """The values 1..n in a random order (no ties)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).float() + 1.0
+
+
+@pytest.mark.parametrize("kind", ["attn", "mlp"])
+def test_prune_to_zeroes_the_least_important_groups(kind: str) -> None:
+    """With a pruned group that now has the highest (stale) importance and a live one at 0: the
+    zeroed set is argsort(importance)[:floor(ratio n)], the pruned group counted among them."""
+    strategy = make()
+    group = next(g for g in strategy.groups if g.kind == kind)
+    n = group.n
+    importance = distinct_importance(n, seed=0)
+    dead = int(torch.argmin(importance))
+    group.importance.copy_(importance)
+    group.prune_to(1.5 / n)  # floor(1.5) = 1: only the least important group
+    assert zeroed(group) == [dead]
+    importance = distinct_importance(n, seed=1)
+    importance[dead] = n + 1.0  # the pruned group would now rank highest
+    live = [j for j in range(n) if j != dead]
+    zero = live[int(torch.argmax(importance[live]))]
+    importance[zero] = 0.0  # the most important live group drops to 0: just above the pruned one
+    group.importance.copy_(importance)
+    ratio = 0.75
+    k = math.floor(ratio * n)
+    group.prune_to(ratio)
+    expected = least_important(importance, [dead], k)
+    assert zeroed(group) == expected
+    assert len(expected) == k
+    assert dead in expected
+    assert zero in expected
+    assert expected != sorted(torch.argsort(importance)[:k].tolist())  # dead is counted, not re-ranked
+    assert torch.equal(group.importance, importance)  # pruning leaves the importance alone
+    for layer in group.fan_out:
+        assert torch.equal(layer.mask, group.mask.repeat_interleave(group.size))
+
+
+def test_pruning_rounds_zero_the_least_important_groups_of_every_layer() -> None:
+    """Through the strategy's hook at two pruning steps (T = 100, ratio 0.9: steps 30 and 80)."""
+    strategy = make(steps=(50, 50), ratio=0.9)
+    first: dict[str, list[int]] = {}
+    for round_, step in enumerate((30, 80)):
+        target = strategy.target(step)
+        assert 0.0 < target < 0.9
+        set_to = {}
+        for i, group in enumerate(strategy.groups):
+            importance = distinct_importance(group.n, seed=100 * round_ + i)
+            if round_ == 1:  # the pruned groups now carry the highest importance, a live one is 0
+                importance[first[group.name]] = group.n + 1.0 + torch.arange(len(first[group.name])).float()
+                live = [j for j in range(group.n) if j not in first[group.name]]
+                importance[live[int(torch.argmax(importance[live]))]] = 0.0
+            group.importance.copy_(importance)
+            set_to[group.name] = importance
+        strategy.after_backward(step)  # no gradients: the importance stays as set, a round runs
+        assert strategy.prune_events[-1] == [step, target]
+        for group in strategy.groups:
+            k = math.floor(target * group.n)
+            expected = least_important(set_to[group.name], first.get(group.name, []), k)
+            assert zeroed(group) == expected, f"{group.name} at step {step}"
+            assert set(first.get(group.name, [])) <= set(expected)
+            first[group.name] = expected
+    assert {len(first[g.name]) for g in strategy.groups if g.kind == "attn"} == {3}  # floor(0.898 * 4)
+
+
 def test_masks_zero_whole_heads_and_channels_of_the_layer_output() -> None:
     """Per layer and through the fused q/k/v projection the attention uses: bias included."""
     from cl_bench.adapters import fused_projections
