@@ -116,12 +116,12 @@ class LISA(Strategy):
                 f"strategy.towers {list(cfg.towers)} names no tower of backbone {self.backbone.name} "
                 f"(it has {', '.join(self.backbone.towers())})"
             )
-        for tower in self.towers:
+        for tower in self.towers:  # needs the backbone: the block count is known only here
             n = len(self.backbone.blocks_of(tower))
             if cfg.gamma > n:
                 raise ConfigError(
                     f"strategy.gamma={cfg.gamma} exceeds the {n} blocks of the {tower} tower of "
-                    f"{self.backbone.name}"
+                    f"{self.backbone.name} (gamma must be between 1 and {n})"
                 )
         self.backbone.requires_grad_(False)
         text = self.backbone.text_prefixes

@@ -13,6 +13,7 @@ from cl_bench import config
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
 from strategies.lisa import LISA
+from tests.core.test_cli import error_line, run_cli
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
 
 N_CLASSES = 4
@@ -288,10 +289,30 @@ def test_bad_static_config_fails_with_one_line(args: dict[str, Any], message: st
     assert "\n" not in str(err.value)
 
 
-def test_gamma_larger_than_the_blocks_fails_with_one_line() -> None:
-    with pytest.raises(ConfigError, match="gamma=5 exceeds the 4 blocks of the vision tower") as err:
-        make(gamma=5)
-    assert "\n" not in str(err.value)
+@pytest.mark.parametrize(("towers", "tower"), [(("vision", "text"), "vision"), (("text",), "text")])
+def test_gamma_larger_than_the_blocks_fails_with_one_line(towers: tuple[str, ...], tower: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        make(gamma=5, towers=towers)
+    assert str(err.value) == (
+        f"strategy.gamma=5 exceeds the 4 blocks of the {tower} tower of tiny-clip "
+        "(gamma must be between 1 and 4)"
+    )
+    make(gamma=4, towers=towers)  # every block of the tower is allowed
+
+
+def test_bad_config_through_the_cli_is_one_error_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    """gamma > blocks is found when the strategy is built, gamma < 1 and K < 1 by the config."""
+    for setting, message in (
+        ("gamma=50", "strategy.gamma=50 exceeds the 4 blocks of the vision tower of tiny-clip"),
+        ("gamma=0", "strategy.gamma must be >= 1, got 0"),
+        ("interval_steps=0", "strategy.interval_steps (K) must be >= 1, got 0"),
+    ):
+        args = ("--strategy", "lisa", "--scenario", "synthetic", "--set", f"strategy.{setting}")
+        code, _, err = run_cli(capsys, "run", "--no-progress", "--out", str(tmp_path), *args)
+        assert code == 2, setting
+        assert error_line(err).startswith(f"error: {message}"), err
 
 
 @pytest.mark.gpu
