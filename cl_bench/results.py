@@ -430,6 +430,13 @@ def load_runs(path: str | Path | Sequence[str | Path]) -> Any:
     For notebooks: ``load_runs("runs/").query("status == 'ok'").groupby("strategy").acc_final.mean()``.
     Failed and incomplete runs are included (filter on ``status``); files that cannot be read are
     skipped with a warning naming them. Rows are ordered by scenario, strategy, seed, run_id.
+
+    This is the raw per-run table: it has no group statistics. The report's groups (scenario,
+    strategy, backbone, split by the config keys that differ) and their mean, sample std and
+    counts, failed runs apart, live in ``reports.tables``: ``runs_frame(records)`` adds the
+    ``config`` label of each run's group, ``aggregate`` and ``overview_frame`` compute the
+    statistics (the report's ``report_overview.csv``). ``cl_bench`` never imports the ``reports``
+    package (ARCHITECTURE.md), so this function stops at the per-run rows.
     """
     import warnings
 

@@ -7,9 +7,10 @@ need numpy alone), so it never imports torch, avalanche, open_clip or transforme
 Strategy-specific figures are drawn generically from the record conventions of
 ``docs/run-record.md``, so a new strategy needs no reporter code: per-experience
 ``experiences[i].strategy`` numbers become small line plots and a table; ``strategy_report``
-``scalars``/``curves``/``per_layer``/``events`` become a table, line plots, bar charts and event
-summaries; ``accuracy.variants`` becomes a table against the main model (and an accuracy-vs-rank
-plot when the labels are ``rank=N``).
+``scalars``/``curves``/``per_layer``/``events`` become a table, line plots (bars for a curve of
+``"kind": "bar"``), bar charts and event summaries (with field names where the strategy gives
+``fields``); ``accuracy.variants`` becomes a table against the same-pass ``main`` model (and an
+accuracy-vs-rank plot when the labels are ``rank=N``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def fmt_seconds(value: Any) -> str:
 
 def fmt_percent(value: Any) -> str:
     return f"{100 * value:.2f} %" if _is_num(value) else DASH
+
+
+def fmt_time(value: Any) -> str:
+    """An ISO timestamp of a record as ``2026-01-01 09:30`` in UTC; anything else as given."""
+    try:
+        when = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return DASH if value is None else str(value)
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC)
+    return when.strftime("%Y-%m-%d %H:%M")
 
 
 def fmt_value(value: Any) -> str:
@@ -260,6 +272,27 @@ def _curve_series(curve: dict[str, Any]) -> tuple[list[Any], dict[str, list[Any]
     return None
 
 
+def _event_entries(entries: Any) -> tuple[list[str], list[Any]]:
+    """``(fields, entries)`` of a ``strategy_report.events`` value: a list of entries, or
+    ``{"fields": [names], "entries": [...]}`` naming the positions of each entry."""
+    if isinstance(entries, dict) and isinstance(entries.get("entries"), list):
+        fields = entries.get("fields")
+        names = [str(f) for f in fields] if isinstance(fields, list) else []
+        return names, entries["entries"]
+    return [], entries if isinstance(entries, list) else [entries]
+
+
+def _event_text(entry: Any, fields: list[str]) -> str:
+    """One event as ``step=20, tower=vision, blocks=[1, 4]`` when its fields are named, else JSON."""
+
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
+
+    if fields and isinstance(entry, list) and len(entry) == len(fields):
+        return ", ".join(f"{f}={text(v)}" for f, v in zip(fields, entry, strict=True))
+    return json.dumps(entry, separators=(", ", ": "))
+
+
 def _strategy_view(record: dict[str, Any], color: str) -> dict[str, Any]:
     """The strategy's own figures of one run, from the generic record conventions."""
     view: dict[str, Any] = {
@@ -290,19 +323,13 @@ def _strategy_view(record: dict[str, Any], color: str) -> dict[str, Any]:
         if series is None:
             continue
         x, ys = series
-        curves.append(
-            {
-                "name": str(name),
-                "plot": plots.line_plot(
-                    x,
-                    ys,
-                    x_label=str(curve.get("x_label", "")),
-                    y_label=str(curve.get("y_label", "")),
-                    title=str(name),
-                    color=color,
-                ),
-            }
-        )
+        x_label, y_label = str(curve.get("x_label", "")), str(curve.get("y_label", ""))
+        if curve.get("kind") == "bar":  # counts per x (DyLoRA's steps per sampled rank)
+            values = ys if len(ys) > 1 else next(iter(ys.values()))
+            plot = plots.bar_plot(x, values, x_label=x_label, y_label=y_label, title=str(name), color=color)
+        else:
+            plot = plots.line_plot(x, ys, x_label=x_label, y_label=y_label, title=str(name), color=color)
+        curves.append({"name": str(name), "plot": plot})
     if curves:
         view["curves"] = curves
     per_layer = []
@@ -319,12 +346,13 @@ def _strategy_view(record: dict[str, Any], color: str) -> dict[str, Any]:
         view["per_layer"] = per_layer
     events = []
     for name, entries in (report.get("events") or {}).items():
-        items = entries if isinstance(entries, list) else [entries]
+        fields, items = _event_entries(entries)
         events.append(
             {
                 "name": str(name),
                 "count": len(items),
-                "first": [json.dumps(e, separators=(", ", ": "))[:160] for e in items[:5]],
+                "fields": fields,
+                "first": [_event_text(e, fields)[:160] for e in items[:5]],
             }
         )
     if events:
@@ -367,7 +395,7 @@ def _signed(value: Any) -> str:
     return f"{value:+.3f}" if _is_num(value) else DASH
 
 
-def _run_view(record: dict[str, Any], color: str, config_label: str, open_: bool) -> dict[str, Any]:
+def _run_view(record: dict[str, Any], color: str, config_label: str) -> dict[str, Any]:
     config = record.get("config") or {}
     accuracy = record.get("accuracy") or {}
     metrics = record.get("metrics") or {}
@@ -377,7 +405,6 @@ def _run_view(record: dict[str, Any], color: str, config_label: str, open_: bool
     return {
         "id": run_id,
         "anchor": _anchor(run_id),
-        "open": open_,
         "strategy": config.get("strategy"),
         "label": group_label(config.get("strategy"), config_label),
         "strategy_class": (record.get("strategy") or {}).get("class"),
@@ -421,7 +448,6 @@ def _provenance_rows(records: Iterable[dict[str, Any]], colors: dict[str, str]) 
     for record in records:
         config = record.get("config") or {}
         env = record.get("environment") or {}
-        versions = env.get("versions") or {}
         backbone = record.get("backbone") or {}
         sha = env.get("git_sha")
         rows.append(
@@ -439,9 +465,7 @@ def _provenance_rows(records: Iterable[dict[str, Any]], colors: dict[str, str]) 
                 "git": (sha[:10] if sha else "unknown") + ("*" if env.get("git_dirty") else ""),
                 "device": " / ".join(str(v) for v in (env.get("device"), env.get("device_name")) if v),
                 "precision": env.get("precision"),
-                "cl_bench": versions.get("cl-bench"),
-                "torch": versions.get("torch"),
-                "created": record.get("created"),
+                "created": fmt_time(record.get("created")),
             }
         )
     return rows
@@ -561,7 +585,7 @@ def render(
         {"name": scenario, "plot": plots.scenario_curves(groups, colors)}
         for scenario, groups in _scenario_groups(ok, labels)
     ]
-    not_pretrained = [r for r in ok + excluded if (r.get("backbone") or {}).get("pretrained") is False]
+    not_pretrained = [r for r in ok if (r.get("backbone") or {}).get("pretrained") is False]
     excluded_rows = tables.problems_frame(excluded, [], labels).to_dict("records")
     for row in excluded_rows:
         row["color"] = colors.get(row["strategy"], "#333")
@@ -590,10 +614,7 @@ def render(
         "resources": _aggregate_view(tables.aggregate(runs, tables.RESOURCE_COLUMNS), RESOURCE_VIEW, colors),
         "memory_kinds": sorted({str(k) for k in runs["memory_kind"].dropna()}),
         "scenarios": scenarios,
-        "runs": [
-            _run_view(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])], open_=len(ok) <= 8)
-            for r in ok
-        ],
+        "runs": [_run_view(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])]) for r in ok],
         "excluded": excluded_rows,
         "problems": [{"path": str(p.path), "reason": p.reason} for p in problems],
         "not_pretrained": [

@@ -42,6 +42,9 @@ _PALETTE: tuple[Color, ...] = (
     "#9467BD",
 )
 
+DIAGONAL: Color = "#d62728"
+"""Outline of the heatmap's diagonal cells."""
+
 _LINE_STYLES: tuple[tuple[str, str], ...] = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 """Line style and marker of the 1st, 2nd... group drawn in one strategy's colour."""
 
@@ -119,7 +122,8 @@ def accuracy_heatmap(matrix: Sequence[Sequence[Any]], initial: Sequence[Any] | N
     """The accuracy matrix with the before-training row ``b`` on top; cells annotated for small T.
 
     Rows: ``b``, then "after experience i"; columns: test experience j. The diagonal (accuracy on
-    the experience just learned) is outlined; cells right of it are zero-shot on future experiences.
+    the experience just learned) is outlined in :data:`DIAGONAL` red, 2 px, visible on every
+    viridis shade; cells right of it are zero-shot on future experiences.
     """
     rows = [_finite(r) for r in matrix]
     T = len(rows[0]) if rows else 0
@@ -150,7 +154,12 @@ def accuracy_heatmap(matrix: Sequence[Sequence[Any]], initial: Sequence[Any] | N
             if i < T:
                 ax.add_patch(
                     mpl.patches.Rectangle(
-                        (i, i + offset), 1, 1, fill=False, edgecolor="#222222", linewidth=1.2
+                        (i, i + offset),
+                        1,
+                        1,
+                        fill=False,
+                        edgecolor=DIAGONAL,
+                        linewidth=1.5,  # 2 px
                     )
                 )
         if T <= 12:
@@ -344,19 +353,45 @@ def small_multiples(frame: Any, color: Color, x_label: str = "after training exp
 
 
 def bar_plot(
-    labels: Sequence[str], values: Sequence[Any], *, title: str = "", color: Color = "#0072B2"
+    labels: Sequence[Any],
+    values: Sequence[Any] | Mapping[str, Sequence[Any]],
+    *,
+    title: str = "",
+    color: Color = "#0072B2",
+    x_label: str = "",
+    y_label: str = "",
 ) -> str:
-    """Bars over ``labels`` in the given order (a per-layer strategy figure); long lists thin labels."""
+    """Bars over ``labels`` in the given order: a per-layer figure, or a curve of counts (``kind: bar``).
+
+    ``values`` is one series, or named series of the same length drawn side by side with a legend
+    (colours as in :func:`line_plot`). Long lists thin and turn their labels; short labels (ranks)
+    stay upright.
+    """
     n = len(labels)
+    series = dict(values) if isinstance(values, Mapping) else {"": values}
+    texts = [str(v) for v in labels]
     with _style():
-        fig = _figure(min(max(4.4, 0.16 * n + 1.5), 11.0), 3.0)
+        fig = _figure(min(max(4.4, 0.16 * n * len(series) + 1.5), 11.0), 3.0)
         ax = fig.add_subplot()
         ax.grid(axis="x", visible=False)
-        ax.bar(np.arange(n), _finite(values), color=color, width=0.8)
+        ax.set_axisbelow(True)  # grid lines behind the bars
+        width = 0.8 / len(series)
+        for i, (name, ys) in enumerate(series.items()):
+            c = color if i == 0 else _PALETTE[(i + 1) % len(_PALETTE)]
+            offset = (i - (len(series) - 1) / 2) * width
+            ax.bar(np.arange(n) + offset, _finite(ys)[:n], color=c, width=width, label=name or None)
         step = max(1, math.ceil(n / 60))
+        upright = all(len(t) <= 4 for t in texts)
         ax.set_xticks(
-            np.arange(n)[::step], [str(v) for v in labels][::step], rotation=90, fontsize=6 if n > 24 else 8
+            np.arange(n)[::step],
+            texts[::step],
+            rotation=0 if upright else 90,
+            fontsize=6 if n > 24 else 8,
         )
+        if len(series) > 1:
+            ax.legend(loc="best")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
         if title:
             ax.set_title(title, loc="left")
         return to_data_uri(fig)

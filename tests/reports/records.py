@@ -202,10 +202,20 @@ def strategy_figures_record(run_id: str = "sora-fig", pretrained: bool = False) 
                     "y": {"train": [0.4, 0.5, 0.6, 0.61], "eval": [0.41, 0.52, 0.6, 0.6]},
                     "x_label": "rank",
                     "y_label": "acc_final",
-                }
+                },
+                "sampled_ranks": {
+                    "x": [1, 2, 3, 4],
+                    "y": [12, 9, 11, 8],
+                    "kind": "bar",
+                    "x_label": "rank",
+                    "y_label": "steps",
+                },
             },
             "per_layer": {"live_gates_per_layer": {"vision.0.q": 5, "vision.0.k": 8, "vision.1.q": 3}},
-            "events": {"sampled_blocks": [[0, "vision", [3, 7]], [20, "vision", [1, 4]]]},
+            "events": {
+                "sampled_blocks": [[0, "vision", [3, 7]], [20, "vision", [1, 4]]],
+                "prune_rounds": {"fields": ["step", "sparsity"], "entries": [[10, 0.1], [20, 0.2], [30]]},
+            },
         },
         variants={
             # the unmodified final model, evaluated in the variants' pass (the speed baseline)

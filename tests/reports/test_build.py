@@ -20,7 +20,7 @@ from cl_bench.errors import ClBenchError
 from cl_bench.metrics import FORMULAS
 from cl_bench.results import find_records
 from reports import tables
-from reports.build import build_report, fmt_bytes, fmt_stat
+from reports.build import build_report, fmt_bytes, fmt_stat, fmt_time
 from tests.reports.conftest import Built
 from tests.reports.records import last_row, make_record, strategy_figures_record, write_record
 
@@ -183,8 +183,8 @@ def test_strategy_figures_are_rendered_from_record_conventions(tmp_path: Path) -
     assert "Evaluation variants of the final model" in figures
     assert tables.rank_variants(strategy_figures_record())["rank"].tolist() == [1, 2, 4]
     assert 'alt="accuracy vs rank of sora-fig"' in figures
-    # one <img> each: heatmap, curves, scenario curves, per-experience, one curve, one per-layer, rank
-    assert page.count("<img ") == 7
+    # one <img> each: heatmap, curves, scenario curves, per-experience, two curves, one per-layer, rank
+    assert page.count("<img ") == 8
     assert_self_contained(page)
     variants_csv = pd.read_csv(tmp_path / "report_variants.csv")
     assert variants_csv["variant"].tolist() == ["main", "rank=4", "rank=1", "rank=2", "sliced"]
@@ -241,8 +241,14 @@ def test_backbone_without_pretrained_weights_is_flagged(tmp_path: Path) -> None:
     write_record(runs, make_record("pretrained-one", pretrained=True))
     page = _build([runs], tmp_path / "report.html")
     assert "Backbone without pretrained weights: tiny-clip" in page
-    assert "1 run used randomly initialised weights" in page
+    assert "1 of 2 completed runs used randomly initialised weights" in page
     assert page.count("NOT PRETRAINED") == 1
+
+    # a failed run without pretrained weights is in no average, so not in the count either
+    write_record(runs, make_record("failed-random", seed=3, pretrained=False, status="failed"))
+    page = _build([runs], tmp_path / "report.html")
+    assert "1 of 2 completed runs used randomly initialised weights" in page
+    assert page.count("NOT PRETRAINED") == 2  # the provenance table still lists it
 
     clean = tmp_path / "clean"
     write_record(clean, make_record("pretrained-only", pretrained=True))
@@ -345,8 +351,8 @@ def test_failed_and_incomplete_runs_are_counted_in_the_overview(standard_report:
         0,
     ]
     page = standard_report.page
-    assert '>2 <a class="excluded-n" href="#excluded">(+1 failed)</a></td>' in page
-    assert '>1 <a class="excluded-n" href="#excluded">(+1 incomplete)</a></td>' in page
+    assert '>2<small><a class="excluded-n" href="#excluded">(+1 failed)</a></small></td>' in page
+    assert '>1<small><a class="excluded-n" href="#excluded">(+1 incomplete)</a></small></td>' in page
 
 
 def test_a_group_whose_runs_all_failed_still_has_an_overview_row(tmp_path: Path) -> None:
@@ -359,8 +365,75 @@ def test_a_group_whose_runs_all_failed_still_has_an_overview_row(tmp_path: Path)
     sora = _overview(out).loc[("synthetic", "sora")]
     assert sora[["n_runs", "n_failed", "n_incomplete"]].tolist() == [0, 2, 0]
     assert math.isnan(sora["acc_final_mean"])
-    assert '>0 <a class="excluded-n" href="#excluded">(+2 failed)</a></td>' in page
+    assert '>0<small><a class="excluded-n" href="#excluded">(+2 failed)</a></small></td>' in page
     assert 'class="stat best"' not in page  # one group with values: nothing to compare
+
+
+def _image(page: str, alt: str) -> str:
+    """The SVG text of the ``<img>`` whose alt text is ``alt``."""
+    match = re.search(r'<img src="data:image/svg\+xml;base64,([^"]*)" alt="' + re.escape(alt) + '"', page)
+    assert match, alt
+    return base64.b64decode(match.group(1)).decode("utf-8")
+
+
+def test_curves_of_kind_bar_are_bar_charts(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, strategy_figures_record())
+    page = _build([runs], tmp_path / "report.html")
+    bars = _image(page, "sampled_ranks of sora-fig")
+    lines = _image(page, "accuracy_vs_rank of sora-fig")
+    color = "#0072b2"  # the only strategy's colour
+    assert bars.count(f'style="fill: {color}"') == 4  # one filled rectangle per rank
+    assert f"stroke: {color}" not in bars  # and no data line
+    assert f"stroke: {color}" in lines
+    assert "steps" in bars
+
+
+def test_events_print_with_their_field_names(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, strategy_figures_record())
+    page = _build([runs], tmp_path / "report.html")
+    events = page[page.index("<h4>Events</h4>") :]
+    assert "<li>step=10, sparsity=0.1</li>" in events
+    assert "<li>[30]</li>" in events  # an entry that does not match its fields, as JSON
+    assert "<b>prune_rounds</b>: 3 entries" in events
+    assert "<li>[0, &#34;vision&#34;, [3, 7]]</li>" in events  # a plain list of entries, as before
+
+
+def test_the_heatmap_diagonal_is_outlined_in_red(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(runs, strategy_figures_record())
+    page = _build([runs], tmp_path / "report.html")
+    heatmap = _image(page, "accuracy matrix of sora-fig")
+    outlines = re.findall(r"stroke: #d62728; stroke-width: ([0-9.]+)", heatmap)
+    assert len(outlines) == 3  # one per diagonal cell of the 3 x 3 matrix
+    assert all(float(w) == 1.5 for w in outlines)  # 1.5 pt = 2 px
+
+
+def test_every_run_section_is_open_and_print_keeps_figures_whole(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed in range(9):
+        write_record(runs, make_record(f"run-{seed}", seed=seed))
+    page = _build([runs], tmp_path / "report.html")
+    sections = re.findall(r'<details class="run"[^>]*>', page)
+    assert len(sections) == 9
+    assert all(s.endswith(" open>") for s in sections)
+    css = page[: page.index("</style>")]
+    print_css = css[css.index("@media print") :].splitlines()[0]
+    assert "figure { break-inside: avoid; }" in print_css
+    assert "break-inside" not in css.replace(print_css, "")
+    assert "details.run { break-inside" not in print_css
+
+
+def test_the_provenance_table_leaves_versions_to_its_own_list(standard_report: Built) -> None:
+    provenance = standard_report.page[standard_report.page.index('id="provenance"') :]
+    table = provenance[: provenance.index("</table>")]
+    assert "<th" in table
+    assert ">torch<" not in table
+    assert ">cl-bench<" not in table
+    versions = provenance[provenance.index("<h3>Versions</h3>") :]
+    assert "<dt>torch</dt><dd>2.4.0</dd>" in versions
+    assert "<dt>cl-bench</dt><dd>0.1.0</dd>" in versions
 
 
 def assert_self_contained(page: str) -> None:
@@ -403,3 +476,6 @@ def test_formatting_helpers() -> None:
     assert fmt_stat(5.0, 0.0, 2, 2, fmt_float, always_std=False) == "5.000"
     assert fmt_bytes(2**30) == "1.0 GiB"
     assert fmt_bytes(512) == "512 B"
+    assert fmt_time("2026-01-01T09:30:59+02:00") == "2026-01-01 07:30"  # shown in UTC
+    assert fmt_time(None) == "—"
+    assert fmt_time("yesterday") == "yesterday"
