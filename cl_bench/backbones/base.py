@@ -26,6 +26,22 @@ RECOMPILE_LIMIT = 64
 Tower = Literal["vision", "text"]
 
 
+def error_summary(err: BaseException, limit: int = 200) -> str:
+    """One line for a loading error: its first line plus its first detail line, cut at ``limit``.
+
+    torch's ``load_state_dict`` error reads "Error(s) in loading state_dict for CLIP:" and names
+    the offending keys only on the lines after it ("size mismatch for X: ...", "Missing key(s) in
+    state_dict: ...", "Unexpected key(s) in state_dict: ..."): the first of those is kept.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) == 1:
+        return lines[0]
+    detail = lines[1] if len(lines[1]) <= limit else lines[1][: limit - 3].rstrip() + "..."
+    return f"{lines[0]} {detail}"
+
+
 @dataclass(frozen=True)
 class Block:
     """One transformer block: where it is and what can be adapted in it."""
@@ -105,6 +121,7 @@ class Backbone(nn.Module):
         raise NotImplementedError(f"backbone {self.name} has no text tower")
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> token ids [N, context] for :meth:`encode_text` (CLIP backbones only)."""
         raise NotImplementedError(f"backbone {self.name} has no tokenizer")
 
     @property
@@ -114,12 +131,15 @@ class Backbone(nn.Module):
 
     # -- structure ------------------------------------------------------------------------
     def towers(self) -> list[Tower]:
+        """The towers that have blocks, vision first."""
         return sorted({b.tower for b in self.blocks}, key=lambda t: ("vision", "text").index(t))
 
     def blocks_of(self, tower: Tower) -> list[Block]:
+        """The blocks of ``tower``, in depth order."""
         return [b for b in self.blocks if b.tower == tower]
 
     def block_module(self, block: Block) -> nn.Module:
+        """The module of ``block`` inside :attr:`model`."""
         return self.model.get_submodule(block.path)
 
     def linear(self, block: Block, role: str) -> nn.Module:
@@ -157,6 +177,7 @@ class Backbone(nn.Module):
             self.block_module(block).compile(backend=backend)
 
     def info(self) -> BackboneInfo:
+        """What the run record stores about this backbone (parameters counted now)."""
         return BackboneInfo(
             name=self.name,
             kind=self.kind,

@@ -2,13 +2,16 @@
 
 ``hf-clip`` loads a ``CLIPModel`` and its tokenizer from a local directory (``save_pretrained``
 layout); ``hf-vit`` loads a ``ViTModel`` (image features = the final-norm CLS token, scored by a
-linear head). Nothing is downloaded: ``local_files_only=True`` everywhere.
+linear head). Nothing is downloaded: ``local_files_only=True`` everywhere. The weights must match
+the model of the directory's config.json: missing, unexpected or wrongly shaped tensors are a
+one-line WeightsError (transformers would re-initialise them and only log a report).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_bench.backbones.base import Backbone, Block, Tower
+from cl_bench.backbones.base import Backbone, Block, Tower, error_summary
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
 
@@ -193,22 +196,102 @@ def _require_dir(path: str, what: str) -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers at ERROR level and without progress bars, restored afterwards.
+
+    A partial match is reported by :func:`_check_loading` as one line; without this, transformers
+    would also print its multi-line LOAD REPORT and a "Loading weights" bar into every run.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
+    """Full names of buffers never saved in a state dict (e.g. ``...embeddings.position_ids``)."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name in getattr(module, "_non_persistent_buffers_set", ())
+    }
+
+
+def _first(keys: Iterable[str], n: int = 3) -> str:
+    ordered = sorted(keys)
+    more = f" and {len(ordered) - n} more" if len(ordered) > n else ""
+    return ", ".join(ordered[:n]) + more
+
+
+def _check_loading(
+    directory: Path, model: nn.Module, info: dict[str, Any], what: str, unused_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Raise a one-line WeightsError when the weights only partly match ``model``.
+
+    ``info`` is ``from_pretrained(..., output_loading_info=True)``'s report. Keys of buffers the
+    model never saves (``position_ids``, stored by older checkpoints) are ignored, and so are
+    unexpected keys under ``unused_prefixes`` (checkpoint heads the backbone deliberately drops).
+    """
+    ignored = _non_persistent_buffers(model)
+
+    def relevant(key: str) -> bool:
+        return key not in ignored and not key.endswith("position_ids")
+
+    missing = [k for k in info.get("missing_keys", ()) if relevant(k)]
+    unexpected = [
+        k for k in info.get("unexpected_keys", ()) if relevant(k) and not k.startswith(unused_prefixes)
+    ]
+    mismatched = sorted(info.get("mismatched_keys", ()), key=lambda m: str(m[0]))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+    if mismatched:
+        key, checkpoint, expected = mismatched[0][:3]
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        problems.append(
+            f"{len(mismatched)} shape mismatch(es): {key} is {list(checkpoint)} in the checkpoint, "
+            f"{list(expected)} in the model{more}"
+        )
+    if problems:
+        raise WeightsError(f"{directory} does not match the {what}: {'; '.join(problems)}")
+
+
 def load_hf_clip(path: str, *, name: str) -> HFCLIPBackbone:
+    """A ``CLIPModel`` and its tokenizer from the ``save_pretrained`` directory ``path``.
+
+    Offline only; weights that do not match the model exactly (missing, unexpected or
+    wrongly shaped tensors) are a one-line WeightsError, never a silently re-initialised layer.
+    """
     from transformers import AutoTokenizer, CLIPModel
 
     directory = _require_dir(path, name)
     try:
-        model = CLIPModel.from_pretrained(directory, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        with _quiet_transformers():
+            # (model, loading info); mismatched shapes are reported there instead of raised
+            loaded: Any = CLIPModel.from_pretrained(
+                directory, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(
-            f"{directory} could not be loaded as a CLIP model: {str(err).splitlines()[0]}"
-        ) from None
+        raise WeightsError(f"{directory} could not be loaded as a CLIP model: {error_summary(err)}") from None
+    model, info = loaded
+    _check_loading(directory, model, info, "CLIP model of its config.json")
     if tokenizer.vocab_size < 1000:
         raise WeightsError(
             f"{directory}: the tokenizer has only {tokenizer.vocab_size} entries (an offline hub stub?)"
         )
-    context = int(model.config.text_config.max_position_embeddings)  # type: ignore[union-attr]
+    context = int(model.config.text_config.max_position_embeddings)
 
     def tokenize(texts: list[str]) -> torch.Tensor:
         out = tokenizer(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
@@ -227,14 +310,33 @@ def load_hf_clip(path: str, *, name: str) -> HFCLIPBackbone:
     )
 
 
+# A ViT checkpoint may carry a pooler (ViTModel's default) or a classifier (ViTForImageClassification):
+# this backbone uses the final-norm CLS token and cl-bench's own head, so those tensors go unused.
+_VIT_UNUSED = ("pooler.", "classifier.")
+
+
 def load_hf_vit(path: str, *, name: str) -> HFViTBackbone:
+    """A ``ViTModel`` (no pooler) from the ``save_pretrained`` directory ``path``.
+
+    Offline only; weights that do not match the model exactly are a one-line WeightsError, except
+    a checkpoint's pooler or classifier tensors, which this backbone does not use.
+    """
     from transformers import ViTModel
 
     directory = _require_dir(path, name)
     try:
-        model = ViTModel.from_pretrained(directory, local_files_only=True, add_pooling_layer=False)
+        with _quiet_transformers():
+            loaded: Any = ViTModel.from_pretrained(
+                directory,
+                local_files_only=True,
+                add_pooling_layer=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
     except (OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"{directory} could not be loaded as a ViT: {str(err).splitlines()[0]}") from None
+        raise WeightsError(f"{directory} could not be loaded as a ViT: {error_summary(err)}") from None
+    model, info = loaded
+    _check_loading(directory, model, info, "ViT of its config.json", unused_prefixes=_VIT_UNUSED)
     mean, std = _preprocessing(directory, IMAGENET_HALF, IMAGENET_HALF)
     return HFViTBackbone(
         name=name,

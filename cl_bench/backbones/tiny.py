@@ -33,6 +33,8 @@ class TinyClip:
 @BACKBONES.register("tiny-hf-clip", description="tiny transformers CLIPModel (random weights) for tests")
 @dataclass(frozen=True)
 class TinyHFClip:
+    """No options: a 4+4-block transformers CLIP (width 64) with random weights, open_clip's tokenizer."""
+
     def build(self) -> hf.HFCLIPBackbone:
         context = 16
         model = hf.build_clip_from_config(
@@ -57,6 +59,8 @@ class TinyHFClip:
 )
 @dataclass(frozen=True)
 class TinyViT:
+    """No options: a 4-block transformers ViT (width 64) with random weights."""
+
     def build(self) -> hf.HFViTBackbone:
         model = hf.build_vit_from_config({**_TINY_TOWER, "image_size": 32, "patch_size": 8})
         return hf.HFViTBackbone(

@@ -1,4 +1,5 @@
-"""transformers backbones load from local save_pretrained directories (tiny random models)."""
+"""transformers backbones load from local save_pretrained directories (tiny random models), and
+weights that only partly match the model are a one-line WeightsError, never a silent re-init."""
 
 from __future__ import annotations
 
@@ -39,17 +40,31 @@ def write_clip_tokenizer(directory) -> None:
     )
 
 
-def test_hf_clip_loads_model_and_tokenizer_from_a_directory(tmp_path) -> None:
+CLIP_CONFIG = {
+    "text_config": {**TOWER, "max_position_embeddings": 16, "vocab_size": 49408},
+    "vision_config": {**TOWER, "image_size": 32, "patch_size": 8},
+    "projection_dim": 16,
+}
+VIT_CONFIG = {**TOWER, "image_size": 32, "patch_size": 8}
+
+
+def save_clip(directory):
     torch.manual_seed(0)
-    model = build_clip_from_config(
-        {
-            "text_config": {**TOWER, "max_position_embeddings": 16, "vocab_size": 49408},
-            "vision_config": {**TOWER, "image_size": 32, "patch_size": 8},
-            "projection_dim": 16,
-        }
-    )
-    model.save_pretrained(tmp_path)
-    write_clip_tokenizer(tmp_path)
+    model = build_clip_from_config(CLIP_CONFIG)
+    model.save_pretrained(directory)
+    write_clip_tokenizer(directory)
+    return model
+
+
+def save_vit(directory):
+    torch.manual_seed(0)
+    model = build_vit_from_config(VIT_CONFIG)
+    model.save_pretrained(directory)
+    return model
+
+
+def test_hf_clip_loads_model_and_tokenizer_from_a_directory(tmp_path) -> None:
+    model = save_clip(tmp_path)
     backbone = BACKBONES.get("hf-clip")(path=str(tmp_path)).build()
     assert backbone.pretrained is True
     assert backbone.kind == "clip"
@@ -67,9 +82,7 @@ def test_hf_clip_loads_model_and_tokenizer_from_a_directory(tmp_path) -> None:
 
 
 def test_hf_vit_loads_from_a_directory_and_uses_the_cls_token(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = build_vit_from_config({**TOWER, "image_size": 32, "patch_size": 8})
-    model.save_pretrained(tmp_path)
+    model = save_vit(tmp_path)
     backbone = BACKBONES.get("hf-vit")(path=str(tmp_path)).build()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -83,3 +96,111 @@ def test_missing_directory_and_missing_path_are_clear_errors(tmp_path) -> None:
         BACKBONES.get("hf-clip")().build()
     with pytest.raises(WeightsError, match="no config.json"):
         BACKBONES.get("hf-vit")(path=str(tmp_path)).build()
+
+
+def edit_weights(directory, *, drop=(), add=None, reshape=None) -> None:
+    """Rewrite ``model.safetensors`` without the keys ``drop``, with ``add`` and with ``reshape``
+    (key -> new shape, zeros) applied: a weights file that only partly matches its config."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    for key in drop:
+        del state[key]
+    for key, shape in (reshape or {}).items():
+        state[key] = torch.zeros(shape)
+    state.update(add or {})
+    save_file(state, path, metadata={"format": "pt"})
+
+
+# (backbone, case) -> (edit of the saved weights, the message after "<dir> does not match the ...: ").
+# A ViT file keeps transformers' checkpoint names (encoder.layer.N.output.dense); the message names
+# the model's own parameters (layers.N.mlp.fc2), as backbone.model.state_dict() does.
+PARTIAL = {
+    ("hf-clip", "missing"): (
+        {"drop": ["visual_projection.weight", "text_model.final_layer_norm.bias"]},
+        "2 missing key(s): text_model.final_layer_norm.bias, visual_projection.weight",
+    ),
+    ("hf-clip", "unexpected"): (
+        {"add": {"extra_head.weight": torch.zeros(2, 2)}},
+        "1 unexpected key(s): extra_head.weight",
+    ),
+    ("hf-clip", "shape mismatch"): (
+        {"reshape": {"text_projection.weight": (8, 32)}},
+        "1 shape mismatch(es): text_projection.weight is [8, 32] in the checkpoint, [16, 32] in the model",
+    ),
+    ("hf-vit", "missing"): (
+        {"drop": ["encoder.layer.1.output.dense.weight"]},
+        "1 missing key(s): layers.1.mlp.fc2.weight",
+    ),
+    ("hf-vit", "several missing"): (
+        {
+            "drop": [
+                f"encoder.layer.{i}.{n}"
+                for i in (0, 1)
+                for n in ("output.dense.bias", "layernorm_after.bias")
+            ]
+        },
+        "4 missing key(s): layers.0.layernorm_after.bias, layers.0.mlp.fc2.bias, "
+        "layers.1.layernorm_after.bias and 1 more",
+    ),
+    ("hf-vit", "shape mismatch"): (
+        {"reshape": {"embeddings.cls_token": (1, 1, 16)}},
+        "1 shape mismatch(es): embeddings.cls_token is [1, 1, 16] in the checkpoint, [1, 1, 32] in the model",
+    ),
+}
+
+
+@pytest.mark.parametrize(("backbone", "case"), sorted(PARTIAL))
+def test_weights_that_only_partly_match_are_a_one_line_weights_error(
+    tmp_path, capfd, backbone: str, case: str
+) -> None:
+    edit, message = PARTIAL[backbone, case]
+    save, what = (save_clip, "CLIP model") if backbone == "hf-clip" else (save_vit, "ViT")
+    save(tmp_path)
+    edit_weights(tmp_path, **edit)
+    with pytest.raises(WeightsError) as err:
+        BACKBONES.get(backbone)(path=str(tmp_path)).build()
+    assert str(err.value) == f"{tmp_path} does not match the {what} of its config.json: {message}"
+    output = capfd.readouterr()
+    assert "LOAD REPORT" not in output.out + output.err  # transformers' own multi-line table is silenced
+
+
+def test_hf_vit_checkpoint_with_a_pooler_or_classifier_loads(tmp_path) -> None:
+    """A checkpoint's pooler (ViTModel's default) or classifier goes unused by this backbone: fine."""
+    model = save_vit(tmp_path)
+    edit_weights(
+        tmp_path,
+        add={
+            "pooler.dense.weight": torch.zeros(32, 32),
+            "pooler.dense.bias": torch.zeros(32),
+            "classifier.weight": torch.zeros(3, 32),
+        },
+    )
+    backbone = BACKBONES.get("hf-vit")(path=str(tmp_path)).build()
+    assert backbone.pretrained is True
+    torch.testing.assert_close(backbone.model.embeddings.cls_token, model.embeddings.cls_token)
+
+
+def test_transformers_logging_is_restored_after_a_load(tmp_path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    save_vit(tmp_path)
+    before = hf_logging.get_verbosity()
+    BACKBONES.get("hf-vit")(path=str(tmp_path)).build()
+    assert hf_logging.get_verbosity() == before
+
+
+def test_a_run_on_partly_matching_weights_fails_and_its_record_says_so(tmp_path) -> None:
+    from cl_bench import results
+    from tests.helpers import quick_run
+
+    weights = tmp_path / "clip"
+    weights.mkdir()
+    save_clip(weights)
+    edit_weights(weights, drop=["visual_projection.weight"])
+    with pytest.raises(WeightsError, match="1 missing key"):
+        quick_run(tmp_path, "zero-shot", backbone={"name": "hf-clip", "path": str(weights)})
+    record = results.load(tmp_path / "runs" / "zero-shot-test" / results.RESULT_FILE)
+    assert record["status"] == "failed"
+    assert "visual_projection.weight" in record["failure"]["reason"]
