@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cl_bench.adapters import UnfusedAttention
-from cl_bench.backbones.base import Backbone, Block, Tower
+from cl_bench.backbones.base import Backbone, Block, Tower, error_summary
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
 
@@ -180,9 +180,9 @@ def load_open_clip(
     except Exception as err:  # torch.load raises many types (pickle, zip, shape) for one cause: bad weights
         if location is None:
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise WeightsError(
-            f"weights {weights} could not be loaded into {model_name}: {type(err).__name__}: {first}"
+            f"weights {weights} could not be loaded into {model_name}: "
+            f"{type(err).__name__}: {error_summary(err)}"
         ) from None
     return OpenCLIPBackbone(
         name=name,

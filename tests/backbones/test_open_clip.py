@@ -112,6 +112,44 @@ def test_missing_and_mismatched_weights_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(WeightsError, match="could not be loaded into tiny-clip") as err:
         build(weights=str(tmp_path / "bad.pt")).build()
     assert "\n" not in str(err.value)
+    # the key and both shapes, from the detail line of torch's "Error(s) in loading state_dict" message
+    assert (
+        "size mismatch for token_embedding.weight: copying a param with shape torch.Size([10, 64]) "
+        "from checkpoint" in str(err.value)
+    )
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="could not be loaded"):
         build(weights=str(tmp_path / "garbage.pt")).build()
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path) -> None:
+    state = raw_model().state_dict()
+    del state["ln_final.weight"]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(WeightsError) as err:
+        BACKBONES.get("tiny-clip")(weights=str(tmp_path / "missing.pt")).build()
+    assert str(err.value) == (
+        f"weights {tmp_path / 'missing.pt'} could not be loaded into tiny-clip: RuntimeError: "
+        'Error(s) in loading state_dict for CLIP: Missing key(s) in state_dict: "ln_final.weight".'
+    )
+    state = raw_model().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(WeightsError, match='Unexpected key\\(s\\) in state_dict: "extra.weight"'):
+        BACKBONES.get("tiny-clip")(weights=str(tmp_path / "extra.pt")).build()
+
+
+def test_a_long_detail_line_is_cut_to_about_200_characters(tmp_path) -> None:
+    state = raw_model().state_dict()
+    removed = sorted(k for k in state if k.startswith("transformer.resblocks."))
+    for key in removed:
+        del state[key]
+    torch.save(state, tmp_path / "no_text_blocks.pt")
+    with pytest.raises(WeightsError) as err:
+        BACKBONES.get("tiny-clip")(weights=str(tmp_path / "no_text_blocks.pt")).build()
+    message = str(err.value)
+    detail = message.split("Error(s) in loading state_dict for CLIP: ", 1)[1]
+    assert detail.startswith("Missing key(s) in state_dict: ")
+    assert detail.endswith("...")
+    assert len(detail) <= 200
+    assert "\n" not in message
