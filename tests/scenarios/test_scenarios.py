@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from cl_bench.data import sample_ids
 from cl_bench.errors import ConfigError, DataError
 from cl_bench.registry import SCENARIOS
 from scenarios.cifar_files import write_cifar
-from scenarios.split_cifar import layout, load_cifar
+from scenarios.split_cifar import LAYOUTS, layout, load_cifar
 from tests.helpers import quick_run
 
 
@@ -92,6 +97,102 @@ def test_missing_cifar_root_fails_fast_naming_path_and_files(tmp_path) -> None:
     assert "train, test, meta" in message
     with pytest.raises(ConfigError, match="set scenario.root=DIR"):
         build("split-cifar10")
+
+
+@pytest.mark.parametrize("variant", ["cifar10", "cifar100"])
+def test_cifar_file_names_and_md5s_are_torchvisions(variant: str) -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if variant == "cifar100" else CIFAR10
+    lay = layout(variant)
+    assert lay.folder == cls.base_folder
+    assert [list(f) for f in lay.train_files] == cls.train_list
+    assert [list(f) for f in lay.test_files] == cls.test_list
+    assert lay.meta_file == (cls.meta["filename"], cls.meta["md5"])
+    assert lay.names_key == cls.meta["key"]
+    assert set(LAYOUTS) == {"cifar10", "cifar100"}
+
+
+def test_checking_a_cifar_root_imports_no_torchvision(tmp_path) -> None:
+    """The 2-second promise rests on this: torchvision (2-3 s to import) stays out of the check."""
+    code = (
+        "import sys\n"
+        "from cl_bench.errors import DataError\n"
+        "from scenarios.split_cifar import load_cifar\n"
+        "try:\n"
+        f"    load_cifar({str(tmp_path)!r}, 'cifar100')\n"
+        "except DataError:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'avalanche')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("cl-bench")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cl_bench.cli"]
+
+
+@pytest.mark.parametrize("root", ["missing", "corrupt"])
+def test_cli_fails_on_a_missing_or_corrupt_cifar_root_within_2_seconds(tmp_path, root: str) -> None:
+    """End to end, `cl-bench run` process start to exit: measured 1.3 s on an idle 2-core machine
+    (2.4 s when the check imported torchvision first). The best of up to three attempts must stay
+    under the 2 s of the spec: the slack is for a loaded CI machine, not for a slower check."""
+    data = tmp_path / "data"
+    if root == "corrupt":  # every file present, none the original: the md5 check fails
+        folder = data / "cifar-100-python"
+        folder.mkdir(parents=True)
+        for name in ("train", "test", "meta"):
+            (folder / name).write_bytes(b"not a CIFAR pickle")
+    command = [*_cli(), "run", "--strategy", "lora", "--scenario", "split-cifar", "--no-progress"]
+    command += ["--set", f"scenario.root={data}", "--out", str(tmp_path / "runs")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+        seconds.append(time.perf_counter() - start)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert lines[0].startswith("error: ")
+        if root == "missing":
+            assert f"expected {data / 'cifar-100-python'}/ with train, test, meta" in lines[0]
+        else:
+            assert f"{data / 'cifar-100-python' / 'train'}: md5 mismatch" in lines[0]
+        if seconds[-1] < 2.0:
+            break
+    assert min(seconds) < 2.0, f"{root} CIFAR root took {', '.join(f'{t:.2f}' for t in seconds)} s"
+    shutil.rmtree(tmp_path / "runs")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            ["cat"] * 100,
+            "'fine_labels' must be a list of integer class indices, got str values such as 'cat'",
+        ),
+        ([0.5] * 100, "'fine_labels' must be a list of integer class indices, got float values such as 0.5"),
+        ([[0, 1]] * 100, "'fine_labels' must be a list of integer class indices, got shape (100, 2)"),
+        ([0] * 99, "99 labels for 100 images"),
+        ([100] * 100, "labels outside 0..99 (min 100, max 100)"),
+        (7, "'fine_labels' must be a list of integer class indices, got shape ()"),
+    ],
+)
+def test_cifar_labels_of_the_wrong_type_are_one_line_data_errors(tmp_path, labels, message: str) -> None:
+    folder = write_cifar(tmp_path, "cifar100", n_train=100, n_test=100)
+    target = folder / "train"
+    with target.open("rb") as fh:
+        entry = pickle.load(fh, encoding="latin1")
+    entry["fine_labels"] = labels
+    with target.open("wb") as fh:
+        pickle.dump(entry, fh)
+    with pytest.raises(DataError) as err:
+        load_cifar(tmp_path, "cifar100", verify_checksums=False)
+    assert str(err.value).startswith(f"{target}: {message}")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape"])
