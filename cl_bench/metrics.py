@@ -52,19 +52,28 @@ def _square(R: Matrix) -> np.ndarray:
 
 
 def acc_final(R: Matrix) -> float:
+    """GEM "ACC": (1/T) Σ_j R[T-1][j], the mean of the last row."""
     m = _square(R)
     return float(m[-1].mean())
 
 
 def acc_last_seen(A_seen: Sequence[float]) -> float:
+    """A_seen[T-1]: sample-weighted accuracy on all test data seen, after the last experience."""
     return float(A_seen[-1])
 
 
 def acc_avg_incremental(A_seen: Sequence[float]) -> float:
+    """iCaRL average incremental accuracy: (1/T) Σ_i A_seen[i]."""
     return float(np.mean(np.asarray(A_seen, dtype=np.float64)))
 
 
 def forgetting(R: Matrix) -> float | None:
+    """Chaudhry et al. 2018: (1/(T-1)) Σ_{j<T-1} max_{l∈[j,T-2]} (R[l][j] - R[T-1][j]).
+
+    The max runs over the rows from the one that learned j up to the one before the last (the
+    final row is what is compared, not a candidate): a column that ends at its best gives a
+    negative term. None for T = 1.
+    """
     m = _square(R)
     T = m.shape[0]
     if T < 2:
@@ -74,6 +83,7 @@ def forgetting(R: Matrix) -> float | None:
 
 
 def forgetting_first_last(R: Matrix) -> float | None:
+    """Avalanche's forgetting: (1/(T-1)) Σ_{j<T-1} (R[j][j] - R[T-1][j]); equals -bwt. None for T = 1."""
     m = _square(R)
     T = m.shape[0]
     if T < 2:
@@ -82,6 +92,10 @@ def forgetting_first_last(R: Matrix) -> float | None:
 
 
 def bwt(R: Matrix) -> float | None:
+    """Backward transfer (Lopez-Paz & Ranzato 2017): (1/(T-1)) Σ_{j<T-1} (R[T-1][j] - R[j][j]).
+
+    None for T = 1.
+    """
     m = _square(R)
     T = m.shape[0]
     if T < 2:
@@ -90,6 +104,10 @@ def bwt(R: Matrix) -> float | None:
 
 
 def fwt(R: Matrix, b: Sequence[float]) -> float | None:
+    """Forward transfer (GEM, with the before-training row b): (1/(T-1)) Σ_{j≥1} (R[j-1][j] - b[j]).
+
+    None for T = 1; a ValueError when ``b`` does not have one entry per column.
+    """
     m = _square(R)
     T = m.shape[0]
     if len(b) != T:
@@ -100,6 +118,10 @@ def fwt(R: Matrix, b: Sequence[float]) -> float | None:
 
 
 def transfer(R: Matrix) -> float | None:
+    """X-TAIL / MTIL transfer: mean_{j≥1} mean_{i<j} R[i][j] (accuracy on j before learning it).
+
+    None for T = 1.
+    """
     m = _square(R)
     T = m.shape[0]
     if T < 2:
@@ -108,14 +130,17 @@ def transfer(R: Matrix) -> float | None:
 
 
 def avg(R: Matrix) -> float:
+    """X-TAIL / MTIL "Avg": the mean of all T×T entries of R."""
     return float(_square(R).mean())
 
 
 def last(R: Matrix) -> float:
+    """X-TAIL / MTIL "Last": (1/T) Σ_j R[T-1][j] (the same number as acc_final)."""
     return float(_square(R)[-1].mean())
 
 
 def plasticity(R: Matrix) -> float:
+    """(1/T) Σ_j R[j][j]: accuracy on each experience right after learning it."""
     return float(np.diag(_square(R)).mean())
 
 

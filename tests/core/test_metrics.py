@@ -41,6 +41,48 @@ def test_hand_computed_values(name: str) -> None:
     assert metrics.derive(R, B, A_SEEN)[name] == pytest.approx(EXPECTED[name], abs=1e-12)
 
 
+# A 4x4 matrix whose columns pin the forgetting window max_{l∈[j,T-2]} (R[l][j] - R[T-1][j]):
+# column 0 ends ABOVE its earlier values (negative forgetting: the last row must not be a
+# candidate of the max, as in a window m[j:T, j]); column 1 peaks after it was learned (R21 > R11:
+# the max is over rows, not the diagonal); column 2 was higher before it was learned (R12 > R22:
+# the window starts at row j, not row 0).
+R4 = [
+    [0.60, 0.10, 0.05, 0.00],
+    [0.50, 0.70, 0.85, 0.10],
+    [0.40, 0.75, 0.80, 0.15],
+    [0.70, 0.65, 0.60, 0.90],
+]
+EXPECTED_R4 = {
+    # j=0: max(R00, R10, R20) - R30 = 0.60 - 0.70 = -0.10; j=1: max(R11, R21) - R31 = 0.75 - 0.65 = 0.10;
+    # j=2: R22 - R32 = 0.80 - 0.60 = 0.20
+    "forgetting": (-0.10 + 0.10 + 0.20) / 3,
+    # j=0: R00 - R30 = -0.10; j=1: R11 - R31 = 0.05; j=2: R22 - R32 = 0.20
+    "forgetting_first_last": (-0.10 + 0.05 + 0.20) / 3,
+    "bwt": (0.10 - 0.05 - 0.20) / 3,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_R4))
+def test_hand_computed_forgetting_window_with_negative_forgetting(name: str) -> None:
+    assert getattr(metrics, name)(R4) == pytest.approx(EXPECTED_R4[name], abs=1e-12)
+
+
+def test_wrong_forgetting_windows_give_other_values_on_r4() -> None:
+    """The matrix tells the window of METRICS.md from the two likely mistakes."""
+    m = np.asarray(R4)
+    last_row_included = np.mean([m[j:4, j].max() - m[3, j] for j in range(3)])  # 0.10
+    from_row_zero = np.mean([m[0:3, j].max() - m[3, j] for j in range(3)])  # 0.0833
+    for wrong in (last_row_included, from_row_zero):
+        assert abs(wrong - EXPECTED_R4["forgetting"]) > 0.01
+
+
+def test_every_public_metric_function_documents_its_formula() -> None:
+    for name, formula in metrics.FORMULAS.items():
+        doc = getattr(metrics, name).__doc__
+        assert doc is not None, name
+        assert formula in doc, name
+
+
 def test_every_metric_has_a_formula_and_a_source() -> None:
     derived = metrics.derive(R, B, A_SEEN)
     assert set(derived) == set(metrics.FORMULAS) == set(metrics.SOURCES) == set(EXPECTED)
