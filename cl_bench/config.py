@@ -10,6 +10,7 @@ the closest match) and wrong types. No Hydra, no dotted import strings.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from cl_bench.errors import ConfigError
-from cl_bench.registry import SCENARIOS, closest
+from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES, closest
 
 C = TypeVar("C")
 
@@ -30,6 +31,11 @@ TrainClasses = Literal["seen", "current"]
 Schedule = Literal["cosine", "constant"]
 
 COMPONENTS = ("strategy", "scenario", "backbone")
+# A run id names a directory under ``out``: no separators, no "..", no hidden directory.
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+# Field metadata of RunConfig keys filled from the [strategy]/[scenario]/[backbone] tables: a user
+# never sets them by name, so error messages do not offer them.
+_INTERNAL = {"internal": True}
 
 
 @dataclass(frozen=True)
@@ -62,9 +68,9 @@ class RunConfig:
     run_id: str = ""  # empty: <timestamp>-<strategy>-<scenario>-s<seed>
     overwrite: bool = False
     report: bool = False
-    strategy_args: dict[str, Any] = field(default_factory=dict)
-    scenario_args: dict[str, Any] = field(default_factory=dict)
-    backbone_args: dict[str, Any] = field(default_factory=dict)
+    strategy_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
+    scenario_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
+    backbone_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "log_every")
@@ -80,6 +86,11 @@ class RunConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.run_id and not RUN_ID.fullmatch(self.run_id):
+            raise ConfigError(
+                f"run_id {self.run_id!r}: use letters, digits, '.', '_' and '-' only, "
+                "not starting with a dot (it names a directory under out)"
+            )
 
 
 # ----------------------------------------------------------------------------- typed building
@@ -148,10 +159,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")
 
 
-def build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
+def build(cls: type[C], data: Mapping[str, Any], where: str, *, more: str = "") -> C:
     """Build the frozen dataclass ``cls`` from ``data``, strictly.
 
-    Unknown keys raise a ConfigError naming the valid keys and the closest match; values are
+    Unknown keys raise a ConfigError naming the valid keys (fields marked ``internal`` in their
+    metadata are accepted but not offered) and the closest match, then ``more``; values are
     type-checked against the annotations (ints are accepted for floats, lists become tuples).
     """
     if not dataclasses.is_dataclass(cls):
@@ -161,11 +173,22 @@ def build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
     values = {}
     for key, value in data.items():
         if key not in fields:
-            valid = sorted(fields)
+            valid = sorted(k for k, f in fields.items() if not f.metadata.get("internal"))
             listing = ", ".join(valid) or "none"
-            raise ConfigError(f"unknown key '{key}' in {where}{closest(key, valid)}; valid keys: {listing}")
+            raise ConfigError(
+                f"unknown key '{key}' in {where}{closest(key, valid)}; valid keys: {listing}{more}"
+            )
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**values)
+
+
+def takes_text(cls: type, key: str) -> bool:
+    """Whether field ``key`` of dataclass ``cls`` is a string (``str`` or ``str | None``)."""
+    tp = typing.get_type_hints(cls).get(key)
+    if get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        return options == [str]
+    return tp is str
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -195,9 +218,22 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """Turn ``["lr=1e-3", "strategy.r=16"]`` into a nested mapping like a TOML file's."""
-    out: dict[str, Any] = {}
+class SetLayer(dict[str, Any]):
+    """The layer of ``--set`` items: a nested mapping of typed values, plus ``texts``, the raw text
+    of every value that did not parse as a string, by (RunConfig key, component key or "")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: dict[tuple[str, str], str] = {}
+
+
+def parse_set(items: Sequence[str]) -> SetLayer:
+    """Turn ``["lr=1e-3", "strategy.r=16"]`` into a nested mapping like a TOML file's.
+
+    Values are typed as TOML values; :func:`resolve` gives a string field the raw text back
+    (``scenario.root=2024`` is the directory "2024", not the integer 2024).
+    """
+    out = SetLayer()
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -215,10 +251,16 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
             if not isinstance(table, dict):
                 table = out[parts[0]] = {"name": table}
             table[parts[1]] = value
+            path = (f"{parts[0]}_args", parts[1]) if parts[1] != "name" else (parts[0], "")
         elif parts[0] in COMPONENTS and isinstance(out.get(parts[0]), dict):
             out[parts[0]]["name"] = value
+            path = (parts[0], "")
         else:
             out[parts[0]] = value
+            path = (parts[0], "")
+        out.texts.pop(path, None)
+        if not isinstance(value, str):
+            out.texts[path] = text.strip()
     return out
 
 
@@ -257,14 +299,52 @@ def resolve(layers: Sequence[Mapping[str, Any]]) -> RunConfig:
     ``run_defaults`` (e.g. more epochs for the small digits demo), when the scenario is registered.
     """
     merged: dict[str, Any] = {}
+    texts: dict[tuple[str, str], str] = {}  # raw --set texts of the values that are still merged
     for layer in layers:
         for key, value in _flatten(layer).items():
             if key.endswith("_args"):
                 merged[key] = {**merged.get(key, {}), **value}
+                for sub in value:
+                    texts.pop((key, sub), None)
             else:
                 merged[key] = value
+                texts.pop((key, ""), None)
+        texts.update(getattr(layer, "texts", {}))
+    _restore_texts(merged, texts)
     scenario = merged.get("scenario")
     if isinstance(scenario, str) and scenario in SCENARIOS:
         for key, value in getattr(SCENARIOS.get(scenario), "run_defaults", {}).items():
             merged.setdefault(key, value)
-    return build(RunConfig, merged, "run config")
+    return build(
+        RunConfig,
+        merged,
+        "run config",
+        more=f"; component keys go in {', '.join(f'{c}.<key>' for c in COMPONENTS)}",
+    )
+
+
+def _component_config(component: str, merged: Mapping[str, Any]) -> type | None:
+    """The config dataclass of the merged ``component`` (None when it is not known yet)."""
+    name = merged.get(component)
+    if component == "backbone" and not name:
+        scenario = merged.get("scenario")
+        if isinstance(scenario, str) and scenario in SCENARIOS:
+            name = getattr(SCENARIOS.get(scenario), "default_backbone", "")
+    registry = {"strategy": STRATEGIES, "scenario": SCENARIOS, "backbone": BACKBONES}[component]
+    if not isinstance(name, str) or name not in registry:
+        return None  # unknown names fail later, naming the valid ones
+    obj = registry.get(name)
+    return getattr(obj, "Config", obj)  # strategies register a class with a Config
+
+
+def _restore_texts(merged: dict[str, Any], texts: Mapping[tuple[str, str], str]) -> None:
+    """Give string fields the raw ``--set`` text back: ``--set scenario.root=2024`` parses as
+    the integer 2024 before the field's type is known; a string field takes "2024" instead."""
+    for (key, sub), text in sorted(texts.items(), key=lambda item: item[0][1] != ""):  # run keys first
+        if not sub:
+            if key in {f.name for f in dataclasses.fields(RunConfig)} and takes_text(RunConfig, key):
+                merged[key] = text
+            continue
+        cls = _component_config(key.removesuffix("_args"), merged)
+        if cls is not None and dataclasses.is_dataclass(cls) and takes_text(cls, sub):
+            merged[key][sub] = text

@@ -5,8 +5,11 @@ from typing import Literal
 
 import pytest
 
+import tests.helpers  # noqa: F401  (fills the registries that resolve consults)
 from cl_bench import config
 from cl_bench.errors import ConfigError
+from cl_bench.registry import STRATEGIES
+from scenarios.split_cifar import SplitCifar100
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,112 @@ def test_run_config_rejects_unknown_keys_and_bad_ranges(tmp_path) -> None:
         config.load_toml(bad)
     with pytest.raises(ConfigError, match="not found"):
         config.load_toml(tmp_path / "missing.toml")
+
+
+# ----------------------------------------------------------------------------- --set values of string fields
+
+
+@pytest.mark.parametrize("text", ["2024", "1e3", "1.50", "true", "2024-01-01", "[1, 2]", "0x10"])
+def test_a_numeric_looking_set_value_of_a_string_field_keeps_its_text(text: str) -> None:
+    cfg = config.resolve(
+        [{"strategy": "lora", "scenario": "split-cifar"}, config.parse_set([f"scenario.root={text}"])]
+    )
+    assert cfg.scenario_args == {"root": text}
+    assert config.build(SplitCifar100, cfg.scenario_args, "scenario").root == text
+
+
+def test_string_run_keys_and_backbone_keys_keep_their_text_and_other_fields_stay_typed() -> None:
+    cfg = config.resolve(
+        [
+            config.parse_set(
+                [
+                    "strategy=lora",
+                    "scenario=synthetic",  # default backbone tiny-clip: weights is a str field
+                    "out=2024",
+                    "run_id=007",
+                    "backbone.weights=12",
+                    "strategy.r=16",
+                    "lr=1e-3",
+                ]
+            )
+        ]
+    )
+    assert (cfg.out, cfg.run_id, cfg.lr) == ("2024", "007", 1e-3)
+    assert cfg.backbone_args == {"weights": "12"}
+    assert cfg.strategy_args == {"r": 16}  # an int field keeps the typed value
+    with pytest.raises(ConfigError, match="expected an integer, got '16x'"):
+        config.build(
+            STRATEGIES.get("lora").Config,
+            config.resolve([config.parse_set(["strategy=lora", "strategy.r=16x"])]).strategy_args,
+            "strategy",
+        )
+
+
+def test_a_later_layer_replaces_the_set_text() -> None:
+    """The raw text belongs to the --set value only while that value is the merged one."""
+    set_layer = config.parse_set(["scenario=split-cifar", "out=2024"])
+    cfg = config.resolve([set_layer, {"out": "runs-b"}])
+    assert cfg.out == "runs-b"
+    typed = config.resolve([{"scenario": "split-cifar", "out": "x"}, {"scenario": {"root": 2024}}])
+    assert typed.scenario_args == {"root": 2024}  # a TOML file's integer stays one (and fails in build)
+
+
+def test_the_cli_accepts_a_numeric_looking_root(tmp_path, capsys) -> None:
+    from cl_bench.cli import main
+
+    args = ["run", "--strategy", "lora", "--scenario", "split-cifar", "--set", "scenario.root=2024"]
+    code = main([*args, "--out", str(tmp_path), "--run-id", "r", "--no-progress"])
+    assert code == 2
+    assert "CIFAR-100 not found: expected 2024/cifar-100-python/" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- messages and run ids
+
+
+def test_unknown_run_key_lists_only_keys_a_user_can_set() -> None:
+    with pytest.raises(ConfigError) as err:
+        config.resolve([{"r": 16}])
+    message = str(err.value)
+    assert message.startswith("unknown key 'r' in run config")
+    assert "_args" not in message
+    assert "valid keys: augment, backbone, batch_size," in message
+    assert message.endswith("; component keys go in strategy.<key>, scenario.<key>, backbone.<key>")
+    with pytest.raises(ConfigError) as err:
+        config.resolve([{"strategy_arg": {}}])
+    assert "(did you mean 'strategy'?)" in str(err.value)  # not strategy_args, which is not settable
+    assert "_args" not in str(err.value)
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "a/b", ".hidden", "..", "", "x y", "é"])
+def test_run_id_must_be_a_plain_directory_name(run_id: str) -> None:
+    if not run_id:  # empty: the default <time>-<strategy>-<scenario>-s<seed>
+        assert config.resolve([{"run_id": run_id}]).run_id == ""
+        return
+    with pytest.raises(ConfigError) as err:
+        config.resolve([{"run_id": run_id}])
+    assert str(err.value) == (
+        f"run_id {run_id!r}: use letters, digits, '.', '_' and '-' only, not starting with a dot "
+        "(it names a directory under out)"
+    )
+
+
+@pytest.mark.parametrize("run_id", ["lora-test", "2024.01.01_run-3", "A", "_x"])
+def test_plain_run_ids_are_accepted(run_id: str) -> None:
+    assert config.resolve([{"run_id": run_id}]).run_id == run_id
+
+
+def test_run_id_escaping_out_through_the_cli_is_one_error_line(tmp_path, capsys) -> None:
+    from cl_bench.cli import main
+
+    out = tmp_path / "a" / "b"
+    code = main(
+        ["run", "--strategy", "lora", "--scenario", "synthetic", "--out", str(out), "--run-id", "../../x"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: run_id '../../x': use letters, digits, '.', '_' and '-' only, not starting with a dot "
+        "(it names a directory under out)"
+    ]
+    assert not (tmp_path / "x").exists()
+    assert not out.exists()
