@@ -14,6 +14,8 @@ _STATUS = Path("/proc/self/status")
 
 
 def kind(device: torch.device) -> str:
+    """What :func:`peak_bytes` measures on ``device``, as stored in the run record's ``memory_kind``:
+    ``cuda_max_allocated`` (the CUDA allocator's peak) or ``cpu_peak_rss`` (peak resident set)."""
     return "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
 
 

@@ -72,6 +72,7 @@ class Registry(Generic[T]):
         return self._entries[self.canonical(name)].obj
 
     def entry(self, name: str) -> Entry[T]:
+        """The whole registration of ``name`` (or an alias): name, object, description, aliases."""
         return self._entries[self.canonical(name)]
 
     def names(self) -> list[str]:

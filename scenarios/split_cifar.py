@@ -190,6 +190,7 @@ class _SplitCifar(StreamConfig):
     verify_checksums: bool = True
 
     def build(self, order_seed: int) -> Scenario:
+        """Check and read ``root`` (DataError naming the path and files) and stream it by ``order_seed``."""
         if not self.root:
             folder = layout(self.variant).folder
             raise ConfigError(f"set scenario.root=DIR, the directory containing {folder}/")
@@ -215,6 +216,8 @@ class _SplitCifar(StreamConfig):
 )
 @dataclass(frozen=True)
 class SplitCifar100(_SplitCifar):
+    """CIFAR-100 from ``root``/cifar-100-python; 10 experiences of 10 classes by default."""
+
     n_experiences: int = 10
 
 
@@ -223,5 +226,7 @@ class SplitCifar100(_SplitCifar):
 )
 @dataclass(frozen=True)
 class SplitCifar10(_SplitCifar):
+    """CIFAR-10 from ``root``/cifar-10-batches-py; 5 experiences of 2 classes by default."""
+
     variant: ClassVar[str] = "cifar10"
     n_experiences: int = 5

@@ -21,6 +21,11 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 def load_digits_sources(test_fraction: float, split_seed: int) -> tuple[ImageSource, ImageSource]:
+    """scikit-learn's digits as (train, test) ImageSources of 8x8 RGB uint8 images.
+
+    Grey levels 0..16 are scaled to 0..255; the split is stratified by class, ``test_fraction``
+    of each digit going to test, and fixed by ``split_seed`` (independent of the class order).
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -49,6 +54,7 @@ class SplitDigits(StreamConfig):
     split_seed: int = 0
 
     def build(self, order_seed: int) -> Scenario:
+        """Split the digits once (``split_seed``) and stream them in the order of ``order_seed``."""
         train, test = load_digits_sources(self.test_fraction, self.split_seed)
         return make_scenario(
             "split-digits",

@@ -79,6 +79,7 @@ class Synthetic(StreamConfig):
             raise ConfigError("scenario.train_per_class/test_per_class must be >= 1 and image_size >= 4")
 
     def build(self, order_seed: int) -> Scenario:
+        """Generate the images (fixed by ``data_seed``) and stream them in the order of ``order_seed``."""
         train = generate(self.n_classes, self.train_per_class, self.image_size, self.noise, self.data_seed, 0)
         test = generate(self.n_classes, self.test_per_class, self.image_size, self.noise, self.data_seed, 1)
         return make_scenario(

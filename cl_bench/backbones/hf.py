@@ -371,6 +371,7 @@ class HFClip:
     path: str = ""
 
     def build(self) -> HFCLIPBackbone:
+        """Load the directory (see :func:`load_hf_clip`)."""
         return load_hf_clip(self.path, name="hf-clip")
 
 
@@ -382,4 +383,5 @@ class HFViT:
     path: str = ""
 
     def build(self) -> HFViTBackbone:
+        """Load the directory (see :func:`load_hf_vit`)."""
         return load_hf_vit(self.path, name="hf-vit")

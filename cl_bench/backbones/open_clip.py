@@ -216,6 +216,7 @@ class OpenCLIP:
             raise ConfigError(f"backbone.image_size must be >= 0, got {self.image_size}")
 
     def build(self) -> OpenCLIPBackbone:
+        """Create ``model`` and load ``weights`` (see :func:`load_open_clip`)."""
         return load_open_clip(self.model, self.weights, name="open-clip", image_size=self.image_size)
 
 
@@ -229,4 +230,5 @@ class ClipViTB16:
     weights: str = ""
 
     def build(self) -> OpenCLIPBackbone:
+        """Create ViT-B-16 and load ``weights`` (see :func:`load_open_clip`)."""
         return load_open_clip("ViT-B-16", self.weights, name="clip-vit-b-16")

@@ -27,6 +27,7 @@ class TinyClip:
     weights: str = ""
 
     def build(self) -> open_clip.OpenCLIPBackbone:
+        """The tiny open_clip model, random or with ``weights`` (same loader as real models)."""
         return open_clip.load_open_clip("tiny-clip", self.weights, name="tiny-clip", config_dir=CONFIG_DIR)
 
 
@@ -36,6 +37,7 @@ class TinyHFClip:
     """No options: a 4+4-block transformers CLIP (width 64) with random weights, open_clip's tokenizer."""
 
     def build(self) -> hf.HFCLIPBackbone:
+        """A freshly initialised model (seed it with torch.manual_seed)."""
         context = 16
         model = hf.build_clip_from_config(
             {
@@ -62,6 +64,7 @@ class TinyViT:
     """No options: a 4-block transformers ViT (width 64) with random weights."""
 
     def build(self) -> hf.HFViTBackbone:
+        """A freshly initialised model (seed it with torch.manual_seed)."""
         model = hf.build_vit_from_config({**_TINY_TOWER, "image_size": 32, "patch_size": 8})
         return hf.HFViTBackbone(
             name="tiny-vit", model=model, source="transformers:tiny", pretrained=False, weights=None
