@@ -61,6 +61,7 @@ class Setting:
     device: str = "cuda"
     precision: str = "bf16"
     lr: float = 1e-4
+    eager_rows: bool = True  # every graph-safe strategy also measured eagerly (else: the references only)
 
 
 @dataclass
@@ -216,7 +217,9 @@ def measure(
     for mode in modes:
         graphs = mode == "graphs" and strategy.graph_key() is not None and device.type == "cuda"
         if mode == "graphs" and not graphs:
-            continue
+            if "eager" in modes:
+                continue
+            mode = "eager"  # not graph-safe: its default path is the eager one
         runner = loop.step_graphs(strategy, info, device=device, precision=s.precision) if graphs else None
 
         def step(runner: Any = runner) -> None:
@@ -413,16 +416,17 @@ def _guard(rows: list[Row], name: str) -> Iterator[None]:
 STRATEGY_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     # (row name, strategy, args, experiences before timing)
     ("lora", "lora", {}, 1),
-    ("finetune", "finetune", {}, 1),
-    ("linear-probe", "linear-probe", {}, 1),
     ("dylora", "dylora", {}, 1),
     ("sora", "sora", {}, 1),
     ("allora", "allora", {}, 1),
-    ("loraprune", "loraprune", {}, 1),
-    ("lisa", "lisa", {}, 1),
     ("mora (1 exp, 16 ranks)", "mora", {}, 1),
     ("mora (10 exps, 160 ranks)", "mora", {}, 10),
+    ("finetune", "finetune", {}, 1),
+    ("lisa", "lisa", {}, 1),
+    ("loraprune", "loraprune", {}, 1),
+    ("linear-probe", "linear-probe", {}, 1),
 )
+EAGER_REFERENCES = {"peft-lora", "lora", "finetune"}  # measured eagerly too even without --eager-rows
 # The same rows with ``--set compile=true`` (skipped by --quick: inductor needs minutes on a CPU).
 COMPILED_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("lora (compiled)", "lora", {}, 1),
@@ -449,19 +453,34 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
         return only is None or name in only
 
     modes = ("eager",) if s.device != "cuda" else ("graphs", "eager")
+
+    def modes_of(name: str) -> tuple[str, ...]:
+        return modes if s.eager_rows or name in EAGER_REFERENCES else modes[:1]
+
+    def emit(new: list[Row]) -> None:
+        for r in new:  # as it goes: a run cut short still shows what it measured
+            train = f"{r.train_samples_per_s:,.0f}" if r.train_samples_per_s else "-"
+            peak = f"{r.peak_train_bytes / GiB:.2f}" if r.peak_train_bytes else "-"
+            what = r.error or r.note
+            print(f"[row] {r.name} | {r.mode or '-'} | train/s {train} | peak GiB {peak} | {what}", flush=True)
+
     if wanted("forward-only"):
         with _guard(rows, "forward-only"):
             rows.append(measure_forward_only(s))
     if wanted("peft-lora"):
+        before = len(rows)
         with _guard(rows, "peft-lora"):
             measured = measure(build("peft-lora", s, cls=PeftLoRA), s, modes=modes)
             rows.extend(_named(measured, "peft-lora", "peft-lora", "HF peft LoRA r=8 on the same layers"))
+        emit(rows[before:])
     for name, strategy, args, experiences in STRATEGY_ROWS:
         if not wanted(name) or strategy not in STRATEGIES:
             continue
+        before = len(rows)
         with _guard(rows, name):
-            measured = measure(build(strategy, s, args), s, experiences=experiences, modes=modes)
+            measured = measure(build(strategy, s, args), s, experiences=experiences, modes=modes_of(name))
             rows.extend(_named(measured, name, strategy))
+        emit(rows[before:])
     for name, strategy, args, experiences in COMPILED_ROWS:
         if quick or not wanted(name) or strategy not in STRATEGIES:
             continue
@@ -475,12 +494,14 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
     if wanted("forward-only (compiled)") and not quick:
         with _guard(rows, "forward-only (compiled)"):
             rows.append(measure_forward_only(s, compile_towers=True))
-    if wanted("loraprune sliced 50%"):
-        with _guard(rows, "loraprune sliced 50%"):
-            rows.extend(measure_sliced(s))
     if wanted("e2e"):
         with _guard(rows, "e2e lora split-cifar100"), tempfile.TemporaryDirectory() as tmp:
             rows.append(measure_end_to_end(s, Path(tmp), quick=quick))
+        emit(rows[-1:])
+    if wanted("loraprune sliced 50%"):
+        with _guard(rows, "loraprune sliced 50%"):
+            rows.extend(measure_sliced(s))
+        emit(rows[-2:])
     _note_lisa_memory(rows)
     return rows
 
@@ -569,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny CLIP on the CPU: exercises the code only")
     parser.add_argument("--only", nargs="*", help="row names to run (default: all)")
     parser.add_argument("--steps", type=int, help="timed steps per window")
+    parser.add_argument(
+        "--no-eager-rows",
+        action="store_true",
+        help="measure eager steps only for the references (peft-lora, lora, finetune): a shorter run",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         s = Setting(
@@ -591,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         s = Setting()
     if args.steps:
         s = Setting(**{**s.__dict__, "steps": args.steps})
+    if args.no_eager_rows:
+        s = Setting(**{**s.__dict__, "eager_rows": False})
     torch.backends.cuda.matmul.allow_tf32 = True
     started = time.perf_counter()
     rows = run(s, quick=args.quick, only=set(args.only) if args.only else None)

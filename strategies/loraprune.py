@@ -176,8 +176,7 @@ class PruneGroup:
             return
         score = torch.where(self.mask > 0, self.importance, torch.full_like(self.importance, -1.0))
         order = torch.argsort(score, stable=True)
-        new = torch.ones_like(self.mask)
-        new[order[:k]] = 0.0
+        new = torch.ones_like(self.mask).scatter_(0, order[:k], 0.0)  # index assignment would sync
         self.mask.mul_(new)
         self.n_pruned = k
         expanded = self.mask[:, None].expand(self.n, self.size).reshape(-1)
