@@ -462,7 +462,8 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             train = f"{r.train_samples_per_s:,.0f}" if r.train_samples_per_s else "-"
             peak = f"{r.peak_train_bytes / GiB:.2f}" if r.peak_train_bytes else "-"
             what = r.error or r.note
-            print(f"[row] {r.name} | {r.mode or '-'} | train/s {train} | peak GiB {peak} | {what}", flush=True)
+            mode = r.mode or "-"
+            print(f"[row] {r.name} | {mode} | train/s {train} | peak GiB {peak} | {what}", flush=True)
 
     if wanted("forward-only"):
         with _guard(rows, "forward-only"):
