@@ -88,6 +88,10 @@ def plan(cfg: RunConfig) -> Plan:
         run_id=cfg.run_id or f"{datetime.now():%Y%m%d-%H%M%S}-{strategy_name}-{scenario_name}-s{cfg.seed}",
     )
     run_dir = Path(resolved.out) / resolved.run_id
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot use --out {resolved.out} as the runs directory: {err.strerror}") from None
     status = results.existing_status(run_dir)
     if status == "ok" and not cfg.overwrite:
         raise ConfigError(f"{run_dir} already holds a completed run; pass --overwrite to replace it")
@@ -207,6 +211,12 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
             )
             for j, data in enumerate(test_data)
         ]
+        if cached is None and bool(torch.stack([(t.isnan() | t.isposinf()).any() for t in logits]).any()):
+            after = "before training" if row < 0 else f"after experience {row}"
+            raise DivergenceError(
+                f"non-finite logits (NaN or +inf) in the evaluation {after}: the weights diverged; "
+                "lower lr, enable max_grad_norm, or use precision=fp32"
+            )
         correct = [
             n_correct(
                 logits[j],

@@ -210,7 +210,7 @@ class DyLoRAConfig(StrategyConfig):
     alpha: float = 16.0
     mode: Mode = "frozen"
     eval_rank: int = 0  # rank of every evaluation row; 0: r_max
-    eval_ranks: tuple[int, ...] = (1, 2, 4, 8)  # the final model again at each rank (variants)
+    eval_ranks: tuple[int, ...] = ()  # the final model again at each rank; empty: 1, 2, 4, ... and r_max
     roles: tuple[str, ...] = ROLES
     towers: tuple[str, ...] = ("vision", "text")
     merge_each_experience: bool = False
@@ -224,6 +224,9 @@ class DyLoRAConfig(StrategyConfig):
             raise ConfigError(
                 f"strategy.eval_rank must be in 0..r_max={self.r_max} (0: r_max), got {self.eval_rank}"
             )
+        if not self.eval_ranks:  # filled in here, so the run record shows the ranks evaluated
+            powers = [2**i for i in range(self.r_max.bit_length()) if 2**i < self.r_max]
+            object.__setattr__(self, "eval_ranks", (*powers, self.r_max))
         bad = [b for b in self.eval_ranks if not 1 <= b <= self.r_max]
         if bad or len(set(self.eval_ranks)) != len(self.eval_ranks):
             raise ConfigError(
@@ -344,6 +347,7 @@ class DyLoRA(Strategy):
                     "y": list(self._counts),
                     "x_label": "rank",
                     "y_label": "steps",
+                    "kind": "bar",
                 }
             },
         }

@@ -204,5 +204,10 @@ class LISA(Strategy):
                     f"{tower}.{i}": c for tower, counts in self.counts.items() for i, c in enumerate(counts)
                 }
             },
-            "events": {"sampled_blocks": [list(e) for e in self.events]},
+            "events": {
+                "sampled_blocks": {
+                    "fields": ["step", "tower", "blocks"],
+                    "entries": [list(e) for e in self.events],
+                }
+            },
         }

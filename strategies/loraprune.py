@@ -482,5 +482,5 @@ class LoRAPrune(Strategy):
                 }
             },
             "per_layer": {"pruned_fraction": per_layer},
-            "events": {"prune_rounds": self.prune_events},
+            "events": {"prune_rounds": {"fields": ["step", "ratio"], "entries": self.prune_events}},
         }

@@ -466,6 +466,10 @@ class MoRA(Strategy):
             )
         )
 
+    def _block_parameters(self) -> int:
+        """Parameters of one experience's block over all layers (what each experience adds)."""
+        return sum(a.r * (a.in_features + a.out_features) for a in self._adapters.values())
+
     def report(self) -> dict[str, float | int]:
         """Ranks per layer, mean active ranks per token (train, eval: layer means) and the block size."""
         train, active = self._active()
@@ -475,7 +479,9 @@ class MoRA(Strategy):
             "total_ranks": ranks * len(self._adapters),
             "active_ranks_train": self._mean(train),
             "active_ranks_eval": self._mean(active),
-            "added_parameters": sum(a.r * (a.in_features + a.out_features) for a in self._adapters.values()),
+            "added_per_experience": sum(
+                a.r * (a.in_features + a.out_features) for a in self._adapters.values()
+            ),
         }
 
     def final_report(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from cl_bench import results
 from cl_bench.errors import ConfigError, DivergenceError
 from strategies.lora import LoRA
-from tests.helpers import quick_run
+from tests.helpers import QUICK_SCENARIO, quick_run
 
 
 def test_matrix_has_future_columns_b_row_and_seen_accuracy(tmp_path) -> None:
@@ -74,6 +74,23 @@ def test_nan_loss_fails_the_run_and_marks_the_record(tmp_path, monkeypatch) -> N
     assert "non-finite loss" in data["failure"]["reason"]
     monkeypatch.undo()
     assert quick_run(tmp_path, "lora").status == "ok"  # a failed record may be replaced without --overwrite
+
+
+def test_weights_diverged_on_the_last_step_fail_the_run(tmp_path) -> None:
+    """One huge step leaves NaN weights but no NaN loss was ever seen: the evaluation catches it."""
+    with pytest.raises(DivergenceError, match="non-finite logits"):
+        quick_run(
+            tmp_path, "finetune", steps=1, lr=1e30, scenario_args={**QUICK_SCENARIO, "n_experiences": 1}
+        )
+    data = results.load(tmp_path / "runs" / "finetune-test")
+    assert data["status"] == "failed"
+    assert "after experience 0" in data["failure"]["reason"]
+
+
+def test_out_that_is_a_file_is_a_config_error(tmp_path) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="cannot use --out"):
+        quick_run(tmp_path, "lora", out=str(tmp_path / "afile"))
 
 
 def test_unexpected_exceptions_also_leave_a_failed_record(tmp_path, monkeypatch) -> None:

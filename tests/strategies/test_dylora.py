@@ -367,7 +367,7 @@ def test_merge_each_experience_merges_at_the_eval_rank_and_starts_fresh() -> Non
     [
         ({"r_max": 0}, "strategy.r_max"),
         ({"alpha": 0.0}, "strategy.alpha"),
-        ({"r_max": 4}, "strategy.eval_ranks"),  # the default eval ranks go up to 8
+        ({"r_max": 4, "eval_ranks": [1, 8]}, "strategy.eval_ranks"),
         ({"eval_ranks": [0, 2]}, "strategy.eval_ranks"),
         ({"eval_ranks": [2, 2]}, "strategy.eval_ranks"),
         ({"eval_rank": 9}, "strategy.eval_rank"),
@@ -384,10 +384,17 @@ def test_runs_end_to_end_with_the_accuracy_vs_rank_variants(run_quick) -> None:
     record = run_quick("dylora", strategy_args={"eval_ranks": [1, 8], "mode": "full"}, steps=4)
     assert record.status == "ok"
     variants = record.accuracy["variants"]
-    assert list(variants) == ["rank=1", "rank=8"]
+    assert list(variants) == ["main", "rank=1", "rank=8"]  # "main": the unchanged model, the speed baseline
     assert variants["rank=8"]["row"] == record.accuracy["matrix"][-1]  # the main eval is at r_max
     assert record.experiences[-1].strategy["eval_rank"] == R_MAX
     assert 1 <= record.experiences[-1].strategy["mean_sampled_rank"] <= R_MAX
     assert sum(record.strategy_report["curves"]["sampled_ranks"]["y"]) == 8
     assert "2210.07558" in STRATEGIES.get("dylora").paper
     assert "2210.07558" in STRATEGIES.entry("dylora").description
+
+
+@pytest.mark.parametrize(
+    ("r_max", "ranks"), [(8, (1, 2, 4, 8)), (4, (1, 2, 4)), (6, (1, 2, 4, 6)), (1, (1,))]
+)
+def test_default_eval_ranks_are_powers_of_two_and_r_max(r_max: int, ranks: tuple[int, ...]) -> None:
+    assert config.build(DyLoRAConfig, {"r_max": r_max}, "dylora").eval_ranks == ranks

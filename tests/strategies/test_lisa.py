@@ -244,7 +244,8 @@ def test_final_report_records_sampled_sets_and_counts() -> None:
     for step in range(23):
         strategy.before_step(step)
     report = strategy.final_report()
-    events = report["events"]["sampled_blocks"]
+    assert report["events"]["sampled_blocks"]["fields"] == ["step", "tower", "blocks"]
+    events = report["events"]["sampled_blocks"]["entries"]
     assert [e[0] for e in events] == [0, 0, 5, 5, 10, 10, 15, 15, 20, 20]
     assert [e[1] for e in events] == ["vision", "text"] * 5
     assert all(len(e[2]) == 2 and e[2] == sorted(e[2]) for e in events)
@@ -269,7 +270,7 @@ def test_run_record_counts_embedding_head_and_gamma_blocks(run_quick) -> None:
     }
     expected = sum(params[n].numel() for n in TINY_CLIP_ALWAYS) + 2 * block["vision"] + 2 * block["text"]
     assert [e.n_trainable for e in record.experiences] == [expected, expected]
-    events = record.strategy_report["events"]["sampled_blocks"]
+    events = record.strategy_report["events"]["sampled_blocks"]["entries"]
     assert [e[:2] for e in events] == [[0, "vision"], [0, "text"]]  # 6 steps < K = 20: one interval
     assert record.experiences[-1].strategy == {"intervals": 1, "active_blocks": 4}
 

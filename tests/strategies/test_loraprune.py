@@ -391,7 +391,9 @@ def test_run_record_has_sparsity_and_the_sliced_variant(run_quick) -> None:
     report = record.strategy_report
     T = 6  # 2 experiences x 3 steps
     ratio = sparsity_schedule(5, T, 0.5)
-    assert report["events"]["prune_rounds"] == [[t, sparsity_schedule(t, T, 0.5)] for t in range(1, 6)]
+    assert report["events"]["prune_rounds"]["fields"] == ["step", "ratio"]
+    expected = [[t, sparsity_schedule(t, T, 0.5)] for t in range(1, 6)]
+    assert report["events"]["prune_rounds"]["entries"] == expected
     fractions = report["per_layer"]["pruned_fraction"]
     assert fractions["vision.1.attn"] == math.floor(ratio * 4) / 4
     assert fractions["vision.1.mlp"] == math.floor(ratio * 256) / 256

@@ -460,7 +460,7 @@ def test_active_rank_counters_are_exact_and_added_parameters_count_the_bank() ->
     assert strategy.n_active() == round(sum(expected[n] * sizes[n] for n in sizes))
     assert report["ranks_per_layer"] == 32
     assert report["total_ranks"] == 32 * len(sizes)
-    assert report["added_parameters"] == 16 * sum(sizes.values())
+    assert report["added_per_experience"] == 16 * sum(sizes.values())
     assert strategy.n_added() == 32 * sum(sizes.values())  # frozen bank + trainable block
     assert strategy.n_trainable() == 16 * sum(sizes.values())
     assert strategy.adapter_bytes() == 4 * strategy.n_added()
@@ -470,7 +470,7 @@ def test_run_records_ranks_active_ranks_and_parameters(tmp_path) -> None:
     record = quick_run(tmp_path, "mora", strategy_args={"topk": 4})
     assert record.status == "ok"
     n_layers = 6 * 8  # tiny-clip: 4 + 4 blocks
-    width_sum = sum(e.strategy["added_parameters"] for e in record.experiences[:1]) // 16
+    width_sum = sum(e.strategy["added_per_experience"] for e in record.experiences[:1]) // 16
     for i, exp in enumerate(record.experiences):
         figures = exp.strategy
         assert figures["ranks_per_layer"] == 16 * (i + 1)
