@@ -76,14 +76,14 @@ def test_goldens_exercise_each_strategys_mechanism() -> None:
             prune = golden(f"loraprune{suffix}")["strategy_report"]["scalars"]
             assert prune["pruning_rounds"] >= 5
             assert prune["achieved_sparsity"] > 0.3
-            assert set(golden(f"loraprune{suffix}")["accuracy"]["variants"]) == {"merged", "sliced"}
+            assert set(golden(f"loraprune{suffix}")["accuracy"]["variants"]) == {"main", "merged", "sliced"}
             lisa = golden(f"lisa{suffix}")["strategy_report"]["scalars"]
             assert lisa["intervals"] >= 4 * 5  # several resamplings within every experience
             sora = golden(f"sora{suffix}")["strategy_report"]["scalars"]
             assert 0 < sora["live_gates"] < sora["total_gates"]  # some gates died, not all
             dylora = golden(f"dylora{suffix}")
             assert sum(y > 0 for y in dylora["strategy_report"]["curves"]["sampled_ranks"]["y"]) >= 6
-            assert set(dylora["accuracy"]["variants"]) == {"rank=1", "rank=2", "rank=4", "rank=8"}
+            assert set(dylora["accuracy"]["variants"]) == {"main", "rank=1", "rank=2", "rank=4", "rank=8"}
             mora = [e["strategy"]["ranks_per_layer"] for e in golden(f"mora{suffix}")["experiences"]]
             assert mora == [16, 32, 48, 64, 80]  # the bank grows by one block per experience
 
