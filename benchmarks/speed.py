@@ -468,6 +468,7 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
     if wanted("forward-only"):
         with _guard(rows, "forward-only"):
             rows.append(measure_forward_only(s))
+        emit(rows[-1:])
     if wanted("peft-lora"):
         before = len(rows)
         with _guard(rows, "peft-lora"):
