@@ -78,6 +78,7 @@ from cl_bench.adapters import (
     AdaptedLinear,
     available_towers,
     check_targets,
+    compute_dtype,
     init_lora_pair,
     inject,
 )
@@ -111,7 +112,7 @@ class _MoRALayer(torch.autograd.Function):
         a_full: torch.Tensor,
         bt_full: torch.Tensor,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -145,13 +146,6 @@ class _MoRALayer(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.addmm(g @ weight, dz, Af).reshape(shape).to(x_dtype)
         return grad_x, grad_A, grad_B, None, None, None
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's when it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class MoRALinear(AdaptedLinear):
@@ -256,7 +250,7 @@ class MoRALinear(AdaptedLinear):
             return out
         if wants_grad:
             return self.base(x) + self.delta(x)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
@@ -275,7 +269,7 @@ class MoRALinear(AdaptedLinear):
         """``B (w * z)`` alone by the reference routing and plain autograd over ``[bank; block]``."""
         A_full = torch.cat([self.bank_a, self.A])
         B_full = torch.cat([self.bank_b, self.B], dim=1)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         z = F.linear(x.to(dtype), A_full.to(dtype))
         h, counts = route_reference(z, self.k, self.tau, self.gate)
         self.count(counts, training=self.training)
