@@ -22,6 +22,15 @@ def _select(z, cols, valid, K: tl.constexpr):
 
 
 @triton.jit
+def _weights(z, norm, cols, valid, inv_tau, K: tl.constexpr):
+    """``(selected, w)``: the top-K mask and the softmax of ``z / (norm tau)`` over it (0 elsewhere)."""
+    selected = _select(z, cols, valid, K)
+    u = tl.where(selected, z / norm[:, None] * inv_tau, float("-inf"))
+    e = tl.exp(u - tl.max(u, axis=1)[:, None])
+    return selected, e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
 def forward_kernel(
     z_ptr, h_ptr, count_ptr, n_rows, R, inv_tau, threshold,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GATE: tl.constexpr,
@@ -32,13 +41,9 @@ def forward_kernel(
     offsets = rows[:, None] * R + cols[None, :]
     z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
-    selected = _select(z, cols, valid, K)
-    s = z / norm[:, None]
-    u = tl.where(selected, s * inv_tau, float("-inf"))
-    e = tl.exp(u - tl.max(u, axis=1)[:, None])
-    w = e / tl.sum(e, axis=1)[:, None]
+    _, w = _weights(z, norm, cols, valid, inv_tau, K)
     if GATE:
-        w = tl.where(s >= threshold, w, 0.0)
+        w = tl.where(z / norm[:, None] >= threshold, w, 0.0)
     tl.store(h_ptr + offsets, (w * z).to(h_ptr.dtype.element_ty), mask=valid)
     count = tl.sum((w != 0.0).to(tl.int32), axis=1)
     tl.store(count_ptr + rows, count, mask=rows < n_rows)
@@ -58,10 +63,7 @@ def backward_kernel(
     raw_norm = tl.sqrt(tl.sum(z * z, axis=1))
     clamped = raw_norm < 1e-12
     norm = tl.maximum(raw_norm, 1e-12)
-    selected = _select(z, cols, valid, K)
-    u = tl.where(selected, z / norm[:, None] * inv_tau, float("-inf"))
-    e = tl.exp(u - tl.max(u, axis=1)[:, None])
-    w = e / tl.sum(e, axis=1)[:, None]
+    selected, w = _weights(z, norm, cols, valid, inv_tau, K)
     a = tl.where(selected, g * z, 0.0)
     q = w * (a - tl.sum(a * w, axis=1)[:, None])
     c = tl.where(clamped, 0.0, tl.sum(q * z, axis=1) * inv_tau / (norm * norm * norm))
