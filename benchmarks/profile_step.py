@@ -1,23 +1,91 @@
-"""Profile the training step of strategies on the GPU: the CUDA kernels that take the time.
+"""Profile strategies on the GPU: where the time of a training step (or an evaluation) goes.
 
 ``python -m benchmarks.profile_step lora dylora`` builds each strategy on open_clip ViT-B-16
-(random weights, batch 128, bf16) exactly as ``cl-bench bench`` does, runs a few warm steps, then
-profiles 5 steps and prints the top kernels by CUDA time (``--rows``).
+(random weights, batch 128, bf16) exactly as ``cl-bench bench`` does, warms it up in the mode
+``cl-bench run`` uses (CUDA graphs where the strategy allows them; ``--eager`` for every kernel
+launched from Python), then profiles ``--steps`` steps and prints:
+
+- the step's wall time (timed without the profiler), the GPU's kernel time per step, and the
+  host time of each phase of :func:`cl_bench.loop.train_step` (``step.*`` labels): a step whose
+  wall time is well above its kernel time waits for the host, and the phases say for what;
+- the kernels that take the GPU time (``--rows``).
+
+``--eval`` profiles the evaluation forward instead (batch 512). Two pseudo-strategies give
+LoRAPrune's models at exactly 50% of heads and MLP channels: ``loraprune-dense`` (masks folded
+into dense weights) and ``loraprune-sliced`` (physically sliced).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.speed import PeftLoRA, Setting, _experience_classes, _info, _inputs, build
+from benchmarks.speed import (
+    GRAPH_WARMUP_LIMIT,
+    PeftLoRA,
+    Setting,
+    _experience_classes,
+    _info,
+    _inputs,
+    build,
+)
 from cl_bench import loop
+from cl_bench.evaluate import autocast
+from cl_bench.strategy import Strategy
+
+PHASES = ("step.before_step", "step.forward_backward", "step.optimizer", "step.after_step")
 
 
-def profile_strategy(name: str, s: Setting, rows: int, experiences: int = 1) -> str:
+def _device_time(event: Any) -> float:
+    """Microseconds on the device (the attribute was renamed from ``cuda`` to ``device``)."""
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0))
+
+
+def _wall_ms(fn: Callable[[], None], n: int) -> float:
+    """Median wall milliseconds of ``fn`` over 3 windows of ``n`` calls."""
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - tic) * 1000 / n)
+    return statistics.median(times)
+
+
+def _is_kernel(event: Any) -> bool:
+    """A kernel, memcpy or memset on the device (not the device-side span of a ``step.*`` label)."""
+    return event.device_type == DeviceType.CUDA and not event.key.startswith(("step.", "Optimizer."))
+
+
+def _summary(prof: Any, fn_name: str, n: int, wall: float, rows: int, phases: tuple[str, ...]) -> str:
+    averages = prof.key_averages()
+    kernel_us = sum(_device_time(e) for e in averages if _is_kernel(e))
+    lines = [
+        f"{fn_name}: wall {wall:.2f} ms, GPU kernels {kernel_us / 1000 / n:.2f} ms "
+        f"({kernel_us / 1000 / n / wall:.0%} of the wall time busy)"
+    ]
+    by_key = {e.key: e for e in averages}
+    for phase in phases:
+        if phase in by_key:
+            lines.append(f"  host {phase:<24} {by_key[phase].cpu_time_total / 1000 / n:7.2f} ms/step")
+    kernels = sorted((e for e in averages if _is_kernel(e)), key=_device_time, reverse=True)
+    lines.append(f"  top kernels (ms per {fn_name}, calls per {fn_name}):")
+    for e in kernels[:rows]:
+        lines.append(f"    {_device_time(e) / 1000 / n:7.3f}  {e.count / n:6.1f}  {e.key[:100]}")
+    return "\n".join(lines)
+
+
+def profile_training(name: str, s: Setting, rows: int, experiences: int, steps: int, eager: bool) -> str:
     device = torch.device(s.device)
     strategy = build(name, s, cls=PeftLoRA if name == "peft-lora" else None)
     strategy.train()
@@ -27,26 +95,95 @@ def profile_strategy(name: str, s: Setting, rows: int, experiences: int = 1) -> 
     strategy.head.invalidate()
     optimizer = strategy.make_optimizer(s.lr, 0.0)
     x, y = _inputs(s, s.batch, strategy.backbone.image_size, device)
-    for step in range(5):
-        loop.train_step(strategy, optimizer, None, x, y, info, step, device=device, precision=s.precision)
+    y = y + info.classes[0]
+    graphs = (
+        None
+        if eager or strategy.graph_key() is None
+        else loop.step_graphs(strategy, info, device=device, precision=s.precision)
+    )
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        loop.train_step(
+            strategy, optimizer, None, x, y, info, next(counter),
+            device=device, precision=s.precision, graphs=graphs,
+        )  # fmt: skip
+
+    for _ in range(s.warmup):
+        step()
+    if graphs is not None:  # until every key this strategy uses replays a captured graph
+        for _ in range(GRAPH_WARMUP_LIMIT):
+            replays = graphs.n_replays
+            for _ in range(s.warmup):
+                step()
+            if graphs.n_replays - replays == s.warmup:
+                break
+    wall = _wall_ms(step, steps)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for step in range(5, 10):
-            loop.train_step(strategy, optimizer, None, x, y, info, step, device=device, precision=s.precision)
+        for _ in range(steps):
+            step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    mode = "eager" if graphs is None else "graphs"
+    return _summary(prof, f"step ({mode})", steps, wall, rows, PHASES)
+
+
+def _eval_model(name: str, s: Setting) -> Strategy:
+    if name not in ("loraprune-dense", "loraprune-sliced"):
+        return build(name, s, cls=PeftLoRA if name == "peft-lora" else None)
+    strategy = build("loraprune", s)
+    for group in strategy.groups:  # type: ignore[attr-defined]
+        group.prune_to(0.5)
+    strategy.merge()  # type: ignore[attr-defined]
+    if name == "loraprune-sliced":
+        strategy.slice()  # type: ignore[attr-defined]
+    return strategy
+
+
+def profile_eval(name: str, s: Setting, rows: int, steps: int) -> str:
+    device = torch.device(s.device)
+    strategy = _eval_model(name, s)
+    strategy.eval()
+    strategy.head.invalidate()
+    info = _info(0, _experience_classes(0, s), s.n_classes, device, training=False)
+    x, _ = _inputs(s, s.eval_batch, strategy.backbone.image_size, device)
+
+    @torch.inference_mode()
+    def forward() -> None:
+        with autocast(device, s.precision):
+            strategy.forward(x, info)
+
+    for _ in range(s.warmup):
+        forward()
+    wall = _wall_ms(forward, steps)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            forward()
+        torch.cuda.synchronize()
+    return _summary(prof, f"eval forward (batch {s.eval_batch})", steps, wall, rows, ())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("strategies", nargs="+")
-    parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--rows", type=int, default=18, help="kernels listed")
+    parser.add_argument("--steps", type=int, default=10, help="steps profiled (and timed)")
     parser.add_argument("--experiences", type=int, default=1, help="experience boundaries before profiling")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--eval", action="store_true", help="profile the evaluation forward instead")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: profiling needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
     s = Setting()
     for name in args.strategies:
-        print(f"\n===== {name}: 5 steps, batch {s.batch}, after {args.experiences} experience(s)")
-        print(profile_strategy(name, s, args.rows, args.experiences))
+        print(f"\n===== {name}: batch {s.eval_batch if args.eval else s.batch}, "
+              f"after {args.experiences} experience(s)", flush=True)  # fmt: skip
+        if args.eval:
+            print(profile_eval(name, s, args.rows, args.steps), flush=True)
+        else:
+            print(profile_training(name, s, args.rows, args.experiences, args.steps, args.eager), flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from cl_bench import memory, metrics, results
@@ -446,20 +447,25 @@ def train_step(
     With ``graphs`` (a runner from :func:`step_graphs`), forward, loss and backward are replayed
     from a CUDA graph when the strategy's :meth:`~cl_bench.strategy.Strategy.graph_key` allows it.
     Nothing here waits for the device: the loss stays a tensor (benchmarks time this function).
+    Its phases are labelled for ``torch.profiler`` (``step.*``; ``benchmarks/profile_step.py``).
     """
-    strategy.before_step(step)
-    if graphs is not None:
-        loss = graphs(strategy.graph_key(), images, y)
-    else:
-        loss = forward_backward(strategy, images, y, info, device=device, precision=precision)
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(strategy.trainable_parameters(), max_grad_norm)
-    strategy.after_backward(step)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    strategy.after_step(step)
+    with record_function("step.before_step"):
+        strategy.before_step(step)
+    with record_function("step.forward_backward"):
+        if graphs is not None:
+            loss = graphs(strategy.graph_key(), images, y)
+        else:
+            loss = forward_backward(strategy, images, y, info, device=device, precision=precision)
+    with record_function("step.optimizer"):
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(strategy.trainable_parameters(), max_grad_norm)
+        strategy.after_backward(step)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    with record_function("step.after_step"):
+        strategy.after_step(step)
     return loss.detach()
 
 
