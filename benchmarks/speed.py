@@ -181,7 +181,7 @@ def _inputs(
     return x, y
 
 
-GRAPH_WARMUP_LIMIT = 200  # steps: a strategy with several graph keys (DyLoRA: one per rank) warms up longer
+GRAPH_WARMUP_LIMIT = 200  # steps: a strategy with several graph keys warms up until each one replays
 
 
 def measure(

@@ -258,14 +258,16 @@ def init_lora_pair(
 class LowRank:
     """A low-rank update ``scaling * B diag(g) A`` of a linear layer, with what LoRA variants change.
 
-    - ``rank_scale`` g [r]: a trainable per-rank gate (SoRA); None: all ones.
+    - ``rank_scale`` g [r]: a per-rank gate, trainable (SoRA) or not (DyLoRA's rank weights
+      ``alpha / b`` on the first b ranks, 0 on the others); None: all ones.
     - ``grad_row_scale`` [d_out]: the output gradient reaching A, B and g is scaled per row by it
       (ALLoRA); the gradient to the layer input is not.
     - ``out_mask`` [d_out]: the whole output row (base, update and bias) is multiplied by it
       (LoRAPrune's head/channel masks); gradients follow the masked function.
-    - ``trained_rows``: only the last ``trained_rows`` ranks receive gradient, the others get exact
-      zeros (DyLoRA's frozen mode); None: every rank.
-    A and B may be views or results of differentiable expressions.
+    - ``grad_rank_mask`` m [r] of 0/1: the gradients of A's rows, B's columns and g are multiplied
+      by it, so masked ranks get exact zeros (DyLoRA's frozen mode); None: every rank learns.
+    A and B may be views or results of differentiable expressions. Per-step values (a gate, DyLoRA's
+    rank weights, ALLoRA's row scale) are tensors updated in place, so one CUDA graph serves all steps.
     """
 
     A: torch.Tensor  # [r, d_in]
@@ -274,18 +276,26 @@ class LowRank:
     rank_scale: torch.Tensor | None = None
     grad_row_scale: torch.Tensor | None = None
     out_mask: torch.Tensor | None = None
-    trained_rows: int | None = None
+    grad_rank_mask: torch.Tensor | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The differentiable inputs: A, B and the gate if there is one."""
-        return (self.A, self.B) if self.rank_scale is None else (self.A, self.B, self.rank_scale)
+        """The differentiable inputs: A, B and the gate if it is trainable."""
+        gate = self.rank_scale
+        return (self.A, self.B) if gate is None or not gate.requires_grad else (self.A, self.B, gate)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The update alone, computed unfused with autograd (reference path)."""
-        z = F.linear(x, self.A)
-        if self.rank_scale is not None:
-            z = z * self.rank_scale.to(z.dtype)
-        out = F.linear(z, self.B) * self.scaling
+        A, B, gate = self.A, self.B, self.rank_scale
+        if self.grad_rank_mask is not None:  # same values, gradient only where the mask is 1
+            m = self.grad_rank_mask
+            A = A * m[:, None] + (A * (1 - m[:, None])).detach()
+            B = B * m + (B * (1 - m)).detach()
+            if gate is not None:
+                gate = gate * m + (gate * (1 - m)).detach()
+        z = F.linear(x, A.to(x.dtype))
+        if gate is not None:
+            z = z * gate.to(z.dtype)
+        out = F.linear(z, B.to(z.dtype)) * self.scaling
         return out if self.out_mask is None else out * self.out_mask.to(out.dtype)
 
     def weight(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -296,9 +306,8 @@ class LowRank:
         twice.
         """
         work = base.dtype
-        B = self.B.detach().to(work)
-        if self.rank_scale is not None:
-            B = B * self.rank_scale.detach().to(work)
+        B = self.B.detach()
+        B = (B if self.rank_scale is None else B * self.rank_scale.detach()).to(work)
         merged = torch.addmm(base, B, self.A.detach().to(work), alpha=self.scaling)
         if self.out_mask is not None:
             merged = merged * self.out_mask.to(work)[:, None]
@@ -327,6 +336,11 @@ class _FusedLowRankLinears(torch.autograd.Function):
     the unfused ``W0 x + s B (A x)`` per layer, this removes the elementwise sums and products over
     the activations and most of the small kernels, which dominated the step on the GPU (in kernel
     time and in launch time).
+
+    The per-layer work on the (small) factors is written to launch as few kernels as possible:
+    a float32 factor (gate, row scale, rank mask) multiplies a bf16 tensor into a float32 result
+    directly, which is also the cast of the parameter gradient; a product with the gate is
+    rounded to the compute dtype once.
     """
 
     @staticmethod
@@ -335,14 +349,13 @@ class _FusedLowRankLinears(torch.autograd.Function):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            weights, biases, a_blocks, b_blocks, gates, row_scales = [], [], [], [], [], []
+            weights, biases, a_blocks, b_blocks, backward_meta = [], [], [], [], []
             for weight, bias, f in layers:
                 A_c = f.A.detach().to(dtype)
-                B_c = f.B.detach().to(dtype)
-                gate = None if f.rank_scale is None else f.rank_scale.detach().to(dtype)
-                B_eff = B_c if gate is None else B_c * gate
+                gate = None if f.rank_scale is None else f.rank_scale.detach()
+                B_c = (f.B.detach() if gate is None else f.B.detach() * gate).to(dtype)  # B diag(g)
                 if weight.dtype == dtype:  # one addmm, one rounding (see LowRank.weight)
-                    merged = torch.addmm(weight, B_eff, A_c, alpha=f.scaling)
+                    merged = torch.addmm(weight, B_c, A_c, alpha=f.scaling)
                     if f.out_mask is not None:
                         merged = merged * f.out_mask.to(dtype)[:, None]
                     weights.append(merged)
@@ -353,11 +366,24 @@ class _FusedLowRankLinears(torch.autograd.Function):
                 scale = f.grad_row_scale
                 if f.out_mask is not None:
                     scale = f.out_mask if scale is None else scale * f.out_mask
-                b_block = B_eff if f.scaling == 1 else B_eff * f.scaling
-                b_blocks.append(b_block if scale is None else b_block * scale.to(dtype)[:, None])
+                b_block = B_c if f.scaling == 1 else B_c * f.scaling
+                if scale is not None:  # one kernel: the float32 scale times bf16, rounded to bf16
+                    b_block = torch.mul(b_block, scale[:, None], out=torch.empty_like(b_block))
+                b_blocks.append(b_block)
                 a_blocks.append(A_c)
-                gates.append(None if gate is None else (gate, B_c))
-                row_scales.append(scale)
+                trained_gate = f.rank_scale is not None and f.rank_scale.requires_grad
+                backward_meta.append(
+                    (
+                        weight.shape[0],
+                        f.A.shape[0],
+                        f.scaling,
+                        scale,
+                        gate,
+                        f.B.detach() if trained_gate else None,
+                        f.grad_rank_mask,
+                        [t.dtype for t in f.tensors()],
+                    )
+                )
             W = weights[0] if len(weights) == 1 else torch.cat(weights)
             b = None if not biases else (biases[0] if len(biases) == 1 else torch.cat(biases)).to(dtype)
             y = F.linear(x2, W, b)
@@ -365,22 +391,13 @@ class _FusedLowRankLinears(torch.autograd.Function):
             z = x2 @ A_cat.t()  # [N, sum r]
             B_bd = b_blocks[0] if len(b_blocks) == 1 else torch.block_diag(*b_blocks)
         ctx.save_for_backward(x2, z, W, B_bd)
-        ctx.meta = (
-            shape,
-            x.dtype,
-            [
-                (w.shape[0], f.A.shape[0], f.trained_rows, f.scaling, [t.dtype for t in f.tensors()])
-                for w, _, f in layers
-            ],
-            row_scales,
-            gates,
-        )
+        ctx.meta = (shape, x.dtype, backward_meta)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, z, W, B_bd = ctx.saved_tensors
-        shape, x_dtype, segments, row_scales, gates = ctx.meta
+        shape, x_dtype, backward_meta = ctx.meta
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(W.dtype)
             grad_x = (g @ W).reshape(shape).to(x_dtype) if ctx.needs_input_grad[0] else None
@@ -388,24 +405,23 @@ class _FusedLowRankLinears(torch.autograd.Function):
             P_all = g.t() @ z  # [sum d_out, sum r]: the diagonal blocks are g_i^T z_i
         grads: list[torch.Tensor | None] = []
         row = col = 0
-        for (d_out, r, trained, scaling, dtypes), scale, gate in zip(
-            segments, row_scales, gates, strict=True
-        ):
+        for d_out, r, scaling, scale, gate, B_for_gate, mask, dtypes in backward_meta:
             grad_A = grad_A_all[col : col + r]
-            grad_B = P_all[row : row + d_out, col : col + r]  # dL/d(B diag(g)), up to s and c
+            if mask is not None:
+                grad_A = torch.mul(grad_A, mask[:, None])
+            # dL/d(s B diag(g)) / s = c * P (c: the row scale), in float32 from here on
+            grad_Bg = P_all[row : row + d_out, col : col + r]
             if scale is not None:
-                grad_B = grad_B * scale.to(grad_B.dtype)[:, None]
+                grad_Bg = torch.mul(grad_Bg, scale[:, None])
+            grad_Bg = grad_Bg.to(torch.promote_types(grad_Bg.dtype, torch.float32))
             if scaling != 1:
-                grad_B = grad_B * scaling
-            out = [grad_A, grad_B]
-            if gate is not None:
-                gate_c, B_c = gate
-                out = [grad_A, grad_B * gate_c, (grad_B * B_c).sum(0)]
-            out = [t.to(dt) for t, dt in zip(out, dtypes, strict=True)]
-            if trained is not None:
-                out[0][: r - trained] = 0
-                out[1][:, : r - trained] = 0
-            grads.extend(out)
+                grad_Bg = grad_Bg * scaling
+            out = [grad_A, grad_Bg if gate is None else grad_Bg * gate]
+            if B_for_gate is not None:  # dL/dg_i = sum_o (s c P)_oi B_oi
+                out.append((grad_Bg * B_for_gate).sum(0))
+            if mask is not None:
+                out[1:] = [t * mask for t in out[1:]]
+            grads.extend(t.to(dt) for t, dt in zip(out, dtypes, strict=True))
             row, col = row + d_out, col + r
         return (grad_x, None, *grads)
 

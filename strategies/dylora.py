@@ -24,11 +24,13 @@ Choices where paper, official code (huawei-noah/Efficient-NLP ``DyLoRA/``) and C
   exactly what ``torch.optim.AdamW`` computes for a parameter that is stepped only when its rank
   trains. Parameters outside the adapters (a linear head) use a plain AdamW.
 - B is stored transposed (``Bt`` [r_max, d_out]) so that each rank is a contiguous row for the
-  multi-tensor optimizer kernels. Training runs through one autograd function that multiplies
-  with the truncated views A[:b] and Bt[:b] (no copies) and, in frozen mode, computes the
-  gradient of row b only (the lower rows get an exact zero, as with the official ``detach``).
-  Under bf16 autocast it receives x in the autocast dtype (device type taken from the input) and
-  casts only the truncated A and Bt, as ``nn.Linear`` would; parameter gradients stay fp32.
+  multi-tensor optimizer kernels. Training runs through the fused low-rank linear of
+  :mod:`cl_bench.adapters` over all r_max ranks with per-rank weights ``alpha / b`` on ranks
+  1..b and 0 above (the same function as the truncation ``(alpha / b) B[:, :b] A[:b]``) and a
+  0/1 gradient mask: in frozen mode only rank b gets gradient, the others an exact zero (as with
+  the official ``detach``). Weights and mask are device tensors shared by all layers
+  (:class:`RankState`) and rewritten in place when the rank changes, so the step launches the
+  same kernels at every rank and one CUDA graph serves them all. Parameter gradients stay fp32.
 - the rank is sampled once per optimizer step (``before_step``) from the strategy's own seeded
   generator, never per layer; evaluation always uses ``eval_rank``, never the last sampled rank.
 - continual learning: one adapter set trained through the whole stream, optimizer rebuilt every
@@ -65,24 +67,79 @@ from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
 Mode = Literal["frozen", "full"]
 
 
-class DyLoRALinear(AdaptedLinear):
-    """``y = W0 x + b + (alpha / b) B[:, :b] A[:b] x`` at the current rank ``b`` (``self.rank``).
+class RankState:
+    """The rank every DyLoRA layer of a model uses now, as device tensors shared by all layers.
 
-    Parameters: A [r_max, d_in] (kaiming-uniform) and ``Bt`` = B^T [r_max, d_out] (zeros), so rank
-    i is row i of both.
+    ``weights`` [r_max]: ``alpha / b`` on ranks 0..b-1, 0 on the others (the forward's truncation
+    and scale); ``grad_mask`` [r_max]: 1 on the ranks that learn at rank b (b - 1 in frozen mode,
+    0..b-1 in full mode). Setting a rank copies one precomputed row into each (two tiny kernels
+    for the whole model, no host sync), so the adapted layers run the same kernels on the same
+    tensors at every rank: one CUDA graph serves every sampled rank, and every GEMM keeps the
+    aligned width r_max (a truncated rank b gave misaligned GEMMs).
     """
 
-    def __init__(self, base: nn.Linear, r_max: int, alpha: float, mode: Mode = "frozen") -> None:
+    def __init__(
+        self, r_max: int, alpha: float, mode: Mode, device: torch.device | str | None = None
+    ) -> None:
+        ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
+        below = torch.arange(r_max)[None, :] < ranks[:, None]  # [b - 1, i]: i < b
+        self.r_max, self.alpha, self.mode = r_max, alpha, mode
+        # float64 tables (alpha / b exact to the layer's precision); the shared tensors take the
+        # layer's dtype when it is converted
+        self.weight_table = torch.where(below, alpha / ranks[:, None], 0.0).to(device)
+        learns = torch.eye(r_max, dtype=torch.bool) if mode == "frozen" else below
+        self.mask_table = learns.double().to(device)
+        self.weights = self.weight_table[-1].float()
+        self.grad_mask = self.mask_table[-1].float()
+        self.rank = r_max
+
+    def set(self, b: int) -> None:
+        if not 1 <= b <= self.r_max:
+            raise ValueError(f"rank must be in 1..{self.r_max}, got {b}")
+        if b != self.rank:
+            self.weights.copy_(self.weight_table[b - 1])
+            self.grad_mask.copy_(self.mask_table[b - 1])
+            self.rank = b
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Convert the tensors as ``nn.Module._apply`` converts a layer's (device, dtype); every
+        layer sharing this state applies it, and a conversion already done returns the same tensor."""
+        self.weights, self.grad_mask = fn(self.weights), fn(self.grad_mask)
+        device = self.weights.device
+        self.weight_table, self.mask_table = self.weight_table.to(device), self.mask_table.to(device)
+        self.weights.copy_(self.weight_table[self.rank - 1])  # at the new precision
+
+
+class DyLoRALinear(AdaptedLinear):
+    """``y = W0 x + b + (alpha / b) B[:, :b] A[:b] x`` at the current rank ``b`` of ``state``.
+
+    Parameters: A [r_max, d_in] (kaiming-uniform) and ``Bt`` = B^T [r_max, d_out] (zeros), so rank
+    i is row i of both. The rank lives in a :class:`RankState` shared by every layer of a model
+    (a layer built alone gets its own).
+    """
+
+    def __init__(
+        self, base: nn.Linear, r_max: int, alpha: float, mode: Mode = "frozen", state: RankState | None = None
+    ) -> None:
         super().__init__(base)
         if r_max < 1:
             raise ValueError(f"DyLoRA r_max must be >= 1, got {r_max}")
         self.r_max = r_max
         self.alpha = alpha
         self.mode: Mode = mode
-        self.rank = r_max
+        self.state = state or RankState(r_max, alpha, mode, base.weight.device)
         A, B = init_lora_pair(r_max, base.in_features, base.out_features, base.weight.device)
         self.A = A
         self.Bt = nn.Parameter(B.data.t().contiguous())
+
+    @property
+    def rank(self) -> int:
+        return self.state.rank
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DyLoRALinear:
+        super()._apply(fn, recurse)
+        self.state.apply(fn)  # device and dtype moves reach the shared rank tensors too
+        return self
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A [r_max, d_in] and B [d_out, r_max] (a transposed view of ``Bt``)."""
@@ -95,20 +152,18 @@ class DyLoRALinear(AdaptedLinear):
         self.Bt.copy_(B.t())
 
     def set_rank(self, b: int) -> None:
-        if not 1 <= b <= self.r_max:
-            raise ValueError(f"rank must be in 1..{self.r_max}, got {b}")
-        self.rank = b
+        self.state.set(b)
 
     def trained_ranks(self) -> range:
         """0-based ranks that learn at the current rank: b - 1 (frozen) or 0..b-1 (full)."""
         return range(self.rank - 1 if self.mode == "frozen" else 0, self.rank)
 
     def low_rank(self) -> LowRank:
-        """Rank ``b``: views ``A[:b]`` and ``B[:, :b]`` with ``alpha / b``; in frozen mode only rank b
-        (the last of the views) receives gradient, the lower ranks get exact zeros."""
-        b = self.rank
-        trained = 1 if self.mode == "frozen" else None
-        return LowRank(self.A[:b], self.Bt[:b].t(), self.alpha / b, trained_rows=trained)
+        """All r_max ranks with the rank weights ``alpha / b`` on the first b and 0 on the others
+        (the paper's truncation ``(alpha / b) B[:, :b] A[:b]``); in frozen mode only rank b receives
+        gradient, the others get exact zeros."""
+        s = self.state
+        return LowRank(self.A, self.Bt.t(), 1.0, rank_scale=s.weights, grad_rank_mask=s.grad_mask)
 
     def delta_weight(self, b: int | None = None) -> torch.Tensor:
         """``(alpha / b) B[:, :b] A[:b]`` as a dense [d_out, d_in] matrix."""
@@ -251,9 +306,10 @@ class DyLoRA(Strategy):
     def __init__(self, cfg: DyLoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)
         self.backbone.requires_grad_(False)
+        self.rank_state = RankState(cfg.r_max, cfg.alpha, cfg.mode)  # shared by every layer
         self._adapters = inject(
             self.backbone,
-            lambda linear, block, role: DyLoRALinear(linear, cfg.r_max, cfg.alpha, cfg.mode),
+            lambda linear, block, role: DyLoRALinear(linear, cfg.r_max, cfg.alpha, cfg.mode, self.rank_state),
             roles=cfg.roles,
             towers=available_towers(self.backbone, cfg.towers),
         )
@@ -268,9 +324,8 @@ class DyLoRA(Strategy):
         return self._adapters
 
     def set_rank(self, b: int) -> None:
-        """Use rank ``b`` in every adapted layer."""
-        for adapter in self._adapters.values():
-            adapter.set_rank(b)
+        """Use rank ``b`` in every adapted layer (they share :attr:`rank_state`)."""
+        self.rank_state.set(b)
         self.rank = b
 
     def trained_ranks(self) -> range:
@@ -283,10 +338,6 @@ class DyLoRA(Strategy):
         ids = {id(p) for layer in layers for p in (layer.A, layer.Bt)}
         others = [p for p in self.trainable_parameters() if id(p) not in ids]
         return RankwiseAdamW(layers, others, self.trained_ranks, lr, weight_decay)
-
-    def graph_key(self) -> int:
-        """One CUDA graph per sampled rank: the rank decides the shapes of the step's kernels."""
-        return self.rank
 
     def sample_rank(self) -> int:
         """Draw b uniformly from 1..r_max with the strategy's own generator (CPU, no device sync)."""

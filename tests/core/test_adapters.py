@@ -58,17 +58,41 @@ def test_row_scale_reaches_a_and_b_gradients_but_not_the_input() -> None:
     torch.testing.assert_close(gB, gB_ref, rtol=0, atol=1e-12)
 
 
-def test_trained_rows_zero_the_other_ranks_exactly() -> None:
+def test_grad_rank_mask_zeroes_the_masked_ranks_exactly() -> None:
     base, A, B, x = setup()
-    out = lora_linear(x, base.weight, base.bias, LowRank(A, B, 1.0, trained_rows=1))
+    mask = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)[: A.shape[0]]
+    out = lora_linear(x, base.weight, base.bias, LowRank(A, B, 1.0, grad_rank_mask=mask))
     gA, gB = torch.autograd.grad(out.sum(), (A, B))
     _, gA_ref, gB_ref = grads(
         reference(x, base, A, B, 1.0), (x, A, B), torch.ones(2, N, D_OUT, dtype=torch.float64)
     )
-    assert torch.all(gA[:-1] == 0)
-    assert torch.all(gB[:, :-1] == 0)
-    torch.testing.assert_close(gA[-1], gA_ref[-1], rtol=0, atol=1e-12)
-    torch.testing.assert_close(gB[:, -1], gB_ref[:, -1], rtol=0, atol=1e-12)
+    off = mask == 0
+    assert torch.all(gA[off] == 0)
+    assert torch.all(gB[:, off] == 0)
+    torch.testing.assert_close(gA[~off], gA_ref[~off], rtol=0, atol=1e-12)
+    torch.testing.assert_close(gB[:, ~off], gB_ref[:, ~off], rtol=0, atol=1e-12)
+    # the reference path (plain autograd) masks the same gradients
+    delta = LowRank(A, B, 1.0, grad_rank_mask=mask).delta(x)
+    dA, dB = torch.autograd.grad(delta.sum(), (A, B))
+    torch.testing.assert_close(dA, gA, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dB, gB, rtol=0, atol=1e-12)
+
+
+def test_fixed_rank_weights_scale_the_update_and_get_no_gradient() -> None:
+    """DyLoRA's rank weights: a non-trainable rank_scale; the update is B diag(w) A, and the
+    fused function returns gradients for A and B only."""
+    base, A, B, x = setup()
+    w = torch.tensor([2.0, 2.0, 0.0, 0.0], dtype=torch.float64)[: A.shape[0]]
+    out = lora_linear(x, base.weight, base.bias, LowRank(A, B, 1.0, rank_scale=w))
+    want = reference(x, base, A, B * w, 1.0)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    upstream = torch.randn(2, N, D_OUT, dtype=torch.float64)
+    gA, gB = torch.autograd.grad(out, (A, B), upstream)
+    Bw = (B * w).detach().requires_grad_()
+    _, gA_ref, gBw = grads(reference(x, base, A, Bw, 1.0), (x, A, Bw), upstream)
+    torch.testing.assert_close(gA, gA_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gB, gBw * w, rtol=0, atol=1e-12)
+    assert torch.all(gB[:, w == 0] == 0)
 
 
 def test_evaluation_uses_the_merged_weight_and_equals_the_reference() -> None:
@@ -103,7 +127,9 @@ def test_grouped_layers_equal_each_layer_on_its_own() -> None:
     layers, refs = [], []
     mask = (torch.arange(D_OUT) % 2 == 0).double()
     c = torch.linspace(0.5, 2.0, D_OUT, dtype=torch.float64)
-    variants = [{"out_mask": mask}, {"grad_row_scale": c}, {"trained_rows": 1}]
+    last_rank = torch.zeros(R, dtype=torch.float64)
+    last_rank[-1] = 1
+    variants = [{"out_mask": mask}, {"grad_row_scale": c}, {"grad_rank_mask": last_rank}]
     for seed, extra in enumerate(variants):
         base, A, B, _ = setup(seed)
         layers.append((base.weight, base.bias, LowRank(A, B, 0.5 + seed, **extra)))
@@ -123,10 +149,8 @@ def test_grouped_layers_equal_each_layer_on_its_own() -> None:
             _, gA, gB = torch.autograd.grad(
                 reference(x, base, A, B, s), (x, A, B), g * extra["grad_row_scale"]
             )
-        if "trained_rows" in extra:
-            gA, gB = gA.clone(), gB.clone()
-            gA[:-1] = 0
-            gB[:, :-1] = 0
+        if "grad_rank_mask" in extra:
+            gA, gB = gA * last_rank[:, None], gB * last_rank
         want_x += gx
         torch.testing.assert_close(got[1 + 2 * i], gA, rtol=0, atol=1e-12)
         torch.testing.assert_close(got[2 + 2 * i], gB, rtol=0, atol=1e-12)
