@@ -10,7 +10,7 @@ import torch
 
 from cl_bench import config
 from cl_bench.adapters import UnfusedAttention
-from cl_bench.backbones.open_clip import unfuse_attention
+from cl_bench.backbones.open_clip import PatchConv2d, unfuse_attention
 from cl_bench.errors import WeightsError
 from cl_bench.registry import BACKBONES
 from tests.helpers import tiny_backbone
@@ -49,6 +49,35 @@ def test_unfused_attention_is_output_identical(name: str) -> None:
         torch.testing.assert_close(
             unfused.encode_text(tokens), original.encode_text(tokens), rtol=0, atol=1e-5
         )
+
+
+def test_patch_embedding_as_a_gemm_equals_the_convolution_with_its_gradients() -> None:
+    torch.manual_seed(0)
+    for bias in (False, True):
+        conv = torch.nn.Conv2d(3, 16, 8, stride=8, bias=bias).double()
+        patch = PatchConv2d.from_conv(conv)
+        assert isinstance(patch, PatchConv2d)
+        assert patch.state_dict().keys() == conv.state_dict().keys()
+        x = torch.randn(2, 3, 32, 24, dtype=torch.float64)
+        got, want = patch(x), conv(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        upstream = torch.randn_like(want)
+        got_grads = torch.autograd.grad(got, list(patch.parameters()), upstream)
+        want_grads = torch.autograd.grad(want, list(conv.parameters()), upstream)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+        # tokens as open_clip flattens them: no copy needed, same values
+        tokens = got.reshape(2, 16, -1).permute(0, 2, 1)
+        assert tokens.is_contiguous()
+        torch.testing.assert_close(patch(x[..., :31, :]), conv(x[..., :31, :]), rtol=0, atol=0)  # cropped
+    overlapping = torch.nn.Conv2d(3, 4, 3, stride=1, padding=1)
+    assert PatchConv2d.from_conv(overlapping) is overlapping
+
+
+def test_the_backbone_embeds_patches_with_the_gemm() -> None:
+    backbone = tiny_backbone("tiny-clip")
+    assert isinstance(backbone.model.visual.conv1, PatchConv2d)
+    assert "visual.conv1.weight" in backbone.model.state_dict()
 
 
 def test_non_causal_path_with_an_explicit_mask_matches_multihead_attention() -> None:
