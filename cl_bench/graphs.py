@@ -13,17 +13,24 @@ declared by :meth:`cl_bench.strategy.Strategy.graph_key`: two steps with the sam
 kernels on the same tensors, and everything the forward reads that changes between steps is a
 parameter or a buffer updated in place.
 
-One graph is captured per key (DyLoRA: one per sampled rank), the second time the key is seen
-(the first step of a key runs eagerly and warms up lazy initialisation). All graphs of one
-runner share one memory pool: they are replayed one at a time on one stream, and nothing a
-graph allocates outlives its replay except its loss and its gradients, which the runner keeps.
-After a replay the parameters' ``.grad`` point at that graph's gradient buffers, as after an
-eager ``backward``. Steps whose inputs have another shape (a short last batch) run eagerly.
+One graph is captured per key and input shape (the short last batch of an epoch gets its own),
+the second time the pair is seen (the first step runs eagerly and warms up lazy
+initialisation). All graphs of one runner share one memory pool: they are replayed
+one at a time on one stream, and nothing a graph allocates outlives its replay except its loss
+and its gradients, which the runner keeps. After a replay the parameters' ``.grad`` point at that
+graph's gradient buffers, as after an eager ``backward``.
+
+A runner may span experiences (``Strategy.graphs_span_experiences``; the loop's ``step_graphs``
+decides): it is kept when the next experience trains the same parameters (the same objects, in
+the same order) and its step reads the same other tensors (``reads``: the loop's static
+``logit_classes`` buffer and the head's cached text features, updated in place), so its graphs,
+the short batch's included, are replayed there without a new warm-up or capture. Otherwise the
+old runner is released (:meth:`StepGraphs.release`) and a new one is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,26 +54,60 @@ class StepGraphs:
     """Runs ``body(x, y)`` (forward, loss, backward) eagerly or from a CUDA graph, by key.
 
     ``params`` are the tensors whose ``.grad`` the step produces (the optimizer's parameters).
-    Build one runner per experience: a graph is only valid for the parameters, optimizer and
-    experience it was captured with.
+    A graph is only valid for the parameters and the tensors it was captured with: ``reads``, when
+    given, are the other tensors the step reads that must stay the same objects for the runner to
+    be reused in a later experience (:meth:`matches`); None: the runner serves one experience.
+    ``body`` may be replaced between experiences (it runs the eager and captured steps).
     """
 
-    def __init__(self, body: Body, params: list[nn.Parameter], device: torch.device) -> None:
+    def __init__(
+        self,
+        body: Body,
+        params: list[nn.Parameter],
+        device: torch.device,
+        *,
+        reads: Sequence[torch.Tensor] | None = None,
+    ) -> None:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.body = body
         self.params = params
         self.device = device
+        self.reads = None if reads is None else tuple(reads)  # held: their identities stay unique
         self._graphs: dict[Hashable, _Captured] = {}
         self._seen: set[Hashable] = set()
         self._pool: Any = None  # the memory pool handle of the first capture, shared by the others
         self.n_replays = 0
         self.n_eager = 0
+        self.n_captures = 0  # graphs captured over the runner's life (n_captured: those held now)
 
     @property
     def n_captured(self) -> int:
-        """Graphs captured so far (one per key and input shape)."""
+        """Graphs held now (one per key and input shape)."""
         return len(self._graphs)
+
+    def matches(self, params: Sequence[torch.Tensor], reads: Sequence[torch.Tensor] | None) -> bool:
+        """Whether this runner's graphs are valid for a step on ``params`` reading ``reads``: the
+        same objects in the same order (never when either side declares no ``reads``)."""
+        if self.reads is None or reads is None:
+            return False
+        return same_objects(self.params, params) and same_objects(self.reads, reads)
+
+    def release(self) -> None:
+        """Drop every captured graph, its static buffers and gradients, and the memory pool.
+
+        Parameters whose ``.grad`` is a graph's gradient buffer lose it (None). The runner stays
+        usable: later steps warm up and capture again.
+        """
+        buffers = {id(g) for c in self._graphs.values() for g in c.grads if g is not None}
+        for p in self.params:
+            if p.grad is not None and id(p.grad) in buffers:
+                p.grad = None
+        for captured in self._graphs.values():
+            captured.graph.reset()
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
 
     def __call__(self, key: Hashable | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward + loss + backward of one step; returns the detached loss."""
@@ -102,5 +143,11 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             loss = self.body(static_x, static_y).detach()
         self._pool = graph.pool()
+        self.n_captures += 1
         grads = [p.grad for p in self.params]
         return _Captured(graph, static_x, static_y, loss, grads)
+
+
+def same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
+    """``a`` and ``b`` hold the same objects (identity, not equality) in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

@@ -27,6 +27,17 @@ class Head(nn.Module):
     def invalidate(self) -> None:
         """Forget any cached computation (called at experience boundaries and before evaluation)."""
 
+    def refresh(self) -> tuple[torch.Tensor, ...]:
+        """Recompute now what the training forward reads from a cache; return those tensors.
+
+        The loop calls it after :meth:`invalidate` when CUDA graphs may span experiences, in the
+        step's autocast and grad mode. A cached tensor is recomputed in place when its shape and
+        dtype allow, so a graph captured in an earlier experience reads the new values; a graph
+        captured on other tensors must not be replayed (the loop compares them by identity).
+        Nothing by default.
+        """
+        return ()
+
 
 def _scatter(columns: torch.Tensor, classes: torch.Tensor, n_classes: int) -> torch.Tensor:
     out = columns.new_full((columns.shape[0], n_classes), float("-inf"))
@@ -41,7 +52,8 @@ class TextPrototypeHead(Head):
     gradients reach it; when the text tower is frozen they are computed once without gradient and
     cached until :meth:`invalidate` (the loop calls it after every ``before_experience`` hook and
     before every evaluation, so parameters a strategy adds are seen) or until the set of
-    trainable text parameters changes.
+    trainable text parameters changes. The cache is recomputed into the same tensor whenever its
+    shape and dtype allow (a CUDA graph captured on it keeps reading the current features).
     """
 
     tokens: torch.Tensor
@@ -57,27 +69,52 @@ class TextPrototypeHead(Head):
         self.prompts = [template.format(name) for name in class_names]
         self.register_buffer("tokens", backbone.tokenize(self.prompts), persistent=False)
         self._text_params: list[nn.Parameter] | None = None
-        self._cache: torch.Tensor | None = None
-        self._cache_key: tuple[bool, ...] | None = None
+        self._cache: torch.Tensor | None = None  # features of every class, [n_classes, dim]
+        self._cache_key: tuple[bool, ...] | None = None  # None: stale (recomputed at the next use)
+
+    def _key(self) -> tuple[bool, ...]:
+        """Which text parameters train now (looked up lazily: strategies add adapters later)."""
+        if self._text_params is None:
+            self._text_params = self.backbone[0].text_parameters()
+        return tuple(p.requires_grad for p in self._text_params)
+
+    def _cached(self, key: tuple[bool, ...]) -> torch.Tensor:
+        """The features of every class without gradient, recomputed when stale (in place if it can)."""
+        cache = self._cache
+        if cache is None or key != self._cache_key:
+            with torch.no_grad():
+                fresh = F.normalize(self.backbone[0].encode_text(self.tokens), dim=-1)
+                in_place = (
+                    cache is not None
+                    and (cache.shape, cache.dtype, cache.device) == (fresh.shape, fresh.dtype, fresh.device)
+                    and (torch.is_inference_mode_enabled() or not cache.is_inference())
+                )
+                if in_place:
+                    assert cache is not None
+                    cache.copy_(fresh)
+                else:
+                    self._cache = cache = fresh
+            self._cache_key = key
+        assert cache is not None
+        return cache
 
     def text_features(self, classes: torch.Tensor) -> torch.Tensor:
         """L2-normalized text features of ``classes`` [len(classes), dim]."""
-        backbone = self.backbone[0]
-        if self._text_params is None:  # looked up lazily: strategies add adapter parameters later
-            self._text_params = backbone.text_parameters()
-        key = tuple(p.requires_grad for p in self._text_params)
+        key = self._key()
         if any(key) and torch.is_grad_enabled():
-            return F.normalize(backbone.encode_text(self.tokens[classes]), dim=-1)
-        if self._cache is None or key != self._cache_key:
-            with torch.no_grad():
-                self._cache = F.normalize(backbone.encode_text(self.tokens), dim=-1)
-            self._cache_key = key
-        return self._cache[classes]
+            return F.normalize(self.backbone[0].encode_text(self.tokens[classes]), dim=-1)
+        return self._cached(key)[classes]
 
     def invalidate(self) -> None:
-        self._cache = None
-        self._cache_key = None
+        self._cache_key = None  # the tensor stays, to be recomputed in place
         self._text_params = None
+
+    def refresh(self) -> tuple[torch.Tensor, ...]:
+        """The cached features, recomputed now, when the forward would use them (frozen text tower)."""
+        key = self._key()
+        if any(key) and torch.is_grad_enabled():
+            return ()  # the forward computes the features itself, with gradient
+        return (self._cached(key),)
 
     def forward(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         text = self.text_features(classes)

@@ -249,6 +249,8 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
 
     bar = tqdm(total=sum(steps), disable=not progress, unit="step", dynamic_ncols=True, leave=True)
     step = 0
+    graphs: StepGraphs | None = None  # kept across experiences where valid (step_graphs)
+    logit_buffers: dict[int, torch.Tensor] = {}  # training logit classes, one buffer per length
     for i, data in enumerate(train_data):
         train_classes = (
             per_exp[i]
@@ -258,7 +260,7 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
         info = _info(
             i,
             per_exp,
-            torch.tensor(sorted(train_classes), device=device),
+            static_classes(logit_buffers, sorted(train_classes), device),
             len(data),
             steps[i],
             True,
@@ -274,9 +276,8 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
             head.invalidate()
             optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
             scheduler = _scheduler(optimizer, cfg, steps[i])
-            graphs = (
-                step_graphs(strategy, info, device=device, precision=precision) if cfg.cuda_graphs else None
-            )
+            if cfg.cuda_graphs:
+                graphs = step_graphs(strategy, info, device=device, precision=precision, previous=graphs)
             window = torch.zeros((), device=device)
             window_start, window_tic = step, time.perf_counter()
             for x, y in data.batches(cfg.batch_size, shuffle=True, generator=generator, n_steps=steps[i]):
@@ -346,6 +347,9 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
             f"eval {eval_time:.1f}s"
         )
     bar.close()
+    if graphs is not None:
+        graphs.release()
+        graphs = None
 
     variants: dict[str, Any] = {}
     final_variants = strategy.final_variants()
@@ -413,19 +417,71 @@ def forward_backward(
 
 
 def step_graphs(
-    strategy: Strategy, info: ExperienceInfo, *, device: torch.device, precision: str
+    strategy: Strategy,
+    info: ExperienceInfo,
+    *,
+    device: torch.device,
+    precision: str,
+    previous: StepGraphs | None = None,
 ) -> StepGraphs | None:
-    """A CUDA-graph runner for the steps of experience ``info`` (None on the CPU)."""
+    """A CUDA-graph runner for the steps of experience ``info`` (None on the CPU).
+
+    Call it after ``before_experience``, ``head.invalidate()`` and ``make_optimizer``, in train
+    mode. ``previous``, the runner of the previous experience, is returned again (its captured
+    graphs replayed in this experience) when its graphs are still valid: the strategy declares
+    ``graphs_span_experiences`` and the step trains the same parameters and reads the same tensors
+    (:func:`graph_reads`). Otherwise it is released and a new runner is built.
+    """
     if device.type != "cuda":
         return None
-    params = {id(p): p for p in strategy.trainable_parameters()}
-    for module in (strategy.backbone, strategy.head):
-        params.update((id(p), p) for p in module.parameters() if p.requires_grad)
+    params = graph_parameters(strategy)
+    reads = graph_reads(strategy, info, device=device, precision=precision)
 
     def body(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return forward_backward(strategy, x, y, info, device=device, precision=precision)
 
-    return StepGraphs(body, list(params.values()), device)
+    if previous is not None:
+        if previous.matches(params, reads):
+            previous.body = body  # eager and newly captured steps see this experience
+            return previous
+        previous.release()
+    return StepGraphs(body, params, device, reads=reads)
+
+
+def graph_parameters(strategy: Strategy) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients a training step produces, in a fixed order."""
+    params = {id(p): p for p in strategy.trainable_parameters()}
+    for module in (strategy.backbone, strategy.head):
+        params.update((id(p), p) for p in module.parameters() if p.requires_grad)
+    return list(params.values())
+
+
+def graph_reads(
+    strategy: Strategy, info: ExperienceInfo, *, device: torch.device, precision: str
+) -> tuple[torch.Tensor, ...] | None:
+    """The tensors besides parameters and module buffers that a captured step reads and that must be
+    the same objects for its graph to be replayed in another experience: ``info.logit_classes``
+    (one static buffer per length, :func:`static_classes`) and the head's cached features
+    (recomputed now, in place: :meth:`~cl_bench.heads.Head.refresh`). None when the strategy's
+    graphs do not span experiences (``Strategy.graphs_span_experiences`` false).
+    """
+    if not strategy.graphs_span_experiences:
+        return None
+    with autocast(device, precision):
+        cached = strategy.head.refresh()
+    return (info.logit_classes, *cached)
+
+
+def static_classes(
+    buffers: dict[int, torch.Tensor], classes: list[int], device: torch.device
+) -> torch.Tensor:
+    """``classes`` as a long tensor in the buffer kept for their number (created at first use),
+    written in place: a CUDA graph captured on it reads the classes of a later experience."""
+    buffer = buffers.get(len(classes))
+    if buffer is None:
+        buffer = buffers[len(classes)] = torch.empty(len(classes), dtype=torch.long, device=device)
+    buffer.copy_(torch.tensor(classes, dtype=torch.long))
+    return buffer
 
 
 def train_step(

@@ -95,6 +95,8 @@ class Strategy:
     default_weight_decay: ClassVar[float] = 0.0
     trains: ClassVar[bool] = True  # False: the loop evaluates but never trains (zero-shot)
     graph_safe: ClassVar[bool] = False  # True: forward/backward may be replayed from CUDA graphs
+    # True: a graph captured in one experience may be replayed in later ones (see graph_key)
+    graphs_span_experiences: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
         self.cfg = cfg
@@ -157,6 +159,18 @@ class Strategy:
         a parameter or a buffer updated in place, never a tensor rebuilt by a hook (the graph would
         keep reading the old one). The hooks themselves, the optimizer and any host-side logic
         always run eagerly. Default: ``()`` for strategies that declare ``graph_safe``.
+
+        Across experiences: without ``graphs_span_experiences`` every experience gets a new runner
+        (a warm-up step and a capture per key). With it, the loop keeps the runner, and replays its
+        graphs in the next experience, while the trained parameters are the same objects in the
+        same order, ``exp.logit_classes`` is the same tensor (the loop keeps one buffer per length
+        and writes each experience's classes into it) and so are the head's cached text features
+        (recomputed in place). The key must then also cover everything experience-dependent that
+        the forward and the loss decide in Python (``exp.index``, ``exp.classes``,
+        ``exp.seen_classes``, ``exp.task_label``, a stage or a schedule value, a mask or tensor
+        rebuilt per experience): either it reaches the graph only through tensors updated in place,
+        or the key changes with it. A strategy that replaces parameters or buffers the forward
+        reads (a new block per experience) must not declare ``graphs_span_experiences``.
         """
         return () if self.graph_safe else None
 

@@ -66,3 +66,93 @@ def test_graphs_and_eager_runs_give_the_same_accuracy_matrix(tmp_path: Path) -> 
         )
         matrices.append(record.accuracy["matrix"])
     assert matrices[0] == matrices[1]
+
+
+# Strategies whose graphs may span experiences (graphs_span_experiences): set here, so the test
+# holds whatever the strategy files declare. finetune trains the token embedding, whose backward
+# accumulates with atomics (not bitwise reproducible): it is checked for reuse, not for equality.
+SPANNING = ["lora", "allora", "dylora", "sora", "loraprune", "linear-probe"]
+STEP_GRAPHS = loop.step_graphs
+
+
+def _spanning_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, run_id: str, strategy_args=None, **run
+) -> tuple[loop.RunResult, list]:
+    """Three experiences of 5 full batches and a short one (88 images, batch 16), fp32; returns
+    the record and the runner each experience trained with."""
+    monkeypatch.setattr(loop.STRATEGIES.get(name), "graphs_span_experiences", True)
+    runners: list = []
+
+    def recorded(*args, **kwargs):
+        runner = STEP_GRAPHS(*args, **kwargs)
+        runners.append(runner)
+        return runner
+
+    monkeypatch.setattr(loop, "step_graphs", recorded)
+    scenario = {"name": "synthetic", "n_classes": 6, "n_experiences": 3, "train_per_class": 44}
+    layers = [
+        {
+            "strategy": {"name": name, **(strategy_args or {})},
+            "scenario": scenario,
+            "backbone": "tiny-clip",
+            "epochs": 1,
+            "batch_size": 16,
+            "train_classes": "current",
+            "precision": "fp32",
+            "device": "cuda",
+            "out": str(tmp_path / "runs"),
+            "run_id": run_id,
+            **run,
+        }
+    ]
+    return loop.run(config.resolve(layers), progress=False), runners
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [*((n, {}) for n in SPANNING), ("lora", {"strategy_args": {"towers": ["vision"]}})],
+    ids=[*SPANNING, "lora-frozen-text"],
+)
+def test_a_runner_spanning_experiences_trains_as_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, args: dict
+) -> None:
+    """One runner for all three experiences (the frozen-text case reads the head's cached text
+    features, refreshed in place), and the same accuracy matrix as the eager run."""
+    graphed, runners = _spanning_run(tmp_path, monkeypatch, name, "graphs", **args)
+    eager, _ = _spanning_run(tmp_path, monkeypatch, name, "eager", cuda_graphs=False, **args)
+    assert len(runners) == 3
+    assert runners[1] is runners[0]
+    assert runners[2] is runners[0]
+    assert runners[0].n_replays > runners[0].n_eager
+    assert graphed.accuracy["matrix"] == eager.accuracy["matrix"]
+    assert graphed.accuracy["initial"] == eager.accuracy["initial"]
+
+
+def test_a_spanning_runner_captures_once_and_replays_short_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """18 steps: the full batch warms up and is captured in experience 1, the short one (8 images)
+    warms up in experience 1 and is captured in experience 2; every later step replays. The loop
+    releases the runner after the last experience."""
+    record, runners = _spanning_run(tmp_path, monkeypatch, "lora", "counts")
+    runner = runners[0]
+    assert all(r is runner for r in runners)
+    assert [e.steps for e in record.experiences] == [6, 6, 6]
+    assert (runner.n_eager, runner.n_captures, runner.n_replays) == (2, 2, 16)
+    assert runner.n_captured == 0  # released at the end of training
+
+
+def test_finetune_spans_experiences(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record, runners = _spanning_run(tmp_path, monkeypatch, "finetune", "finetune")
+    assert record.status == "ok"
+    assert all(r is runners[0] for r in runners)
+    assert (runners[0].n_eager, runners[0].n_captures) == (2, 2)
+
+
+def test_growing_logit_classes_get_a_new_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_classes=seen: a longer class list each experience, so no graph carries over; each
+    replaced runner is released."""
+    record, runners = _spanning_run(tmp_path, monkeypatch, "lora", "seen", train_classes="seen")
+    assert record.status == "ok"
+    assert len({id(r) for r in runners}) == 3
+    assert all(r.n_captured == 0 for r in runners)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cl_bench import config, loop
-from cl_bench.graphs import StepGraphs
+from cl_bench.graphs import StepGraphs, _Captured, same_objects
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo
 from tests.helpers import head_for, tiny_backbone, tiny_context
@@ -49,11 +49,16 @@ def test_only_lisa_and_zero_shot_run_eagerly() -> None:
     assert build("lora", torch.device("cpu")).graph_key() == ()
 
 
-def test_dylora_keys_its_graphs_by_the_sampled_rank() -> None:
+def test_dylora_replays_one_graph_for_every_sampled_rank() -> None:
+    """The rank reaches the step through device tensors rewritten in place: the key never changes."""
     strategy = build("dylora", torch.device("cpu"))
-    for step in range(6):
+    ranks = set()
+    for step in range(12):
         strategy.before_step(step)
-        assert strategy.graph_key() == strategy.rank == strategy.last_rank
+        assert strategy.graph_key() == ()
+        assert strategy.rank == strategy.last_rank
+        ranks.add(strategy.rank)
+    assert len(ranks) > 1
 
 
 def test_no_graphs_on_the_cpu() -> None:
@@ -62,6 +67,159 @@ def test_no_graphs_on_the_cpu() -> None:
     assert loop.step_graphs(strategy, training_info(cpu), device=cpu, precision="fp32") is None
     with pytest.raises(ValueError, match="CUDA"):
         StepGraphs(lambda x, y: x.sum(), [], cpu)
+
+
+class _FakeGraph:
+    """Stands for a captured CUDA graph on the CPU: counts replays, records its reset."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+        self.was_reset = False
+
+    def replay(self) -> None:
+        self.replays += 1
+
+    def reset(self) -> None:
+        self.was_reset = True
+
+
+def _fake_capture(self: StepGraphs, x: torch.Tensor, y: torch.Tensor) -> _Captured:
+    self.n_captures += 1
+    return _Captured(
+        _FakeGraph(), x.clone(), y.clone(), torch.zeros(()), [torch.ones_like(p) for p in self.params]
+    )
+
+
+FAKE_CUDA = torch.device("cuda")  # StepGraphs only checks the type: nothing below runs on it
+
+
+def _experience(strategy, buffers: dict, index: int, classes: list[int]) -> ExperienceInfo:
+    """The loop's start of a training experience (before_experience, invalidate, optimizer)."""
+    info = ExperienceInfo(
+        index=index,
+        classes=tuple(classes),
+        seen_classes=tuple(classes),
+        logit_classes=loop.static_classes(buffers, classes, torch.device("cpu")),
+        task_label=0,
+        n_samples=8,
+        n_steps=4,
+        training=True,
+    )
+    strategy.train()
+    strategy.before_experience(info)
+    strategy.head.invalidate()
+    strategy.make_optimizer(1e-3, 0.0)
+    return info
+
+
+def test_static_classes_keep_one_buffer_per_length_written_in_place() -> None:
+    buffers: dict = {}
+    first = loop.static_classes(buffers, [0, 1], torch.device("cpu"))
+    again = loop.static_classes(buffers, [2, 3], torch.device("cpu"))
+    assert again is first
+    assert again.tolist() == [2, 3]
+    assert again.dtype == torch.long
+    longer = loop.static_classes(buffers, [0, 1, 2, 3], torch.device("cpu"))
+    assert longer is not first
+    assert longer.tolist() == [0, 1, 2, 3]
+    assert loop.static_classes(buffers, [0, 3], torch.device("cpu")) is first
+    assert same_objects([first, longer], [first, longer])
+    assert not same_objects([first], [first.clone()])
+
+
+def test_runner_spans_experiences_only_when_declared_and_on_the_same_tensors(monkeypatch) -> None:
+    """Same parameters, the same logit-classes buffer and the head's cache refreshed in place:
+    the previous runner (and its graphs) again; anything else: a new runner, the old one released."""
+    strategy = build("lora", torch.device("cpu"), {"towers": ["vision"]})  # frozen text: cached features
+    run = lambda info, previous: loop.step_graphs(  # noqa: E731
+        strategy, info, device=FAKE_CUDA, precision="fp32", previous=previous
+    )
+    buffers: dict = {}
+    first = run(_experience(strategy, buffers, 0, [0, 1]), None)
+    assert first is not None
+    assert first.reads is None
+    second = run(_experience(strategy, buffers, 1, [2, 3]), first)
+    assert second is not first
+
+    monkeypatch.setattr(type(strategy), "graphs_span_experiences", True)
+    first = run(_experience(strategy, buffers, 0, [0, 1]), second)
+    assert first is not None
+    assert first.reads is not None
+    logit_classes, cached = first.reads
+    assert logit_classes is buffers[2]
+    assert cached is strategy.head._cache
+    info = _experience(strategy, buffers, 1, [2, 3])
+    body = first.body
+    assert run(info, first) is first  # same parameters, same buffer, cache refreshed in place
+    assert first.body is not body  # eager and new captures run this experience's info
+    assert logit_classes.tolist() == [2, 3]
+    first._graphs["k"] = _fake_capture(first, torch.zeros(2), torch.zeros(2))
+    graph = first._graphs["k"].graph
+    seen = run(_experience(strategy, buffers, 2, [0, 1, 2, 3]), first)  # "seen": another length
+    assert seen is not first
+    assert seen is not None
+    assert seen.reads is not None
+    assert seen.reads[0] is buffers[4]
+    assert graph.was_reset
+    assert first.n_captured == 0
+
+
+def _replace_head_cache(strategy) -> None:
+    strategy.head._cache = None  # as after a shape or dtype change: the head builds a new tensor
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "between"),
+    [
+        ("mora", {}, lambda strategy: None),  # a new block of parameters at every experience
+        ("lora", {"towers": ["vision"]}, _replace_head_cache),
+    ],
+    ids=["new-parameters", "new-head-cache"],
+)
+def test_runner_is_not_reused_when_the_step_reads_other_tensors(monkeypatch, name, args, between) -> None:
+    strategy = build(name, torch.device("cpu"), args)
+    monkeypatch.setattr(type(strategy), "graphs_span_experiences", True)
+    buffers: dict = {}
+    first = loop.step_graphs(
+        strategy, _experience(strategy, buffers, 0, [0, 1]), device=FAKE_CUDA, precision="fp32"
+    )
+    assert first is not None
+    info = _experience(strategy, buffers, 1, [2, 3])
+    between(strategy)
+    assert loop.step_graphs(strategy, info, device=FAKE_CUDA, precision="fp32", previous=first) is not first
+
+
+def test_a_spanning_runner_replays_the_short_batch_from_its_second_experience(monkeypatch) -> None:
+    """First sight of a (key, shape) runs eagerly, the second captures, later ones replay: over three
+    experiences of one full and one short batch, two eager steps and two captures in all."""
+    monkeypatch.setattr(StepGraphs, "_capture", _fake_capture)
+    param = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def body(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        loss = (param * x.sum()).sum()
+        loss.backward()
+        return loss
+
+    runner = StepGraphs(body, [param], FAKE_CUDA, reads=())
+    full, short = torch.ones(8), torch.ones(2)
+    counts = []
+    for _ in range(3):  # experiences, each: 3 full batches and the short one
+        for x in (full, full, full, short):
+            runner((), x, x)
+            param.grad = None  # the optimizer's zero_grad
+        counts.append((runner.n_eager, runner.n_captures, runner.n_replays))
+    assert counts == [(2, 1, 2), (2, 2, 6), (2, 2, 10)]
+    assert calls == [8, 2]  # only the two warm-up steps ran the body
+    graphs = [c.graph for c in runner._graphs.values()]
+    assert [g.replays for g in graphs] == [8, 2]
+    runner((), full, full)  # the last replay leaves the graph's gradient on the parameter
+    assert param.grad is not None
+    runner.release()
+    assert runner.n_captured == 0
+    assert all(g.was_reset for g in graphs)
+    assert param.grad is None
 
 
 def test_cuda_graphs_is_a_typed_run_key() -> None:

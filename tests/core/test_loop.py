@@ -137,3 +137,23 @@ def test_train_classes_current_masks_the_loss(tmp_path, monkeypatch) -> None:
     quick_run(tmp_path / "b", "lora", steps=1)
     first, second = seen_logits
     assert second[1] == sorted(first[2] + second[2])  # "seen": earlier and current classes compete
+
+
+def test_training_logit_classes_live_in_one_buffer_per_length(tmp_path, monkeypatch) -> None:
+    """A CUDA graph captured on ``exp.logit_classes`` reads the next experience's classes: the loop
+    writes them into one tensor per number of classes."""
+    seen = []
+    original = LoRA.loss
+
+    def spy(self, logits, y, exp):
+        seen.append((exp.logit_classes, exp.logit_classes.tolist()))
+        return original(self, logits, y, exp)
+
+    monkeypatch.setattr(LoRA, "loss", spy)
+    quick_run(tmp_path, "lora", train_classes="current", steps=1)
+    (first, first_classes), (second, second_classes) = seen
+    assert second is first  # same length: the same buffer, rewritten
+    assert first_classes != second_classes
+    seen.clear()
+    quick_run(tmp_path / "b", "lora", steps=1)
+    assert seen[0][0] is not seen[1][0]  # "seen": a longer list, another buffer
