@@ -147,6 +147,7 @@ class ALLoRA(Strategy):
     )
     default_lr = 5e-4
     graph_safe = True
+    graphs_span_experiences = True
 
     def __init__(self, cfg: ALLoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)

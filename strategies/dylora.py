@@ -302,6 +302,7 @@ class DyLoRA(Strategy):
     )
     default_lr = 5e-4
     graph_safe = True
+    graphs_span_experiences = True
 
     def __init__(self, cfg: DyLoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)

@@ -17,6 +17,7 @@ class Finetune(Strategy):
     paper = "sequential fine-tuning (the standard naive continual-learning baseline)"
     default_lr = 1e-5
     graph_safe = True
+    graphs_span_experiences = True
     default_weight_decay = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

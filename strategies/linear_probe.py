@@ -19,6 +19,7 @@ class LinearProbe(Strategy):
     paper = "linear probing (Kornblith et al. 2019; Radford et al. 2021)"
     default_lr = 1e-3
     graph_safe = True
+    graphs_span_experiences = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -42,6 +42,7 @@ class LoRA(Strategy):
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv 2106.09685)"
     default_lr = 5e-4
     graph_safe = True
+    graphs_span_experiences = True
 
     def __init__(self, cfg: LoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)

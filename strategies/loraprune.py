@@ -264,6 +264,7 @@ class LoRAPrune(Strategy):
     )
     default_lr = 5e-4
     graph_safe = True
+    graphs_span_experiences = True
 
     def __init__(self, cfg: LoRAPruneConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)

@@ -210,6 +210,7 @@ class SoRA(Strategy):
     paper = "Ding et al. 2023, Sparse Low-rank Adaptation of Pre-trained Language Models (arXiv 2311.11696)"
     default_lr = 5e-4
     graph_safe = True
+    graphs_span_experiences = True
 
     def __init__(self, cfg: SoRAConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(cfg, *args, **kwargs)

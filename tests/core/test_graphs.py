@@ -49,6 +49,14 @@ def test_only_lisa_and_zero_shot_run_eagerly() -> None:
     assert build("lora", torch.device("cpu")).graph_key() == ()
 
 
+def test_graphs_span_experiences_for_the_strategies_whose_step_reads_no_experience_state() -> None:
+    """MoRA adds parameters every experience and builds class masks from it; LISA and zero-shot
+    run eagerly: every other strategy keeps its captured graphs across experiences."""
+    spanning = {n for n in STRATEGIES.names() if STRATEGIES.get(n).graphs_span_experiences}
+    assert spanning == {"allora", "dylora", "finetune", "linear-probe", "lora", "loraprune", "sora"}
+    assert spanning <= set(GRAPH_SAFE)
+
+
 def test_dylora_replays_one_graph_for_every_sampled_rank() -> None:
     """The rank reaches the step through device tensors rewritten in place: the key never changes."""
     strategy = build("dylora", torch.device("cpu"))
@@ -135,6 +143,7 @@ def test_runner_spans_experiences_only_when_declared_and_on_the_same_tensors(mon
         strategy, info, device=FAKE_CUDA, precision="fp32", previous=previous
     )
     buffers: dict = {}
+    monkeypatch.setattr(type(strategy), "graphs_span_experiences", False)
     first = run(_experience(strategy, buffers, 0, [0, 1]), None)
     assert first is not None
     assert first.reads is None
