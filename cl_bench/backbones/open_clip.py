@@ -135,7 +135,8 @@ class PatchConv2d(nn.Conv2d):
     is cut into patches (one copy) and multiplied with the flattened kernel. On an H200 the
     convolution of a bf16 batch of 512 ran as an fp32-path ``precomputed_convolve_sgemm`` taking
     ~3.8 ms, 7% of a ViT-B/16 forward; the GEMM takes a fraction of that. The output is an NCHW
-    view of a channels-last result, which open_clip flattens into tokens without a copy.
+    view of a channels-last result, which open_clip flattens into tokens without a copy. Only
+    CUDA inputs take the GEMM (see :meth:`forward`).
     """
 
     @classmethod
@@ -164,10 +165,17 @@ class PatchConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM on CUDA; elsewhere the convolution, which is already fast there and keeps CPU
+        results bitwise those of open_clip's own model (the GEMM sums in another order)."""
+        kh, kw = self.kernel_size
+        if not x.is_cuda or x.shape[-2] % kh or x.shape[-1] % kw:  # a convolution crops the remainder
+            return super().forward(x)
+        return self.gemm(x)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as one GEMM over the patches (height and width divisible by the kernel)."""
         kh, kw = self.kernel_size
         batch, channels, height, width = x.shape
-        if height % kh or width % kw:  # a convolution crops the remainder: leave that to it
-            return super().forward(x)
         nh, nw = height // kh, width // kw
         patches = x.reshape(batch, channels, nh, kh, nw, kw).permute(0, 2, 4, 1, 3, 5)
         out = F.linear(

@@ -59,7 +59,8 @@ def test_patch_embedding_as_a_gemm_equals_the_convolution_with_its_gradients() -
         assert isinstance(patch, PatchConv2d)
         assert patch.state_dict().keys() == conv.state_dict().keys()
         x = torch.randn(2, 3, 32, 24, dtype=torch.float64)
-        got, want = patch(x), conv(x)
+        assert torch.equal(patch(x), conv(x))  # on the CPU: the convolution itself
+        got, want = patch.gemm(x), conv(x)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         upstream = torch.randn_like(want)
         got_grads = torch.autograd.grad(got, list(patch.parameters()), upstream)
@@ -69,7 +70,6 @@ def test_patch_embedding_as_a_gemm_equals_the_convolution_with_its_gradients() -
         # tokens as open_clip flattens them: no copy needed, same values
         tokens = got.reshape(2, 16, -1).permute(0, 2, 1)
         assert tokens.is_contiguous()
-        torch.testing.assert_close(patch(x[..., :31, :]), conv(x[..., :31, :]), rtol=0, atol=0)  # cropped
     overlapping = torch.nn.Conv2d(3, 4, 3, stride=1, padding=1)
     assert PatchConv2d.from_conv(overlapping) is overlapping
 
@@ -182,3 +182,17 @@ def test_a_long_detail_line_is_cut_to_about_200_characters(tmp_path) -> None:
     assert detail.endswith("...")
     assert len(detail) <= 200
     assert "\n" not in message
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_patch_gemm_equals_the_convolution() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 64, 16, stride=16, bias=False).cuda()
+    patch = PatchConv2d.from_conv(conv)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(patch(x), conv(x), rtol=1e-4, atol=1e-4)  # fp32 (TF32 off)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = patch(x), conv(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
