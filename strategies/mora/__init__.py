@@ -47,20 +47,23 @@ Implementation: per layer the bank lives in two preallocated stores, ``a_store``
 and ``bt_store`` [capacity, d_out] (B transposed, so a block is a contiguous row range; capacity =
 r * n_experiences, grown by doubling if exceeded). The trainable block (parameters ``A`` [r, d_in],
 ``B`` [d_out, r]) is written into its rows at every forward (2r rows, never the bank), so z and
-the output are single matmuls over one stacked matrix, with no Python loop over experts. In
-training the whole layer is one autograd function (:class:`_MoRALayer`): the frozen GEMM, z, the
-routing and an ``addmm`` of ``B h`` onto the frozen output; its backward gives x the gradient
-through all R ranks (``g W0 + dz A`` in one GEMM and one ``addmm``) and computes the weight
-gradient of the new block only (a plain ``cat`` would compute it for all R ranks and discard
-most of it). Routing is O(N R) and lives in :mod:`strategies.mora.routing`: on CUDA two Triton
-kernels (one pass over z forward, one backward, in float32 registers), elsewhere ``torch.topk``
-on z (same order as s), a softmax over the k entries and one scatter. For N tokens a layer costs
-2 N R (d_in + d_out) flops forward, as much for the input gradient, and 2 N r (d_in + d_out) for
-the weight gradient (a rank-r LoRA: 2 N r (d_in + d_out) for each of the three), and keeps z
-[N, R] for backward besides what a LoRA keeps. There is no host sync in the forward: the
-active-rank counters accumulate on the device and are read only by :meth:`MoRA.report`, so the
-step can be replayed from a CUDA graph. Eval throughput as the bank grows is the loop's
-``eval_samples_per_s``. ``fused_routing = false`` takes the torch routing on CUDA too.
+the output are single matmuls over one stacked matrix, with no Python loop over experts (under
+autocast: into kept copies of the stores in the compute dtype, cast once per change of the bank,
+so that a forward casts only the block). In training the whole layer is one autograd function
+(:class:`_MoRALayer`): the frozen GEMM, z, the routing and an ``addmm`` of ``B h`` onto the
+frozen output; its backward gives x the gradient through all R ranks (``g W0 + dz A`` in one GEMM
+and one ``addmm``) and computes the weight gradient of the new block only (a plain ``cat`` would
+compute it for all R ranks and discard most of it). Routing is O(N R) and lives in
+:mod:`strategies.mora.routing`: on CUDA two Triton kernels (one pass over z forward, one backward
+from the forward's selection, in float32 registers), elsewhere a stable sort of z (same order as
+s; ties: the lowest index), a softmax over the k entries and one scatter. For N tokens a layer
+costs 2 N R (d_in + d_out) flops forward, as much for the input gradient, and 2 N r (d_in +
+d_out) for the weight gradient (a rank-r LoRA: 2 N r (d_in + d_out) for each of the three), and
+keeps z [N, R] for backward besides what a LoRA keeps. There is no host sync in the forward: the
+active-rank counters accumulate on the device (the routing kernel adds to them itself) and are
+read only by :meth:`MoRA.report`, so the step can be replayed from a CUDA graph. Eval throughput
+as the bank grows is the loop's ``eval_samples_per_s``. ``fused_routing = false`` takes the torch
+routing on CUDA too.
 """
 
 from __future__ import annotations
@@ -99,7 +102,11 @@ class _MoRALayer(torch.autograd.Function):
     layer, one for z, the routing, and one ``addmm`` adding ``h Bt_full`` onto the frozen output.
     Backward: ``grad_h = g Bt_full^T``, the routing backward, then ``grad_x = g W0 + dz A_full``
     (one GEMM and one ``addmm``) and the block's ``dz[:, -r:]^T x`` and ``g^T h[:, -r:]``. Only x
-    and z are kept (plus h's last r columns), as a LoRA keeps x and its skinny projection.
+    and z are kept (plus h's last r columns, which the routing writes contiguous, and the routing's
+    selection, one integer per token on CUDA), as a LoRA keeps x and its skinny projection. Both
+    ``addmm`` write onto the frozen term in place (``out=`` the added matrix): out of place, torch
+    copies that matrix first, a device-to-device memcpy of [N, d_out] or [N, d_in] each (and
+    ``addmm_`` would hide the GEMM from torch's flop counter).
     """
 
     @staticmethod
@@ -120,31 +127,33 @@ class _MoRALayer(torch.autograd.Function):
             bias = None if layer.base.bias is None else layer.base.bias.to(dtype)
             Af, Btf = a_full.to(dtype), bt_full.to(dtype)
             z = x2 @ Af.t()
-            h, counts = route(z.detach(), layer.k, layer.tau, fused=layer.fused)
-            layer.count(counts, training=True)
-            y = torch.addmm(F.linear(x2, weight, bias), h, Btf)
-        r = A.shape[0]
-        ctx.save_for_backward(x2, z, h[:, -r:].contiguous(), weight)
+            r = A.shape[0]
+            routed = route(z, layer.k, layer.tau, fused=layer.fused, tail=r, totals=layer.totals(True))
+            y = F.linear(x2, weight, bias)
+            torch.addmm(y, routed.h, Btf, out=y)  # in place (see the class docstring)
+        ctx.save_for_backward(x2, z, routed.tail, weight, routed.selection)
         # the stores are rewritten (with the same values) by every forward, also between a forward
         # and its backward when a layer runs twice in one step: kept without a version check
         ctx.Af, ctx.Btf = Af, Btf
-        ctx.meta = (shape, x.dtype, r, A.dtype, B.dtype, layer.k, layer.tau, layer.fused)
+        ctx.meta = (shape, x.dtype, r, A.dtype, B.dtype, layer.tau, layer.fused)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, z, h_tail, weight = ctx.saved_tensors
+        x2, z, h_tail, weight, selection = ctx.saved_tensors
         Af, Btf = ctx.Af, ctx.Btf
-        shape, x_dtype, r, a_dtype, b_dtype, k, tau, fused = ctx.meta
+        shape, x_dtype, r, a_dtype, b_dtype, tau, fused = ctx.meta
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
             grad_h = g @ Btf.t()
-            dz = route_backward(z, grad_h, k, tau, fused=fused)
+            dz = route_backward(z, grad_h, selection, tau, fused=fused)
             grad_A = (dz[:, -r:].t() @ x2).to(a_dtype) if ctx.needs_input_grad[1] else None
             grad_B = (g.t() @ h_tail).to(b_dtype) if ctx.needs_input_grad[2] else None
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(g @ weight, dz, Af).reshape(shape).to(x_dtype)
+                grad_x = g @ weight
+                torch.addmm(grad_x, dz, Af, out=grad_x)  # in place
+                grad_x = grad_x.reshape(shape).to(x_dtype)
         return grad_x, grad_A, grad_B, None, None, None
 
 
@@ -188,6 +197,7 @@ class MoRALinear(AdaptedLinear):
         self.register_buffer("active_sum", torch.zeros(2, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("n_tokens", torch.zeros(2, dtype=torch.long, device=device), persistent=False)
         self.A, self.B = init_lora_pair(r, base.in_features, base.out_features, device)
+        self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # see _cast_stores
 
     # -- the bank ------------------------------------------------------------------------------
     @property
@@ -203,13 +213,57 @@ class MoRALinear(AdaptedLinear):
     def bank_b(self) -> torch.Tensor:
         return self.bt_store[: self.n_old].t()
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([bank_a; A], [bank_b, B])``, [R, d_in] and [d_out, R]: views of the stores, after
-        writing the trainable block into its rows (2r rows; the bank is never copied)."""
+    def stacked(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([bank_a; A], [bank_b, B])``, [R, d_in] and [d_out, R], in ``dtype`` (None: the
+        stores'): views of the stores or of their kept copies in ``dtype`` (:meth:`_cast_stores`),
+        after writing the trainable block into its rows (2r rows; the bank is never copied)."""
+        a, bt = self.a_store, self.bt_store
+        if dtype is not None and dtype != a.dtype:
+            a, bt = self._cast_stores(dtype)
         with torch.no_grad():
-            self.a_store[self.n_old : self.n_ranks].copy_(self.A)
-            self.bt_store[self.n_old : self.n_ranks].copy_(self.B.t())
-        return self.a_store[: self.n_ranks], self.bt_store[: self.n_ranks].t()
+            a[self.n_old : self.n_ranks].copy_(self.A)
+            bt[self.n_old : self.n_ranks].copy_(self.B.t())
+        return a[: self.n_ranks], bt[: self.n_ranks].t()
+
+    def _cast_stores(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stores cast to ``dtype`` (the compute dtype under autocast), cast once and kept: a
+        forward then writes the block there (two small cast-copies) instead of writing it into the
+        float32 stores and casting both stacked matrices (a memcpy and four kernels per layer).
+        Same values: the bank's rows are those of the stores, cast. The layer re-casts them
+        whenever it changes the bank (:meth:`_refresh_casts`), so the stores must be written only
+        by the layer's methods."""
+        cast = self._casts.get(dtype)
+        if cast is None:
+            # normal tensors even when first built in an evaluation under inference mode, which
+            # a later training forward could not write
+            with torch.inference_mode(False), torch.no_grad():
+                cast = (self.a_store.to(dtype), self.bt_store.to(dtype))
+            self._casts[dtype] = cast
+        return cast
+
+    @torch.no_grad()
+    def _refresh_casts(self) -> None:
+        """After a change of the bank: re-cast the stores into the kept copies in place (their
+        addresses stay, so a CUDA graph reading them stays valid), or drop the copies whose shape
+        or device no longer match the stores."""
+        for dtype, (a, bt) in list(self._casts.items()):
+            same = (a.shape, a.device, bt.shape, bt.device) == (
+                self.a_store.shape,
+                self.a_store.device,
+                self.bt_store.shape,
+                self.bt_store.device,
+            )
+            if same:
+                a.copy_(self.a_store)
+                bt.copy_(self.bt_store)
+            else:
+                del self._casts[dtype]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Module conversions (``.to``, ``.cuda``, ``.double`` ...) replace the stores: drop the
+        cast copies with them."""
+        self._casts = {}
+        return super()._apply(fn, recurse)
 
     def _reserve(self, rows: int) -> None:
         """Grow the stores (doubling) so they hold ``rows`` ranks, keeping their content."""
@@ -222,6 +276,7 @@ class MoRALinear(AdaptedLinear):
             new = old.new_zeros(rows, old.shape[1])
             new[:have] = old
             setattr(self, name, new)
+        self._refresh_casts()
 
     @torch.no_grad()
     def increment(self) -> None:
@@ -229,6 +284,7 @@ class MoRALinear(AdaptedLinear):
         self._reserve(self.n_ranks + self.r)
         self.stacked()
         self.n_old = self.n_ranks
+        self._refresh_casts()
         A, B = init_lora_pair(self.r, self.in_features, self.out_features, self.base.weight.device)
         self.A = nn.Parameter(A.to(self.A.dtype))
         self.B = nn.Parameter(B.to(self.B.dtype))
@@ -241,7 +297,8 @@ class MoRALinear(AdaptedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training: the fused layer (:class:`_MoRALayer`); without gradients: the same function
         in three GEMMs and the routing; eval with gradients (tests, analysis): the reference."""
-        A_full, B_full = self.stacked()
+        dtype = compute_dtype(x)
+        A_full, B_full = self.stacked(dtype)
         wants_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.A.requires_grad or self.B.requires_grad
         )
@@ -250,14 +307,15 @@ class MoRALinear(AdaptedLinear):
             return out
         if wants_grad:
             return self.base(x) + self.delta(x)
-        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            z = x2 @ A_full.to(dtype).t()
-            h, counts = route(z, self.k, self.tau, self.gate, fused=self.fused)
-            self.count(counts, training=self.training)
-            y = torch.addmm(F.linear(x2, self.base.weight.to(dtype), bias), h, B_full.t().to(dtype))
+            z = x2 @ A_full.t()
+            routed = route(
+                z, self.k, self.tau, self.gate, fused=self.fused, totals=self.totals(self.training)
+            )
+            y = F.linear(x2, self.base.weight.to(dtype), bias)
+            torch.addmm(y, routed.h, B_full.t(), out=y)  # in place (see _MoRALayer)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @property
@@ -281,11 +339,16 @@ class MoRALinear(AdaptedLinear):
         A_full, _ = self.stacked()
         return dense_weights(F.linear(x.to(A_full.dtype), A_full), self.k, self.tau, self.gate)
 
+    def totals(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device counters of a mode (views): non-zero routing weights summed over tokens, tokens."""
+        mode = 0 if training else 1
+        return self.active_sum.select(0, mode), self.n_tokens.select(0, mode)
+
     def count(self, counts: torch.Tensor, *, training: bool) -> None:
         """Add the non-zero routing weights of ``counts`` (one per token) to the device counters."""
-        mode = 0 if training else 1
-        self.active_sum.select(0, mode).add_(counts.sum())
-        self.n_tokens.select(0, mode).add_(counts.numel())
+        active, tokens = self.totals(training)
+        active.add_(counts.sum())
+        tokens.add_(counts.numel())
 
     # -- measurements and state ----------------------------------------------------------------
     def reset_counts(self) -> None:
@@ -306,6 +369,7 @@ class MoRALinear(AdaptedLinear):
         with torch.no_grad():
             self.a_store[: self.n_old].copy_(state["bank_a"])
             self.bt_store[: self.n_old].copy_(state["bank_bt"])
+        self._refresh_casts()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,22 @@
 """Triton kernels of MoRA's routing (see :mod:`strategies.mora.routing` for the maths).
 
 Imported only on first CUDA use: importing this module imports Triton.
+
+The selection works on integer order keys (:func:`strategies.mora.routing.order_keys` is the torch
+twin of :func:`_order_keys`): one key per entry, unique in its row, whose integer order is the
+selection's order (larger value first, the lowest column among equal values). The top K of a row
+is then every entry whose key is >= the K-th largest key: the forward finds that key by integer
+reductions only (one per round, below) and saves it, one integer per row; the backward rebuilds
+the mask from z with one compare per entry, without any reduction for the selection.
+
+Rounds: after the largest key (a max-reduction), each round finds the largest key below the last
+one, ``next = last - 1 - min_j (last - 1 - key_j)``, the differences taken as unsigned integers:
+keys at or above ``last`` give "negative" differences, i.e. huge unsigned ones, which the min
+skips. That is one add per entry (``~key_j`` is precomputed) and one unsigned min-reduction per
+round (a single warp-wide ``redux`` for 32-bit keys), instead of a float max plus an index min.
+It needs every difference to fit in the signed range, i.e. all keys of a row, padding included,
+within 2**31 of each other: int32 keys of 16-bit z lie in [-(2**30) - 1, 2**30) (16 bits of value
+times 2**15 columns, hence at most 32768 columns), int64 keys of float32 z within +-2**46.
 """
 
 import triton
@@ -8,64 +24,135 @@ import triton.language as tl
 
 
 @triton.jit
-def _select(z, cols, valid, K: tl.constexpr):
-    """Boolean mask of the K largest entries of each row of z (ties: lowest column)."""
-    work = tl.where(valid, z, float("-inf"))
-    selected = work < float("-inf")  # all False, shaped like the tile
-    for _ in tl.static_range(K):
-        top = tl.max(work, axis=1)
-        first = tl.min(tl.where(work == top[:, None], cols[None, :], 1 << 30), axis=1)
-        hit = cols[None, :] == first[:, None]
-        selected = selected | hit
-        work = tl.where(hit, float("-inf"), work)
-    return selected
+def _order_keys(z_raw, cols, valid, KEY64: tl.constexpr):
+    """The order keys of a tile of z in its own dtype: ``value * 2**15 + (32767 - col)``.
+
+    ``value`` is the sign-magnitude bit pattern of z read as a two's-complement integer (monotone
+    in the float value), with -0.0 mapped to +0.0 so that the two tie as in a float compare. 16-bit
+    z (bf16/fp16) gives int32 keys in [-(2**30), 2**30), float32 z int64 keys (KEY64). Padding
+    entries get a key below every real one, so they are never selected (K < R).
+    """
+    if KEY64:
+        bits = z_raw.to(tl.int32, bitcast=True).to(tl.int64)
+        value = tl.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+        padding = -(2**46) - 1
+    else:
+        bits = z_raw.to(tl.int16, bitcast=True).to(tl.int32)
+        value = tl.where(bits < 0, -(bits & 0x7FFF), bits)
+        padding = -(2**30) - 1
+    keys = value * 32768 + (32767 - cols)[None, :]
+    return tl.where(valid, keys, padding)
 
 
 @triton.jit
-def _weights(z, norm, cols, valid, inv_tau, K: tl.constexpr):
-    """``(selected, w)``: the top-K mask and the softmax of ``z / (norm tau)`` over it (0 elsewhere)."""
-    selected = _select(z, cols, valid, K)
-    u = tl.where(selected, z / norm[:, None] * inv_tau, float("-inf"))
-    e = tl.exp(u - tl.max(u, axis=1)[:, None])
-    return selected, e / tl.sum(e, axis=1)[:, None]
+def _key_value(key, z_raw, KEY64: tl.constexpr):
+    """The value (as float32) of the entry of z (tile ``z_raw``, for its dtype) whose order key is
+    ``key`` (one per row): inverts _order_keys."""
+    value = key >> 15
+    if KEY64:
+        bits = tl.where(value < 0, (-value) | 0x80000000, value).to(tl.int32)
+    else:
+        bits = tl.where(value < 0, (-value) | 0x8000, value).to(tl.int16)
+    return bits.to(z_raw.dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _top_and_kth(keys, K: tl.constexpr, KEY64: tl.constexpr):
+    """The largest and the K-th largest key of each row: one max-reduction, then K - 1 rounds of
+    one unsigned min-reduction (module docstring)."""
+    top = tl.max(keys, axis=1)
+    unsigned: tl.constexpr = tl.uint64 if KEY64 else tl.uint32
+    below = (~keys).to(unsigned, bitcast=True)  # -1 - key_j
+    last = top.to(unsigned, bitcast=True)
+    for _ in tl.static_range(K - 1):
+        last = last - 1 - tl.min(below + last[:, None], axis=1)
+    return top, last.to(keys.dtype, bitcast=True)
+
+
+@triton.jit
+def _weights(z, scale, selected, top_z):
+    """The softmax of ``z * scale`` (scale = 1 / (norm tau) > 0, per row) over the selected entries
+    of each row, 0 elsewhere. ``top_z``: the largest selected z of each row, so the max of the
+    exponents is ``top_z * scale`` exactly (rounding is monotone) without a float reduction; None:
+    reduce."""
+    u = tl.where(selected, z * scale[:, None], float("-inf"))
+    top_u = tl.max(u, axis=1) if top_z is None else top_z * scale
+    e = tl.exp(u - top_u[:, None])
+    return e * (1.0 / tl.sum(e, axis=1))[:, None]
 
 
 @triton.jit
 def forward_kernel(
-    z_ptr, h_ptr, count_ptr, n_rows, R, inv_tau, threshold,
+    z_ptr, h_ptr, count_ptr, kth_ptr, tail_ptr, active_ptr, tokens_ptr,
+    n_rows, R, n_tail, inv_tau, threshold,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GATE: tl.constexpr,
+    SELECT: tl.constexpr, KEY64: tl.constexpr, TAIL: tl.constexpr, TOTALS: tl.constexpr,
 ):  # fmt: skip
+    """h = w * z and the non-zero weights per row; with SELECT (K < R) also the K-th largest
+    order key per row (the selection, for the backward); with TAIL also h's last ``n_tail``
+    columns into a contiguous [n_rows, n_tail] tensor; with TOTALS also adds the non-zero weights
+    and the rows to two int64 counters (one atomic add each per program)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_R)
-    valid = (rows[:, None] < n_rows) & (cols[None, :] < R)
+    in_rows = rows < n_rows
+    valid = in_rows[:, None] & (cols[None, :] < R)
     offsets = rows[:, None] * R + cols[None, :]
-    z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    z_raw = tl.load(z_ptr + offsets, mask=valid, other=0.0)
+    z = z_raw.to(tl.float32)
     norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
-    _, w = _weights(z, norm, cols, valid, inv_tau, K)
+    if SELECT:
+        keys = _order_keys(z_raw, cols, valid, KEY64)
+        top, kth = _top_and_kth(keys, K, KEY64)
+        tl.store(kth_ptr + rows, kth, mask=in_rows)
+        selected = keys >= kth[:, None]  # padding keys are below any kth of a real row
+        w = _weights(z, inv_tau / norm, selected, _key_value(top, z_raw, KEY64))
+    else:
+        w = _weights(z, inv_tau / norm, valid, None)
     if GATE:
         w = tl.where(z / norm[:, None] >= threshold, w, 0.0)
-    tl.store(h_ptr + offsets, (w * z).to(h_ptr.dtype.element_ty), mask=valid)
+    h = (w * z).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + offsets, h, mask=valid)
+    if TAIL:
+        first = R - n_tail
+        tail_offsets = rows[:, None] * n_tail + (cols - first)[None, :]
+        tl.store(tail_ptr + tail_offsets, h, mask=valid & (cols >= first)[None, :])
     count = tl.sum((w != 0.0).to(tl.int32), axis=1)
-    tl.store(count_ptr + rows, count, mask=rows < n_rows)
+    tl.store(count_ptr + rows, count, mask=in_rows)
+    if TOTALS:
+        tl.atomic_add(active_ptr, tl.sum(tl.where(in_rows, count, 0).to(tl.int64), axis=0))
+        tl.atomic_add(tokens_ptr, tl.sum(in_rows.to(tl.int64), axis=0))
 
 
 @triton.jit
 def backward_kernel(
-    z_ptr, g_ptr, dz_ptr, n_rows, R, inv_tau,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    z_ptr, g_ptr, kth_ptr, dz_ptr, n_rows, R, inv_tau,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SELECT: tl.constexpr, KEY64: tl.constexpr,
 ):  # fmt: skip
+    """dz from dh in closed form; the selection is the forward's saved K-th key per row (SELECT),
+    or every rank."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_R)
-    valid = (rows[:, None] < n_rows) & (cols[None, :] < R)
+    in_rows = rows < n_rows
+    valid = in_rows[:, None] & (cols[None, :] < R)
     offsets = rows[:, None] * R + cols[None, :]
-    z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    z_raw = tl.load(z_ptr + offsets, mask=valid, other=0.0)
+    z = z_raw.to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     raw_norm = tl.sqrt(tl.sum(z * z, axis=1))
     clamped = raw_norm < 1e-12
     norm = tl.maximum(raw_norm, 1e-12)
-    selected, w = _weights(z, norm, cols, valid, inv_tau, K)
+    scale = inv_tau / norm
+    if SELECT:
+        keys = _order_keys(z_raw, cols, valid, KEY64)
+        kth = tl.load(kth_ptr + rows, mask=in_rows, other=0)
+        selected = keys >= kth[:, None]
+        # the row's largest z is selected: one integer max-reduction (a warp-wide redux for int32)
+        w = _weights(z, scale, selected, _key_value(tl.max(keys, axis=1), z_raw, KEY64))
+    else:
+        selected = valid
+        w = _weights(z, scale, selected, None)
     a = tl.where(selected, g * z, 0.0)
     q = w * (a - tl.sum(a * w, axis=1)[:, None])
-    c = tl.where(clamped, 0.0, tl.sum(q * z, axis=1) * inv_tau / (norm * norm * norm))
-    dz = tl.where(selected, g * w + q * inv_tau / norm[:, None], 0.0) - z * c[:, None]
+    c = tl.where(clamped, 0.0, tl.sum(q * z, axis=1) * scale / (norm * norm))
+    dz = tl.where(selected, g * w + q * scale[:, None], 0.0) - z * c[:, None]
     tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=valid)

@@ -23,6 +23,7 @@ from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo
 from strategies.mora import MoRA, MoRAConfig, MoRALinear
+from strategies.mora.routing import route_reference
 from tests.helpers import experience_info, head_for, quick_run, tiny_backbone, tiny_context
 
 # ----------------------------------------------------------------------------- references
@@ -275,12 +276,60 @@ def test_bf16_autocast_forward_and_backward() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    assert (y.float() - reference32).abs().max() / reference32.abs().max() < 0.05
+    # tokens whose 4th and 5th largest key matches are within bf16's resolution may route to
+    # another expert in bf16 (an exact bf16 tie goes to the lower index): compare the others
+    with torch.no_grad():
+        top = F.linear(x, torch.cat([layer.bank_a, layer.A])).topk(5, dim=-1).values
+    clear = top[:, 3] - top[:, 4] > 2**-6 * top[:, 3].abs()
+    assert int(clear.sum()) > 48
+    error = (y.float() - reference32).abs().amax(dim=-1) / reference32.abs().max()
+    assert error[clear].max() < 0.05
     y.float().square().sum().backward()
     assert layer.A.grad.dtype == torch.float32
     assert layer.B.grad.dtype == torch.float32
     assert torch.isfinite(layer.A.grad).all()
     assert layer.A.grad.abs().max() > 0
+
+
+def test_autocast_reads_cast_copies_of_the_stores_that_follow_the_bank() -> None:
+    """Under autocast the stacked matrices come from copies of the stores in the compute dtype,
+    cast once and kept: the output equals casting the stacked matrices at every forward (bitwise)
+    and follows the trainable block (an optimizer step), a loaded bank (the copy is refreshed in
+    place) and an increment; a module conversion drops the copies."""
+    layer = make_layer(d_in=32, d_out=16, r=8, topk=4, increments=2).eval()
+    x = torch.randn(20, 32)
+    bf16 = torch.bfloat16
+
+    def expected() -> torch.Tensor:
+        A = torch.cat([layer.bank_a, layer.A.detach()]).to(bf16)
+        Bt = torch.cat([layer.bank_b, layer.B.detach()], dim=1).t().contiguous().to(bf16)
+        x2 = x.to(bf16)
+        h, _ = route_reference(x2 @ A.t(), layer.k, layer.tau, layer.threshold)
+        y = F.linear(x2, layer.base.weight.to(bf16), layer.base.bias.to(bf16))
+        return torch.addmm(y, h, Bt)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=bf16):
+            return layer(x)
+
+    assert torch.equal(run(), expected())
+    pointer = layer._casts[bf16][0].data_ptr()
+    stores = (layer.a_store.clone(), layer.bt_store.clone())
+    with torch.no_grad():  # an optimizer step
+        layer.A.add_(0.5)
+        layer.B.mul_(2.0)
+    assert torch.equal(run(), expected())
+    assert torch.equal(layer.a_store, stores[0])  # the float32 stores are not written per step
+    assert torch.equal(layer.bt_store, stores[1])
+    layer.load_state_dict(make_layer(d_in=32, d_out=16, r=8, topk=4, increments=2, seed=5).state_dict())
+    assert torch.equal(run(), expected())
+    assert layer._casts[bf16][0].data_ptr() == pointer
+    layer.increment()
+    with torch.no_grad():
+        layer.B.normal_()
+    assert torch.equal(run(), expected())
+    layer.double()
+    assert not layer._casts
 
 
 def test_state_dict_round_trip_restores_the_bank() -> None:
