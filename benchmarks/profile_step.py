@@ -46,7 +46,8 @@ PHASES = ("step.before_step", "step.forward_backward", "step.optimizer", "step.a
 
 def _device_time(event: Any) -> float:
     """Microseconds on the device (the attribute was renamed from ``cuda`` to ``device``)."""
-    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0))
+    value = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    return float(value or 0)
 
 
 def _wall_ms(fn: Callable[[], None], n: int) -> float:
@@ -67,6 +68,29 @@ def _is_kernel(event: Any) -> bool:
     return event.device_type == DeviceType.CUDA and not event.key.startswith(("step.", "Optimizer."))
 
 
+def _idle(prof: Any, n: int, rows: int) -> list[str]:
+    """Where the GPU waits: gaps between consecutive device activities, grouped by the activity
+    before and after the gap (a gap before the first kernel of a graph means the host was late)."""
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA),
+        key=lambda e: e.start_ns(),
+    )
+    events = [e for e in events if not e.name().startswith(("step.", "Optimizer."))]
+    groups: dict[tuple[str, str], list[float]] = {}
+    end, previous = None, ""
+    for event in events:
+        if end is not None and event.start_ns() > end:
+            key = (previous[:50], event.name()[:50])
+            groups.setdefault(key, []).append((event.start_ns() - end) / 1e6)
+        if end is None or event.end_ns() > end:
+            end, previous = event.end_ns(), event.name()
+    total = sum(sum(g) for g in groups.values())
+    lines = [f"  GPU idle between activities: {total / n:.2f} ms per step; largest (ms, gaps per step):"]
+    for (before, after), gaps in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"    {sum(gaps) / n:7.3f}  {len(gaps) / n:6.1f}  after {before} -> before {after}")
+    return lines
+
+
 def _summary(prof: Any, fn_name: str, n: int, wall: float, rows: int, phases: tuple[str, ...]) -> str:
     averages = prof.key_averages()
     kernel_us = sum(_device_time(e) for e in averages if _is_kernel(e))
@@ -82,6 +106,7 @@ def _summary(prof: Any, fn_name: str, n: int, wall: float, rows: int, phases: tu
     lines.append(f"  top kernels (ms per {fn_name}, calls per {fn_name}):")
     for e in kernels[:rows]:
         lines.append(f"    {_device_time(e) / 1000 / n:7.3f}  {e.count / n:6.1f}  {e.key[:100]}")
+    lines.extend(_idle(prof, n, min(rows, 6)))
     return "\n".join(lines)
 
 
