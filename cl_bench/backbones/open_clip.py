@@ -135,8 +135,7 @@ class PatchConv2d(nn.Conv2d):
     is cut into patches (one copy) and multiplied with the flattened kernel. On an H200 the
     convolution of a bf16 batch of 512 ran as an fp32-path ``precomputed_convolve_sgemm`` taking
     ~3.8 ms, 7% of a ViT-B/16 forward; the GEMM takes a fraction of that. The output is an NCHW
-    view of a channels-last result, which open_clip flattens into tokens without a copy. Only
-    CUDA inputs take the GEMM (see :meth:`forward`).
+    view of a channels-last result, which open_clip flattens into tokens without a copy.
     """
 
     @classmethod
@@ -151,7 +150,8 @@ class PatchConv2d(nn.Conv2d):
         )
         if not patch or isinstance(conv, cls):
             return conv
-        new = cls(
+        new = torch.nn.utils.skip_init(  # no random init: the seeded stream of later draws is unchanged
+            cls,
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,  # type: ignore[arg-type]
@@ -165,10 +165,8 @@ class PatchConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The GEMM on CUDA; elsewhere the convolution, which is already fast there and keeps CPU
-        results bitwise those of open_clip's own model (the GEMM sums in another order)."""
         kh, kw = self.kernel_size
-        if not x.is_cuda or x.shape[-2] % kh or x.shape[-1] % kw:  # a convolution crops the remainder
+        if x.shape[-2] % kh or x.shape[-1] % kw:  # a convolution crops the remainder: leave it that
             return super().forward(x)
         return self.gemm(x)
 
