@@ -486,6 +486,7 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
     for name, strategy, args, experiences in COMPILED_ROWS:
         if quick or not wanted(name) or strategy not in STRATEGIES:
             continue
+        before = len(rows)
         with _guard(rows, name):
             measured = measure(
                 build(strategy, s, args), s, experiences=experiences, compile_towers=True, modes=("graphs",)
@@ -493,6 +494,7 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             rows.extend(
                 _named(measured, name, strategy, "--set compile=true: every block under torch.compile")
             )
+        emit(rows[before:])
     if wanted("forward-only (compiled)") and not quick:
         with _guard(rows, "forward-only (compiled)"):
             rows.append(measure_forward_only(s, compile_towers=True))
