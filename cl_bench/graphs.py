@@ -14,11 +14,13 @@ kernels on the same tensors, and everything the forward reads that changes betwe
 parameter or a buffer updated in place.
 
 One graph is captured per key and input shape (the short last batch of an epoch gets its own),
-the second time the pair is seen (the first step runs eagerly and warms up lazy
-initialisation). All graphs of one runner share one memory pool: they are replayed
-one at a time on one stream, and nothing a graph allocates outlives its replay except its loss
-and its gradients, which the runner keeps. After a replay the parameters' ``.grad`` point at that
-graph's gradient buffers, as after an eager ``backward``.
+the third time the pair is seen: the first ``WARMUP_STEPS`` steps run eagerly and warm up lazy
+initialisation (a layer's cached casts, cuBLAS workspaces, and torch.compile, which may compile a
+second time on the second call: compiling inside a capture invalidates it). All graphs of one
+runner share one memory pool: they are replayed one at a time on one stream, and nothing a
+graph allocates outlives its replay except its loss and its gradients, which the runner keeps.
+After a replay the parameters' ``.grad`` point at that graph's gradient buffers, as after an
+eager ``backward``.
 
 A runner may span experiences (``Strategy.graphs_span_experiences``; the loop's ``step_graphs``
 decides): it is kept when the next experience trains the same parameters (the same objects, in
@@ -36,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+WARMUP_STEPS = 2  # eager steps of a key and shape before its graph is captured
 
 # Forward, loss and backward of one step on the given inputs; returns the (undetached) loss.
 Body = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,7 +79,7 @@ class StepGraphs:
         self.device = device
         self.reads = None if reads is None else tuple(reads)  # held: their identities stay unique
         self._graphs: dict[Hashable, _Captured] = {}
-        self._seen: set[Hashable] = set()
+        self._warmups: dict[Hashable, int] = {}  # eager steps run so far per key and shape
         self._pool: Any = None  # the memory pool handle of the first capture, shared by the others
         self.n_replays = 0
         self.n_eager = 0
@@ -106,7 +110,7 @@ class StepGraphs:
         for captured in self._graphs.values():
             captured.graph.reset()
         self._graphs.clear()
-        self._seen.clear()
+        self._warmups.clear()
         self._pool = None
 
     def __call__(self, key: Hashable | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,8 +120,9 @@ class StepGraphs:
         full_key = (key, tuple(x.shape), x.dtype, tuple(y.shape))
         captured = self._graphs.get(full_key)
         if captured is None:
-            if full_key not in self._seen:  # first sight: warm up eagerly (a real step)
-                self._seen.add(full_key)
+            done = self._warmups.get(full_key, 0)
+            if done < WARMUP_STEPS:  # warm up eagerly (real steps)
+                self._warmups[full_key] = done + 1
                 return self._eager(x, y)
             captured = self._graphs[full_key] = self._capture(x, y)
         captured.x.copy_(x)

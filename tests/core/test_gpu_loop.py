@@ -131,14 +131,14 @@ def test_a_runner_spanning_experiences_trains_as_eager(
 def test_a_spanning_runner_captures_once_and_replays_short_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """18 steps: the full batch warms up and is captured in experience 1, the short one (8 images)
-    warms up in experience 1 and is captured in experience 2; every later step replays. The loop
-    releases the runner after the last experience."""
+    """18 steps: the full batch warms up twice and is captured in experience 1, the short one (8
+    images) warms up in experiences 1 and 2 and is captured in experience 3; every other step
+    replays. The loop releases the runner after the last experience."""
     record, runners = _spanning_run(tmp_path, monkeypatch, "lora", "counts")
     runner = runners[0]
     assert all(r is runner for r in runners)
     assert [e.steps for e in record.experiences] == [6, 6, 6]
-    assert (runner.n_eager, runner.n_captures, runner.n_replays) == (2, 2, 16)
+    assert (runner.n_eager, runner.n_captures, runner.n_replays) == (4, 2, 14)
     assert runner.n_captured == 0  # released at the end of training
 
 
@@ -146,7 +146,7 @@ def test_finetune_spans_experiences(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     record, runners = _spanning_run(tmp_path, monkeypatch, "finetune", "finetune")
     assert record.status == "ok"
     assert all(r is runners[0] for r in runners)
-    assert (runners[0].n_eager, runners[0].n_captures) == (2, 2)
+    assert (runners[0].n_eager, runners[0].n_captures) == (4, 2)
 
 
 def test_growing_logit_classes_get_a_new_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

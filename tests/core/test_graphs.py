@@ -199,8 +199,8 @@ def test_runner_is_not_reused_when_the_step_reads_other_tensors(monkeypatch, nam
 
 
 def test_a_spanning_runner_replays_the_short_batch_from_its_second_experience(monkeypatch) -> None:
-    """First sight of a (key, shape) runs eagerly, the second captures, later ones replay: over three
-    experiences of one full and one short batch, two eager steps and two captures in all."""
+    """The first two sights of a (key, shape) run eagerly, the third captures, later ones replay:
+    over three experiences of three full batches and a short one, four eager steps and two captures."""
     monkeypatch.setattr(StepGraphs, "_capture", _fake_capture)
     param = torch.nn.Parameter(torch.ones(3))
     calls = []
@@ -219,10 +219,10 @@ def test_a_spanning_runner_replays_the_short_batch_from_its_second_experience(mo
             runner((), x, x)
             param.grad = None  # the optimizer's zero_grad
         counts.append((runner.n_eager, runner.n_captures, runner.n_replays))
-    assert counts == [(2, 1, 2), (2, 2, 6), (2, 2, 10)]
-    assert calls == [8, 2]  # only the two warm-up steps ran the body
+    assert counts == [(3, 1, 1), (4, 1, 4), (4, 2, 8)]
+    assert calls == [8, 8, 2, 2]  # only the warm-up steps ran the body
     graphs = [c.graph for c in runner._graphs.values()]
-    assert [g.replays for g in graphs] == [8, 2]
+    assert [g.replays for g in graphs] == [7, 1]
     runner((), full, full)  # the last replay leaves the graph's gradient on the parameter
     assert param.grad is not None
     runner.release()
