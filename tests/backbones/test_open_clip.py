@@ -10,7 +10,7 @@ import torch
 
 from cl_bench import config
 from cl_bench.adapters import UnfusedAttention
-from cl_bench.backbones.open_clip import PatchConv2d, unfuse_attention
+from cl_bench.backbones.open_clip import AutocastLayerNorm, PatchConv2d, unfuse_attention
 from cl_bench.errors import WeightsError
 from cl_bench.registry import BACKBONES
 from tests.helpers import tiny_backbone
@@ -84,6 +84,30 @@ def test_the_backbone_embeds_patches_with_the_gemm_without_drawing_random_number
     backbone = tiny_backbone("tiny-clip")
     assert isinstance(backbone.model.visual.conv1, PatchConv2d)
     assert "visual.conv1.weight" in backbone.model.state_dict()
+
+
+def test_layer_norms_keep_open_clips_function_and_skip_the_float32_round_trip_under_autocast() -> None:
+    from open_clip.transformer import LayerNorm
+
+    torch.manual_seed(0)
+    ours, theirs = LayerNorm(16), LayerNorm(16)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    ours.__class__ = AutocastLayerNorm
+    x = torch.randn(4, 16) * 3 + 1
+    assert torch.equal(ours(x), theirs(x))  # no autocast: open_clip's function exactly
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(xb), theirs(xb)
+    assert got.dtype == want.dtype == torch.bfloat16
+    # bf16 kernel with float32 statistics and bf16 gamma/beta vs open_clip's float32 round trip
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    backbone = tiny_backbone("tiny-clip")
+    norms = [m for m in backbone.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms
+    assert all(type(m) is AutocastLayerNorm for m in norms)
 
 
 def test_non_causal_path_with_an_explicit_mask_matches_multihead_attention() -> None:
@@ -202,3 +226,18 @@ def test_on_cuda_the_patch_gemm_equals_the_convolution() -> None:
             got, want = patch(x), conv(x)
         assert got.dtype == want.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_autocast_layer_norm_runs_the_bf16_kernel() -> None:
+    from open_clip.transformer import LayerNorm
+
+    torch.manual_seed(0)
+    theirs = LayerNorm(768).cuda()
+    ours = copy.deepcopy(theirs)
+    ours.__class__ = AutocastLayerNorm
+    x = torch.randn(8, 197, 768, device="cuda").bfloat16()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = ours(x), theirs(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
