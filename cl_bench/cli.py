@@ -122,6 +122,20 @@ def _run_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
     return layers
 
 
+def _check_data_early(args: argparse.Namespace) -> None:
+    """A missing or corrupt CIFAR root fails before the components (and torch) are imported.
+
+    Config errors are left to the full resolution after the imports, which names valid choices.
+    """
+    from cl_bench import cifar_layout, config
+
+    try:
+        cfg = config.resolve(_run_layers(args))
+    except ClBenchError:
+        return
+    cifar_layout.precheck(cfg.scenario, cfg.scenario_args)
+
+
 def _summary(record: Any, path: Path) -> str:
     m, p, t = record.metrics, record.parameters, record.timing
 
@@ -224,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "bench": cmd_bench}
     try:
+        if args.command == "run":
+            _check_data_early(args)
         if args.command in REGISTRY_COMMANDS:
             load_components()
         return commands[args.command](args)

@@ -3,14 +3,14 @@
 ``<root>/cifar-100-python/{train,test,meta}`` or ``<root>/cifar-10-batches-py/{data_batch_1..5,
 test_batch,batches.meta}``: the pickles torchvision downloads. Nothing is ever downloaded here
 (Avalanche's SplitCIFAR classes always try to); the files are md5-checked against torchvision's
-own checksums (copied below, a test keeps them equal to torchvision's lists) unless
-``verify_checksums=false`` (for generated test data in the same format), then read directly and
-wrapped into an Avalanche benchmark. A missing root fails before anything heavy is imported.
+own checksums (copied in :mod:`cl_bench.cifar_layout`, a test keeps them equal to torchvision's
+lists) unless ``verify_checksums=false`` (for generated test data in the same format), then read
+directly and wrapped into an Avalanche benchmark. ``cl-bench run`` checks the root before anything
+heavy is imported (:func:`cl_bench.cifar_layout.precheck`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,70 +19,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cl_bench.cifar_layout import CifarLayout, check_root, layout
 from cl_bench.errors import ConfigError, DataError
 from cl_bench.registry import SCENARIOS
 from cl_bench.scenario import ImageSource, Scenario
 from scenarios.common import StreamConfig, make_scenario
-
-
-@dataclass(frozen=True)
-class CifarLayout:
-    """Where torchvision keeps one CIFAR variant and what its files hold."""
-
-    title: str
-    folder: str
-    train_files: tuple[tuple[str, str], ...]  # (file name, md5)
-    test_files: tuple[tuple[str, str], ...]
-    meta_file: tuple[str, str]
-    label_key: str
-    names_key: str
-    n_classes: int
-
-
-# torchvision.datasets.CIFAR10 / CIFAR100 (base_folder, train_list, test_list, meta), copied so that
-# checking a root needs no torchvision import (2-3 s); tests/scenarios asserts they stay equal.
-LAYOUTS = {
-    "cifar10": CifarLayout(
-        title="CIFAR-10",
-        folder="cifar-10-batches-py",
-        train_files=(
-            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
-            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
-            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
-            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
-            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
-        ),
-        test_files=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
-        meta_file=("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
-        label_key="labels",
-        names_key="label_names",
-        n_classes=10,
-    ),
-    "cifar100": CifarLayout(
-        title="CIFAR-100",
-        folder="cifar-100-python",
-        train_files=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
-        test_files=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
-        meta_file=("meta", "7973b15100ade9c7d40fb424638fde48"),
-        label_key="fine_labels",
-        names_key="fine_label_names",
-        n_classes=100,
-    ),
-}
-
-
-def layout(variant: str) -> CifarLayout:
-    """The folder, file names and md5s of ``cifar10`` or ``cifar100`` (torchvision's)."""
-    return LAYOUTS[variant]
-
-
-def md5(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex md5 of a file, read in chunks (torchvision's check, without importing torchvision)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
@@ -153,22 +94,7 @@ def load_cifar(
 ) -> tuple[ImageSource, ImageSource, list[str]]:
     """Read a CIFAR variant from ``root``; fail fast, naming the expected path and files."""
     lay = layout(variant)
-    folder = Path(root) / lay.folder
-    expected = [*lay.train_files, *lay.test_files, lay.meta_file]
-    missing = [name for name, _ in expected if not (folder / name).is_file()]
-    if missing:
-        raise DataError(
-            f"{lay.title} not found: expected {folder}/ with {', '.join(n for n, _ in expected)} "
-            f"(torchvision's on-disk format; missing: {', '.join(missing)}). Nothing is downloaded: "
-            f"copy the extracted archive there"
-        )
-    if verify_checksums:
-        for name, expected_md5 in expected:
-            if md5(folder / name) != expected_md5:
-                raise DataError(
-                    f"{folder / name}: md5 mismatch (expected {expected_md5}); the file is corrupt or "
-                    f"not the original {lay.title} (scenario.verify_checksums=false for generated data)"
-                )
+    folder = check_root(root, variant, verify_checksums=verify_checksums)
     meta = _unpickle(folder / lay.meta_file[0])
     class_names = meta.get(lay.names_key)
     if not isinstance(class_names, list | tuple) or len(class_names) != lay.n_classes:

@@ -63,27 +63,31 @@ def test_bad_input_gives_one_error_line_and_a_non_zero_exit(capsys, tmp_path, ar
 
 
 def test_failed_data_load_leaves_a_failed_record(capsys, tmp_path) -> None:
-    code, _, _ = run_cli(
-        capsys,
-        "run",
-        "--no-progress",
-        "--out",
-        str(tmp_path),
-        "--run-id",
-        "x",
-        "--strategy",
-        "lora",
-        "--scenario",
-        "split-cifar",
-        "--set",
-        "scenario.root=/nonexistent",
-    )
+    """Files that pass the early check but cannot be read fail the run: a failed record remains."""
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not a CIFAR pickle")
+    args = ["run", "--no-progress", "--out", str(tmp_path / "runs"), "--run-id", "x", "--strategy", "lora"]
+    args += ["--scenario", "split-cifar", "--set", f"scenario.root={tmp_path / 'data'}"]
+    args += ["--set", "scenario.verify_checksums=false"]
+    code, _, _ = run_cli(capsys, *args)
     assert code == 2
     from cl_bench import results
 
-    record = results.load(tmp_path / "x")
+    record = results.load(tmp_path / "runs" / "x")
     assert record["status"] == "failed"
     assert record["failure"]["type"] == "DataError"
+
+
+def test_a_missing_data_root_fails_before_any_record(capsys, tmp_path) -> None:
+    code, _, err = run_cli(
+        capsys, "run", "--out", str(tmp_path / "runs"), "--strategy", "lora", "--scenario", "split-cifar",
+        "--set", "scenario.root=/nonexistent",
+    )  # fmt: skip
+    assert code == 2
+    assert err.startswith("error: CIFAR-100 not found: expected /nonexistent/cifar-100-python/")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_run_prints_the_final_table_and_writes_the_record(capsys, tmp_path) -> None:
