@@ -15,7 +15,14 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
         for r in run(
             QUICK,
             quick=True,
-            only={"lora", "peft-lora", "mora (10 exps, 160 ranks)", "loraprune sliced 50%", "forward-only"},
+            only={
+                "lora",
+                "peft-lora",
+                "mora (10 exps, 160 ranks)",
+                "loraprune sliced 50%",
+                "forward-only",
+                "lora (repeat)",
+            },
         )
     }
     assert not [r.error for r in rows.values() if r.error]
@@ -24,6 +31,10 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
         assert rows[name].eval_samples_per_s > 0
     assert rows["forward-only"].eval_samples_per_s > 0
     assert rows["loraprune sliced 50%"].extra["sparsity"] > 0.4
+    repeat = rows["lora (repeat)"]
+    drift = repeat.extra["drift_vs_first"]
+    assert drift == repeat.train_samples_per_s / rows["lora"].train_samples_per_s
+    assert f"{drift:.3f}x the first" in repeat.note
 
 
 def test_table_gives_ratios_within_a_mode_and_to_eager_peft_and_shows_errors() -> None:
