@@ -29,16 +29,16 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.speed import (
-    GRAPH_WARMUP_LIMIT,
     PeftLoRA,
     Setting,
-    _experience_classes,
-    _info,
-    _inputs,
     build,
+    eval_forward,
+    half_pruned_loraprune,
+    prepare_training,
+    step_function,
+    warm_up,
 )
 from cl_bench import loop
-from cl_bench.evaluate import autocast
 from cl_bench.strategy import Strategy
 
 PHASES = ("step.before_step", "step.forward_backward", "step.optimizer", "step.after_step")
@@ -113,36 +113,14 @@ def _summary(prof: Any, fn_name: str, n: int, wall: float, rows: int, phases: tu
 def profile_training(name: str, s: Setting, rows: int, experiences: int, steps: int, eager: bool) -> str:
     device = torch.device(s.device)
     strategy = build(name, s, cls=PeftLoRA if name == "peft-lora" else None)
-    strategy.train()
-    for index in range(experiences):
-        info = _info(index, _experience_classes(index, s), s.n_classes, device, training=True)
-        strategy.before_experience(info)
-    strategy.head.invalidate()
-    optimizer = strategy.make_optimizer(s.lr, 0.0)
-    x, y = _inputs(s, s.batch, strategy.backbone.image_size, device)
-    y = y + info.classes[0]
+    info, optimizer, x, y = prepare_training(strategy, s, experiences)
     graphs = (
         None
         if eager or strategy.graph_key() is None
         else loop.step_graphs(strategy, info, device=device, precision=s.precision)
     )
-    counter = iter(range(10**9))
-
-    def step() -> None:
-        loop.train_step(
-            strategy, optimizer, None, x, y, info, next(counter),
-            device=device, precision=s.precision, graphs=graphs,
-        )  # fmt: skip
-
-    for _ in range(s.warmup):
-        step()
-    if graphs is not None:  # until every key this strategy uses replays a captured graph
-        for _ in range(GRAPH_WARMUP_LIMIT):
-            replays = graphs.n_replays
-            for _ in range(s.warmup):
-                step()
-            if graphs.n_replays - replays == s.warmup:
-                break
+    step = step_function(strategy, optimizer, x, y, info, s, graphs, iter(range(10**9)))
+    warm_up(step, graphs, s, s.warmup)
     wall = _wall_ms(step, steps)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -156,28 +134,14 @@ def profile_training(name: str, s: Setting, rows: int, experiences: int, steps: 
 def _eval_model(name: str, s: Setting) -> Strategy:
     if name not in ("loraprune-dense", "loraprune-sliced"):
         return build(name, s, cls=PeftLoRA if name == "peft-lora" else None)
-    strategy = build("loraprune", s)
-    for group in strategy.groups:  # type: ignore[attr-defined]
-        group.prune_to(0.5)
-    strategy.merge()  # type: ignore[attr-defined]
+    strategy = half_pruned_loraprune(s)
     if name == "loraprune-sliced":
         strategy.slice()  # type: ignore[attr-defined]
     return strategy
 
 
 def profile_eval(name: str, s: Setting, rows: int, steps: int) -> str:
-    device = torch.device(s.device)
-    strategy = _eval_model(name, s)
-    strategy.eval()
-    strategy.head.invalidate()
-    info = _info(0, _experience_classes(0, s), s.n_classes, device, training=False)
-    x, _ = _inputs(s, s.eval_batch, strategy.backbone.image_size, device)
-
-    @torch.inference_mode()
-    def forward() -> None:
-        with autocast(device, s.precision):
-            strategy.forward(x, info)
-
+    forward = eval_forward(_eval_model(name, s), s)
     for _ in range(s.warmup):
         forward()
     wall = _wall_ms(forward, steps)

@@ -202,17 +202,9 @@ def measure(
     activations there, once. Both modes continue training the same model and optimizer.
     """
     device = torch.device(s.device)
-    strategy.train()
-    for index in range(experiences):
-        info = _info(index, _experience_classes(index, s), s.n_classes, device, training=True)
-        strategy.before_experience(info)
-    strategy.head.invalidate()
+    info, optimizer, x, y = prepare_training(strategy, s, experiences)
     if compile_towers:
         strategy.backbone.compile_towers()  # after the experience boundaries: MoRA grows its banks there
-    optimizer = strategy.make_optimizer(s.lr, 0.0)
-    size = strategy.backbone.image_size
-    x, y = _inputs(s, s.batch, size, device)
-    y = y + info.classes[0]
     counter = iter(range(10**9))
     rows: dict[str, Row] = {}
     for mode in modes:
@@ -222,31 +214,9 @@ def measure(
                 continue
             mode = "eager"  # not graph-safe: its default path is the eager one
         runner = loop.step_graphs(strategy, info, device=device, precision=s.precision) if graphs else None
-
-        def step(runner: Any = runner) -> None:
-            loop.train_step(
-                strategy,
-                optimizer,
-                None,
-                x,
-                y,
-                info,
-                next(counter),
-                device=device,
-                precision=s.precision,
-                graphs=runner,
-            )
-
+        step = step_function(strategy, optimizer, x, y, info, s, runner, counter)
         _reset_peak(device)
-        for _ in range(s.warmup * (3 if compile_towers else 1)):
-            step()
-        if runner is not None:  # until the last s.warmup steps all replayed a captured graph
-            for _ in range(GRAPH_WARMUP_LIMIT):
-                replays = runner.n_replays
-                for _ in range(s.warmup):
-                    step()
-                if runner.n_replays - replays == s.warmup:
-                    break
+        warm_up(step, runner, s, s.warmup * (3 if compile_towers else 1))
         train = _rate(step, s.batch, s, device)
         row = Row(
             strategy.__class__.__name__,
@@ -256,8 +226,8 @@ def measure(
         )
         if runner is not None:
             row.extra = {"graphs_captured": runner.n_captured, "eager_steps": runner.n_eager}
+            runner.release()  # its graphs and memory pool (the step closure still references it)
         rows[mode] = row
-        del runner
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
@@ -269,7 +239,60 @@ def measure(
     return rows
 
 
-def measure_eval(strategy: Strategy, s: Setting) -> tuple[float, int | None]:
+def prepare_training(
+    strategy: Strategy, s: Setting, experiences: int
+) -> tuple[ExperienceInfo, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """Train mode after ``experiences`` experience boundaries: the last experience's info, a fresh
+    optimizer and one batch of inputs with labels among that experience's classes."""
+    device = torch.device(s.device)
+    strategy.train()
+    for index in range(experiences):
+        info = _info(index, _experience_classes(index, s), s.n_classes, device, training=True)
+        strategy.before_experience(info)
+    strategy.head.invalidate()
+    optimizer = strategy.make_optimizer(s.lr, 0.0)
+    x, y = _inputs(s, s.batch, strategy.backbone.image_size, device)
+    return info, optimizer, x, y + info.classes[0]
+
+
+def step_function(
+    strategy: Strategy,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    info: ExperienceInfo,
+    s: Setting,
+    runner: Any,
+    counter: Iterator[int],
+) -> Callable[[], None]:
+    """One call of the loop's own step (every hook included) on the fixed batch."""
+
+    def step() -> None:
+        loop.train_step(
+            strategy, optimizer, None, x, y, info, next(counter),
+            device=torch.device(s.device), precision=s.precision, graphs=runner,
+        )  # fmt: skip
+
+    return step
+
+
+def warm_up(step: Callable[[], None], runner: Any, s: Setting, n: int) -> None:
+    """``n`` steps, then with a graph runner more, until the last ``s.warmup`` steps all replayed
+    a captured graph (a strategy with several keys warms up each one), so captures are not timed."""
+    for _ in range(n):
+        step()
+    if runner is None:
+        return
+    for _ in range(GRAPH_WARMUP_LIMIT):
+        replays = runner.n_replays
+        for _ in range(s.warmup):
+            step()
+        if runner.n_replays - replays == s.warmup:
+            return
+
+
+def eval_forward(strategy: Strategy, s: Setting) -> Callable[[], None]:
+    """The evaluation forward of ``strategy`` on one batch of ``s.eval_batch`` (inference mode)."""
     device = torch.device(s.device)
     strategy.eval()
     strategy.head.invalidate()
@@ -281,6 +304,12 @@ def measure_eval(strategy: Strategy, s: Setting) -> tuple[float, int | None]:
         with autocast(device, s.precision):
             strategy.forward(x, info)
 
+    return forward
+
+
+def measure_eval(strategy: Strategy, s: Setting) -> tuple[float, int | None]:
+    device = torch.device(s.device)
+    forward = eval_forward(strategy, s)
     for _ in range(max(2, s.warmup // 2)):
         forward()
     _reset_peak(device)
@@ -313,13 +342,19 @@ def measure_forward_only(s: Setting, *, compile_towers: bool = False) -> Row:
     )
 
 
-def measure_sliced(s: Setting) -> list[Row]:
-    """LoRAPrune at exactly 50% of heads and MLP channels: dense (merged) vs physically sliced eval."""
+def half_pruned_loraprune(s: Setting) -> Strategy:
+    """LoRAPrune with exactly 50% of heads and MLP channels masked, masks merged into dense weights
+    (``strategy.slice()`` then removes them physically)."""
     strategy = build("loraprune", s)
-    groups = strategy.groups  # type: ignore[attr-defined]
-    for group in groups:
+    for group in strategy.groups:  # type: ignore[attr-defined]
         group.prune_to(0.5)
     strategy.merge()  # type: ignore[attr-defined]
+    return strategy
+
+
+def measure_sliced(s: Setting) -> list[Row]:
+    """LoRAPrune at exactly 50% of heads and MLP channels: dense (merged) vs physically sliced eval."""
+    strategy = half_pruned_loraprune(s)
     dense, dense_peak = measure_eval(strategy, s)
     strategy.slice()  # type: ignore[attr-defined]
     sliced, sliced_peak = measure_eval(strategy, s)
