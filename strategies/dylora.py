@@ -101,6 +101,10 @@ class RankState:
             self.grad_mask.copy_(self.mask_table[b - 1])
             self.rank = b
 
+    def trained_ranks(self) -> range:
+        """0-based ranks that learn at the current rank b: b - 1 (frozen) or 0..b-1 (full)."""
+        return range(self.rank - 1 if self.mode == "frozen" else 0, self.rank)
+
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Convert the tensors as ``nn.Module._apply`` converts a layer's (device, dtype); every
         layer sharing this state applies it, and a conversion already done returns the same tensor."""
@@ -156,7 +160,7 @@ class DyLoRALinear(AdaptedLinear):
 
     def trained_ranks(self) -> range:
         """0-based ranks that learn at the current rank: b - 1 (frozen) or 0..b-1 (full)."""
-        return range(self.rank - 1 if self.mode == "frozen" else 0, self.rank)
+        return self.state.trained_ranks()
 
     def low_rank(self) -> LowRank:
         """All r_max ranks with the rank weights ``alpha / b`` on the first b and 0 on the others
@@ -315,7 +319,6 @@ class DyLoRA(Strategy):
             towers=available_towers(self.backbone, cfg.towers),
         )
         self.eval_rank = cfg.eval_rank or cfg.r_max
-        self.rank = cfg.r_max
         self._generator = self.ctx.generator(salt=2210_07558)
         self._counts = [0] * cfg.r_max  # sampled ranks over the whole stream
         self._experience_ranks: list[int] = []  # sampled ranks of the current experience
@@ -327,11 +330,15 @@ class DyLoRA(Strategy):
     def set_rank(self, b: int) -> None:
         """Use rank ``b`` in every adapted layer (they share :attr:`rank_state`)."""
         self.rank_state.set(b)
-        self.rank = b
+
+    @property
+    def rank(self) -> int:
+        """The rank every layer uses now (the last sampled one in training, ``eval_rank`` in eval)."""
+        return self.rank_state.rank
 
     def trained_ranks(self) -> range:
         """0-based ranks the optimizer updates at the current rank (the same in every layer)."""
-        return range(self.rank - 1 if self.cfg.mode == "frozen" else 0, self.rank)
+        return self.rank_state.trained_ranks()
 
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """:class:`RankwiseAdamW` over the adapters (and a plain AdamW for any other trainable parameter)."""
