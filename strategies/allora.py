@@ -23,10 +23,11 @@ Choices (STRATEGIES.md Part A and Part B §6; there is no official code):
 - implemented as a custom autograd function, because a hook on the branch output would also
   rescale the input gradient. The row norms come from the r x r Gram matrix,
   ``||(B A)_i||^2 = B_i (A A^T) B_i^T``, so B A ([d_out, d_in]) is never formed; they are computed
-  in fp32 with autocast off, once per step in ``before_step`` for all layers of one shape together
-  (a batched matmul instead of a dozen tiny kernels per layer). Under bf16 autocast the function
-  receives x, A, B already cast to the autocast dtype (its device type is taken from the input),
-  so its matmuls run in bf16 as ``nn.Linear`` would;
+  in fp32 with autocast off, once per step at the start of the training forward for all layers
+  of one shape together (a batched matmul instead of a dozen tiny kernels per layer; inside the
+  forward, a CUDA-graph step replays this pass with the rest instead of launching it from
+  Python). Under bf16 autocast the function receives x, A, B already cast to the autocast dtype
+  (its device type is taken from the input), so its matmuls run in bf16 as ``nn.Linear`` would;
 - continual learning: one adapter set trained through the whole stream, the optimizer rebuilt
   every experience; ``merge_each_experience`` folds ``B A`` into W0 and starts a fresh adapter.
 """
@@ -167,11 +168,20 @@ class ALLoRA(Strategy):
     def adapters(self) -> dict[str, ALLoRALinear]:  # type: ignore[override]
         return self._adapters
 
-    def before_step(self, step: int) -> None:
+    def forward(self, x: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
+        """The backbone's logits; a forward that trains A or B first computes this step's ``c``."""
+        if torch.is_grad_enabled() and any(
+            a.A.requires_grad or a.B.requires_grad for a in self._adapters.values()
+        ):
+            self.refresh_scales()
+        return super().forward(x, exp)
+
+    def refresh_scales(self) -> None:
         """Compute this step's ``c`` of every layer, batched over the layers of one shape.
 
-        One stacked computation per shape instead of a dozen small kernels per layer; the cache
-        lives from here to ``after_backward``, while A and B cannot change.
+        One stacked computation per shape instead of a dozen small kernels per layer, run inside
+        the training forward (so a CUDA graph replays it with the step). The cache lives from here
+        to ``after_backward``, while A and B cannot change.
         """
         with torch.no_grad():
             for layers in self._groups:

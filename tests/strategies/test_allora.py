@@ -238,7 +238,7 @@ def test_step_scales_are_computed_batched_per_shape_and_live_only_until_after_ba
             a.B.normal_()
     fresh = {name: a.row_scale() for name, a in strategy.adapters().items()}
     buffers = {name: a.step_scale for name, a in strategy.adapters().items()}
-    strategy.before_step(0)
+    strategy.refresh_scales()
     for name, a in strategy.adapters().items():
         assert a.scale_fresh
         assert a.row_scale() is buffers[name]  # written in place: a CUDA graph reads this step's c
@@ -254,6 +254,24 @@ def test_step_scales_are_computed_batched_per_shape_and_live_only_until_after_ba
     assert batched.shape == (3, layers[0].out_features)
     for a, c in zip(layers, batched, strict=True):
         torch.testing.assert_close(c, a.row_scale(), rtol=1e-6, atol=0)
+
+
+def test_a_training_forward_refreshes_the_step_scales_and_an_evaluation_forward_does_not() -> None:
+    strategy = build()
+    torch.manual_seed(4)
+    for a in strategy.adapters().values():
+        with torch.no_grad():
+            a.B.normal_()
+    x = torch.randn(2, 3, strategy.backbone.image_size, strategy.backbone.image_size)
+    info = experience_info(0, (0, 1), 4)
+    with torch.no_grad():
+        strategy.forward(x, info)
+    assert not any(a.scale_fresh for a in strategy.adapters().values())
+    assert all(torch.equal(a.step_scale, torch.ones_like(a.step_scale)) for a in strategy.adapters().values())
+    strategy.forward(x, info)
+    for a in strategy.adapters().values():
+        assert a.scale_fresh
+        torch.testing.assert_close(a.step_scale, row_scale(a.A, a.B, 2.0), rtol=1e-6, atol=0)
 
 
 def test_merge_each_experience_keeps_the_function_and_starts_a_fresh_adapter() -> None:
