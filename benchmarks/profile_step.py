@@ -18,10 +18,12 @@ into dense weights) and ``loraprune-sliced`` (physically sliced).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,7 +90,21 @@ def _idle(prof: Any, n: int, rows: int) -> list[str]:
     lines = [f"  GPU idle between activities: {total / n:.2f} ms per step; largest (ms, gaps per step):"]
     for (before, after), gaps in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:rows]:
         lines.append(f"    {sum(gaps) / n:7.3f}  {len(gaps) / n:6.1f}  after {before} -> before {after}")
+    single = sorted(((gap, key) for key, gaps in groups.items() for gap in gaps), reverse=True)[:rows]
+    lines.append("  longest single gaps (ms): the host was late where they recur once per step")
+    for gap, (before, after) in single:
+        lines.append(f"    {gap:7.3f}  after {before} -> before {after}")
     return lines
+
+
+def kernel_table(prof: Any, n: int) -> dict[str, dict[str, float]]:
+    """Every kernel of the profile: ``{name: {"ms": per call of the profiled function, "calls": ...}}``
+    (``--dump``: two strategies' tables side by side show which kernels one adds)."""
+    return {
+        e.key: {"ms": _device_time(e) / 1000 / n, "calls": e.count / n}
+        for e in prof.key_averages()
+        if _is_kernel(e)
+    }
 
 
 def _summary(prof: Any, fn_name: str, n: int, wall: float, rows: int, phases: tuple[str, ...]) -> str:
@@ -110,7 +126,10 @@ def _summary(prof: Any, fn_name: str, n: int, wall: float, rows: int, phases: tu
     return "\n".join(lines)
 
 
-def profile_training(name: str, s: Setting, rows: int, experiences: int, steps: int, eager: bool) -> str:
+def profile_training(
+    name: str, s: Setting, rows: int, experiences: int, steps: int, eager: bool
+) -> tuple[str, Any]:
+    """The summary of ``steps`` profiled training steps, and the profile."""
     device = torch.device(s.device)
     strategy = build(name, s, cls=PeftLoRA if name == "peft-lora" else None)
     info, optimizer, x, y = prepare_training(strategy, s, experiences)
@@ -128,7 +147,7 @@ def profile_training(name: str, s: Setting, rows: int, experiences: int, steps: 
             step()
         torch.cuda.synchronize()
     mode = "eager" if graphs is None else "graphs"
-    return _summary(prof, f"step ({mode})", steps, wall, rows, PHASES)
+    return _summary(prof, f"step ({mode})", steps, wall, rows, PHASES), prof
 
 
 def _eval_model(name: str, s: Setting) -> Strategy:
@@ -140,7 +159,8 @@ def _eval_model(name: str, s: Setting) -> Strategy:
     return strategy
 
 
-def profile_eval(name: str, s: Setting, rows: int, steps: int) -> str:
+def profile_eval(name: str, s: Setting, rows: int, steps: int) -> tuple[str, Any]:
+    """The summary of ``steps`` profiled evaluation forwards, and the profile."""
     forward = eval_forward(_eval_model(name, s), s)
     for _ in range(s.warmup):
         forward()
@@ -149,7 +169,7 @@ def profile_eval(name: str, s: Setting, rows: int, steps: int) -> str:
         for _ in range(steps):
             forward()
         torch.cuda.synchronize()
-    return _summary(prof, f"eval forward (batch {s.eval_batch})", steps, wall, rows, ())
+    return _summary(prof, f"eval forward (batch {s.eval_batch})", steps, wall, rows, ()), prof
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiences", type=int, default=1, help="experience boundaries before profiling")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--eval", action="store_true", help="profile the evaluation forward instead")
+    parser.add_argument("--dump", type=Path, help="directory for each strategy's kernel times (<name>.json)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: profiling needs a CUDA device", file=sys.stderr)
@@ -170,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n===== {name}: batch {s.eval_batch if args.eval else s.batch}, "
               f"after {args.experiences} experience(s)", flush=True)  # fmt: skip
         if args.eval:
-            print(profile_eval(name, s, args.rows, args.steps), flush=True)
+            text, prof = profile_eval(name, s, args.rows, args.steps)
         else:
-            print(profile_training(name, s, args.rows, args.experiences, args.steps, args.eager), flush=True)
+            text, prof = profile_training(name, s, args.rows, args.experiences, args.steps, args.eager)
+        print(text, flush=True)
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{name}.json").write_text(json.dumps(kernel_table(prof, args.steps), indent=1))
     return 0
 
 

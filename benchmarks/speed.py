@@ -8,6 +8,10 @@ q/k/v/out/fc1/fc2 layers of both towers) driven by the same step. The training s
 strategy encodes the images and the 10 class prompts of one CIFAR-100 experience (text tower
 adapted where the method adapts it), as a split-CIFAR-100 run with ``train_classes=current``.
 
+Drift: the rows run one after another for minutes, and an H200's speed drifts by a few percent
+meanwhile. So a ``lora`` step is kept alive through the strategy rows (and peft's), and each row
+alternates its timed windows with lora's: its ``vs lora`` train ratio compares the same minutes.
+
 Extra rows: MoRA after 10 experiences (160 ranks per layer), ``lora`` measured again after the
 strategies (``lora (repeat)``: how far the reference drifted over the run), ``lora`` under ``torch.compile``,
 LoRAPrune's physically sliced model at 50% sparsity against the dense model, and an end-to-end
@@ -111,21 +115,72 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def _peak(device: torch.device, resident: int = 0) -> int | None:
+    """Peak bytes since the last reset, less ``resident`` (a live reference's bytes)."""
+    return int(torch.cuda.max_memory_allocated(device)) - resident if device.type == "cuda" else None
+
+
+def _window(fn: Callable[[], None], n_items: int, s: Setting, device: torch.device) -> float:
+    """Items/s of one window of ``s.steps`` calls."""
+    _sync(device)
+    tic = time.perf_counter()
+    for _ in range(s.steps):
+        fn()
+    _sync(device)
+    return s.steps * n_items / (time.perf_counter() - tic)
 
 
 def _rate(fn: Callable[[], None], n_items: int, s: Setting, device: torch.device) -> float:
     """Median items/s over ``s.windows`` windows of ``s.steps`` calls (after the caller's warm-up)."""
-    rates = []
+    return statistics.median(_window(fn, n_items, s, device) for _ in range(s.windows))
+
+
+def _paired_rate(
+    fn: Callable[[], None], reference: Callable[[], None], n_items: int, s: Setting, device: torch.device
+) -> tuple[float, float]:
+    """Median items/s of ``fn`` and of ``reference`` over ``s.windows`` windows each, alternating
+    (reference, fn, reference, fn, ...): both are measured over the same minutes, so a drift of the
+    GPU's speed over the run (a few percent on an H200) does not enter their ratio."""
+    ours, theirs = [], []
     for _ in range(s.windows):
-        _sync(device)
-        tic = time.perf_counter()
-        for _ in range(s.steps):
-            fn()
-        _sync(device)
-        rates.append(s.steps * n_items / (time.perf_counter() - tic))
-    return statistics.median(rates)
+        theirs.append(_window(reference, n_items, s, device))
+        ours.append(_window(fn, n_items, s, device))
+    return statistics.median(ours), statistics.median(theirs)
+
+
+@dataclass
+class Reference:
+    """``lora``'s training step in the default mode, kept alive while the strategy rows run: each
+    row alternates its timed windows with windows of this step (:func:`_paired_rate`), and its
+    ``vs lora`` ratio is taken against the lora windows of the same minutes."""
+
+    strategy: Strategy
+    step: Callable[[], None]
+    runner: Any
+    mode: str
+    resident: int  # bytes it holds between steps, subtracted from the peaks measured meanwhile
+
+    def release(self) -> None:
+        if self.runner is not None:
+            self.runner.release()
+        self.strategy = self.step = self.runner = None  # type: ignore[assignment]
+
+
+def make_reference(s: Setting) -> Reference:
+    """A warmed-up ``lora`` step (graphs on CUDA, as ``cl-bench run``; eager on the CPU)."""
+    device = torch.device(s.device)
+    strategy = build("lora", s)
+    info, optimizer, x, y = prepare_training(strategy, s, 1)
+    runner = (
+        loop.step_graphs(strategy, info, device=device, precision=s.precision)
+        if device.type == "cuda"
+        else None
+    )
+    step = step_function(strategy, optimizer, x, y, info, s, runner, iter(range(10**9)))
+    warm_up(step, runner, s, s.warmup)
+    _sync(device)
+    resident = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+    return Reference(strategy, step, runner, "graphs" if runner is not None else "eager", resident)
 
 
 def _info(
@@ -192,6 +247,7 @@ def measure(
     experiences: int = 1,
     compile_towers: bool = False,
     modes: tuple[str, ...] = ("graphs", "eager"),
+    reference: Reference | None = None,
 ) -> dict[str, Row]:
     """Train-step throughput and peak memory of ``strategy`` in each mode, then its eval throughput.
 
@@ -199,8 +255,11 @@ def measure(
     backward replayed from CUDA graphs where the strategy allows it (warmed up until every key it
     uses has been captured, so captures are not timed); ``eager``: every kernel launched from
     Python. The peak is measured from before the warm-up: a graph's capture allocates its
-    activations there, once. Both modes continue training the same model and optimizer.
+    activations there, once. Both modes continue training the same model and optimizer. With a
+    ``reference``, the mode it runs in alternates its windows with the reference's
+    (``extra["lora_interleaved_samples_per_s"]``), and every peak leaves out the reference's bytes.
     """
+    resident = reference.resident if reference is not None else 0
     device = torch.device(s.device)
     info, optimizer, x, y = prepare_training(strategy, s, experiences)
     if compile_towers:
@@ -217,15 +276,22 @@ def measure(
         step = step_function(strategy, optimizer, x, y, info, s, runner, counter)
         _reset_peak(device)
         warm_up(step, runner, s, s.warmup * (3 if compile_towers else 1))
-        train = _rate(step, s.batch, s, device)
+        paired = reference is not None and reference.mode == ("graphs" if graphs else "eager")
+        if paired:
+            assert reference is not None
+            train, lora = _paired_rate(step, reference.step, s.batch, s, device)
+        else:
+            train = _rate(step, s.batch, s, device)
         row = Row(
             strategy.__class__.__name__,
             train,
-            peak_train_bytes=_peak(device),
+            peak_train_bytes=_peak(device, resident),
             mode=("compiled+" if compile_towers else "") + ("graphs" if graphs else "eager"),
         )
+        if paired:
+            row.extra["lora_interleaved_samples_per_s"] = lora
         if runner is not None:
-            row.extra = {"graphs_captured": runner.n_captured, "eager_steps": runner.n_eager}
+            row.extra.update(graphs_captured=runner.n_captured, eager_steps=runner.n_eager)
             runner.release()  # its graphs and memory pool (the step closure still references it)
         rows[mode] = row
         optimizer.zero_grad(set_to_none=True)
@@ -233,7 +299,7 @@ def measure(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     optimizer.state.clear()  # free the moments before the eval measurement
-    eval_rate, eval_peak = measure_eval(strategy, s)
+    eval_rate, eval_peak = measure_eval(strategy, s, resident)
     for row in rows.values():
         row.eval_samples_per_s, row.peak_eval_bytes = eval_rate, eval_peak
     return rows
@@ -307,14 +373,15 @@ def eval_forward(strategy: Strategy, s: Setting) -> Callable[[], None]:
     return forward
 
 
-def measure_eval(strategy: Strategy, s: Setting) -> tuple[float, int | None]:
+def measure_eval(strategy: Strategy, s: Setting, resident: int = 0) -> tuple[float, int | None]:
+    """Eval samples/s and peak bytes (less ``resident``: a live reference's) of ``strategy``."""
     device = torch.device(s.device)
     forward = eval_forward(strategy, s)
     for _ in range(max(2, s.warmup // 2)):
         forward()
     _reset_peak(device)
     rate = _rate(forward, s.eval_batch, s, device)
-    return rate, _peak(device)
+    return rate, _peak(device, resident)
 
 
 def measure_forward_only(s: Setting, *, compile_towers: bool = False) -> Row:
@@ -499,16 +566,22 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             peak = f"{r.peak_train_bytes / GiB:.2f}" if r.peak_train_bytes else "-"
             what = r.error or r.note
             mode = r.mode or "-"
-            print(f"[row] {r.name} | {mode} | train/s {train} | peak GiB {peak} | {what}", flush=True)
+            lora = r.extra.get("lora_interleaved_samples_per_s")
+            versus = f" ({r.train_samples_per_s / lora:.3f}x interleaved lora)" if lora else ""
+            print(f"[row] {r.name} | {mode} | train/s {train}{versus} | peak GiB {peak} | {what}", flush=True)
 
     if wanted("forward-only"):
         with _guard(rows, "forward-only"):
             rows.append(measure_forward_only(s))
         emit(rows[-1:])
+    reference: Reference | None = None
+    if "lora" in STRATEGIES and (wanted("peft-lora") or any(wanted(r[0]) for r in STRATEGY_ROWS)):
+        with _guard(rows, "lora (interleaved reference)"):
+            reference = make_reference(s)
     if wanted("peft-lora"):
         before = len(rows)
         with _guard(rows, "peft-lora"):
-            measured = measure(build("peft-lora", s, cls=PeftLoRA), s, modes=modes)
+            measured = measure(build("peft-lora", s, cls=PeftLoRA), s, modes=modes, reference=reference)
             rows.extend(_named(measured, "peft-lora", "peft-lora", "HF peft LoRA r=8 on the same layers"))
         emit(rows[before:])
     for name, strategy, args, experiences in STRATEGY_ROWS:
@@ -516,9 +589,21 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             continue
         before = len(rows)
         with _guard(rows, name):
-            measured = measure(build(strategy, s, args), s, experiences=experiences, modes=modes_of(name))
+            measured = measure(
+                build(strategy, s, args),
+                s,
+                experiences=experiences,
+                modes=modes_of(name),
+                reference=reference,
+            )
             rows.extend(_named(measured, name, strategy))
         emit(rows[before:])
+    if reference is not None:
+        reference.release()
+        del reference
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if wanted("lora (repeat)") and "lora" in STRATEGIES:
         with _guard(rows, "lora (repeat)"):
             rows.append(_repeat_of_lora(rows, measure(build("lora", s), s, modes=modes[:1])))
@@ -578,7 +663,10 @@ def table(rows: list[Row]) -> str:
     """The printed table: throughput, ratios to lora and to peft in the same mode, memory, notes.
 
     ``vs peft eager`` compares with HF peft as people run it (an eager loop); ``vs lora`` and
-    ``vs peft`` compare with the same mode (graphs with graphs, eager with eager).
+    ``vs peft`` compare with the same mode (graphs with graphs, eager with eager). A row measured
+    in windows interleaved with lora's (``lora_interleaved_samples_per_s``) takes its train
+    ``vs lora`` against those lora windows, the same minutes; the lora row itself then shows the
+    measurement's noise (its ratio to its own interleaved twin).
     """
     reference = {(r.strategy, r.mode): r for r in rows if not r.error}
 
@@ -616,12 +704,18 @@ def table(rows: list[Row]) -> str:
             lines.append((r.name, r.mode, "ERROR", "", "", "", "", "", "", "", "", r.error[:80]))
             continue
         lora, peft = same_mode(r, "lora"), same_mode(r, "peft-lora")
+        interleaved = r.extra.get("lora_interleaved_samples_per_s")
+        train_vs_lora = (
+            ratio(r.train_samples_per_s, Row("lora", interleaved), "train_samples_per_s")
+            if interleaved
+            else ratio(r.train_samples_per_s, lora, "train_samples_per_s")
+        )
         lines.append(
             (
                 r.name,
                 r.mode or "-",
                 num(r.train_samples_per_s),
-                ratio(r.train_samples_per_s, lora, "train_samples_per_s"),
+                train_vs_lora,
                 ratio(r.train_samples_per_s, peft, "train_samples_per_s"),
                 ratio(r.train_samples_per_s, peft_eager, "train_samples_per_s"),
                 num(r.eval_samples_per_s),

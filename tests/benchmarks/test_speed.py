@@ -31,6 +31,9 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
         assert rows[name].eval_samples_per_s > 0
     assert rows["forward-only"].eval_samples_per_s > 0
     assert rows["loraprune sliced 50%"].extra["sparsity"] > 0.4
+    for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)"):  # timed beside the lora reference
+        assert rows[name].extra["lora_interleaved_samples_per_s"] > 0
+    assert "lora_interleaved_samples_per_s" not in rows["lora (repeat)"].extra  # after it is released
     repeat = rows["lora (repeat)"]
     drift = repeat.extra["drift_vs_first"]
     assert drift == repeat.train_samples_per_s / rows["lora"].train_samples_per_s
@@ -52,3 +55,15 @@ def test_table_gives_ratios_within_a_mode_and_to_eager_peft_and_shows_errors() -
     assert "2.00x" not in lines["lora (eager)"]  # never compared with the graphed lora
     assert "ERROR" in lines["sora"]
     assert "RuntimeError: boom" in lines["sora"]
+
+
+def test_vs_lora_uses_the_interleaved_lora_windows_when_a_row_has_them() -> None:
+    rows = [
+        Row("lora", 300.0, 300.0, 2**30, strategy="lora", mode="graphs"),
+        Row("sora", 285.0, 300.0, 2**30, strategy="sora", mode="graphs"),
+        Row("allora", 285.0, 300.0, 2**30, strategy="allora", mode="graphs"),
+    ]
+    rows[1].extra["lora_interleaved_samples_per_s"] = 290.0
+    lines = {line.split("  ")[0].strip(): line for line in table(rows).splitlines()}
+    assert f"{285.0 / 290.0:.2f}x" in lines["sora"].split()  # 0.98x: same minutes as its lora windows
+    assert f"{285.0 / 300.0:.2f}x" in lines["allora"].split()  # 0.95x: the lora row, measured before
