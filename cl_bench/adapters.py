@@ -406,24 +406,117 @@ class _FusedLowRankLinears(torch.autograd.Function):
         grads: list[torch.Tensor | None] = []
         row = col = 0
         for d_out, r, scaling, scale, gate, B_for_gate, mask, dtypes in backward_meta:
-            grad_A = grad_A_all[col : col + r]
-            if mask is not None:
-                grad_A = torch.mul(grad_A, mask[:, None])
-            # dL/d(s B diag(g)) / s = c * P (c: the row scale), in float32 from here on
-            grad_Bg = P_all[row : row + d_out, col : col + r]
-            if scale is not None:
-                grad_Bg = torch.mul(grad_Bg, scale[:, None])
-            grad_Bg = grad_Bg.to(torch.promote_types(grad_Bg.dtype, torch.float32))
-            if scaling != 1:
-                grad_Bg = grad_Bg * scaling
-            out = [grad_A, grad_Bg if gate is None else grad_Bg * gate]
-            if B_for_gate is not None:  # dL/dg_i = sum_o (s c P)_oi B_oi
-                out.append((grad_Bg * B_for_gate).sum(0))
-            if mask is not None:
-                out[1:] = [t * mask for t in out[1:]]
-            grads.extend(t.to(dt) for t, dt in zip(out, dtypes, strict=True))
+            out = factor_grads(
+                P_all[row : row + d_out, col : col + r],
+                grad_A_all[col : col + r],
+                scaling,
+                scale,
+                gate,
+                B_for_gate,
+                mask,
+            )
+            grads.extend(t.to(dt) for t, dt in zip((t for t in out if t is not None), dtypes, strict=True))
             row, col = row + d_out, col + r
         return (grad_x, None, *grads)
+
+
+FactorGrads = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+FACTOR_TILE = 4096  # elements per program of the factor-gradient kernel
+MAX_KERNEL_RANK = 256  # larger ranks take the torch path (a program holds a tile of all ranks)
+
+
+def factor_grads(
+    P: torch.Tensor,
+    GA: torch.Tensor,
+    scaling: float,
+    scale: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    B_for_gate: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    fused: bool = True,
+) -> FactorGrads:
+    """``(grad_A, grad_B, grad_g)`` of one layer of :class:`_FusedLowRankLinears`, float32 at least.
+
+    From the layer's rows ``GA`` [r, d_in] of ``((dL/dy) B_bd)^T x`` (the B block already holds
+    ``s c B diag(g)``) and its block ``P`` [d_out, r] of ``(dL/dy)^T z``:
+    ``grad_A = GA m``, ``grad_B = s c P diag(g) m`` and, when the gate trains (``B_for_gate``: B),
+    ``grad_g = m sum_o (s c P)_o B_o`` (c: the row scale, g: the gate, m: the rank mask; each
+    omitted when None). ``fused``: one Triton kernel on CUDA (:mod:`cl_bench.lowrank_kernels`)
+    instead of up to seven small torch kernels; it multiplies in the same order, so grad_A and
+    grad_B are bitwise the torch result and grad_g differs by the order of its float32 sum.
+    """
+    if fused and _use_factor_kernel(P, GA, scale, gate, B_for_gate, mask):
+        return _factor_grads_triton(P, GA, scaling, scale, gate, B_for_gate, mask)
+    grad_A = GA if mask is None else torch.mul(GA, mask[:, None])
+    grad_A = grad_A.to(torch.promote_types(grad_A.dtype, torch.float32))
+    grad_Bg = P if scale is None else torch.mul(P, scale[:, None])  # c P, float32 from here on
+    grad_Bg = grad_Bg.to(torch.promote_types(grad_Bg.dtype, torch.float32))
+    if scaling != 1:
+        grad_Bg = grad_Bg * scaling
+    grad_B = grad_Bg if gate is None else grad_Bg * gate
+    grad_g = None if B_for_gate is None else (grad_Bg * B_for_gate).sum(0)  # sum_o (s c P)_oi B_oi
+    if mask is not None:
+        grad_B = grad_B * mask
+        grad_g = None if grad_g is None else grad_g * mask
+    return grad_A, grad_B, grad_g
+
+
+def _factor_kernel() -> Any:
+    """The Triton kernel, imported (with Triton) on first CUDA use."""
+    from cl_bench import lowrank_kernels
+
+    return lowrank_kernels.factor_grads_kernel
+
+
+def _use_factor_kernel(P: torch.Tensor, GA: torch.Tensor, *factors: torch.Tensor | None) -> bool:
+    """The kernel takes CUDA blocks of a float dtype, float32 factors, and ranks up to MAX_KERNEL_RANK."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if not P.is_cuda or P.dtype not in floats or GA.dtype not in floats or P.shape[1] > MAX_KERNEL_RANK:
+        return False
+    if any(f is not None and (f.dtype != torch.float32 or not f.is_cuda) for f in factors):
+        return False
+    try:
+        _factor_kernel()
+    except ImportError:
+        return False
+    return True
+
+
+def _factor_grads_triton(
+    P: torch.Tensor,
+    GA: torch.Tensor,
+    scaling: float,
+    scale: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    B_for_gate: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> FactorGrads:
+    import triton
+
+    kernel = _factor_kernel()
+    d_out, r = P.shape
+    d_in = GA.shape[1]
+    grad_A = torch.empty(r, d_in, device=P.device, dtype=torch.float32)
+    grad_B = torch.empty(d_out, r, device=P.device, dtype=torch.float32)
+    grad_g = None if B_for_gate is None else torch.empty(r, device=P.device, dtype=torch.float32)
+    block_r = max(2, triton.next_power_of_2(r))
+    block = max(16, FACTOR_TILE // block_r)
+    n_a, n_b = triton.cdiv(d_in, block), triton.cdiv(d_out, block)
+    scale, gate, mask = (None if t is None else t.contiguous() for t in (scale, gate, mask))
+    B = P if B_for_gate is None else B_for_gate
+    kernel[(n_a + n_b + (grad_g is not None),)](
+        P, P.stride(0), P.stride(1),
+        GA, GA.stride(0), GA.stride(1),
+        P if scale is None else scale, P if gate is None else gate, B, B.stride(0), B.stride(1),
+        P if mask is None else mask,
+        grad_A, grad_B, grad_B if grad_g is None else grad_g,
+        d_out, d_in, r, float(scaling), n_a, n_b,
+        BLOCK_R=block_r, BLOCK_O=block, BLOCK_I=block,
+        HAS_SCALE=scale is not None, HAS_GATE=gate is not None, GATE_GRAD=grad_g is not None,
+        HAS_MASK=mask is not None, num_warps=4,
+    )  # fmt: skip
+    return grad_A, grad_B, grad_g
 
 
 def lora_linears(x: torch.Tensor, layers: tuple[Layer, ...]) -> torch.Tensor:
