@@ -40,7 +40,6 @@ from benchmarks.speed import (
     step_function,
     warm_up,
 )
-from cl_bench import loop
 from cl_bench.strategy import Strategy
 
 PHASES = ("step.before_step", "step.forward_backward", "step.optimizer", "step.after_step")
@@ -130,15 +129,9 @@ def profile_training(
     name: str, s: Setting, rows: int, experiences: int, steps: int, eager: bool
 ) -> tuple[str, Any]:
     """The summary of ``steps`` profiled training steps, and the profile."""
-    device = torch.device(s.device)
     strategy = build(name, s, cls=PeftLoRA if name == "peft-lora" else None)
     info, optimizer, x, y = prepare_training(strategy, s, experiences)
-    graphs = (
-        None
-        if eager or strategy.graph_key() is None
-        else loop.step_graphs(strategy, info, device=device, precision=s.precision)
-    )
-    step = step_function(strategy, optimizer, x, y, info, s, graphs, iter(range(10**9)))
+    step, graphs = step_function(strategy, optimizer, x, y, info, s, graphs=not eager)
     warm_up(step, graphs, s, s.warmup)
     wall = _wall_ms(step, steps)
     torch.cuda.synchronize()

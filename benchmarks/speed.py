@@ -171,12 +171,7 @@ def make_reference(s: Setting) -> Reference:
     device = torch.device(s.device)
     strategy = build("lora", s)
     info, optimizer, x, y = prepare_training(strategy, s, 1)
-    runner = (
-        loop.step_graphs(strategy, info, device=device, precision=s.precision)
-        if device.type == "cuda"
-        else None
-    )
-    step = step_function(strategy, optimizer, x, y, info, s, runner, iter(range(10**9)))
+    step, runner = step_function(strategy, optimizer, x, y, info, s, graphs=True)
     warm_up(step, runner, s, s.warmup)
     _sync(device)
     resident = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
@@ -272,8 +267,7 @@ def measure(
             if "eager" in modes:
                 continue
             mode = "eager"  # not graph-safe: its default path is the eager one
-        runner = loop.step_graphs(strategy, info, device=device, precision=s.precision) if graphs else None
-        step = step_function(strategy, optimizer, x, y, info, s, runner, counter)
+        step, runner = step_function(strategy, optimizer, x, y, info, s, graphs=graphs, counter=counter)
         _reset_peak(device)
         warm_up(step, runner, s, s.warmup * (3 if compile_towers else 1))
         paired = reference is not None and reference.mode == ("graphs" if graphs else "eager")
@@ -328,18 +322,27 @@ def step_function(
     y: torch.Tensor,
     info: ExperienceInfo,
     s: Setting,
-    runner: Any,
-    counter: Iterator[int],
-) -> Callable[[], None]:
-    """One call of the loop's own step (every hook included) on the fixed batch."""
+    *,
+    graphs: bool,
+    counter: Iterator[int] | None = None,
+) -> tuple[Callable[[], None], loop.StepGraphs | None]:
+    """One call of the loop's own step (every hook included) on the fixed batch, and its graph
+    runner: with ``graphs``, where the strategy allows them on CUDA (``cl-bench run``'s default)."""
+    device = torch.device(s.device)
+    runner = (
+        loop.step_graphs(strategy, info, device=device, precision=s.precision)
+        if graphs and strategy.graph_key() is not None
+        else None
+    )
+    steps = iter(range(10**9)) if counter is None else counter
 
     def step() -> None:
         loop.train_step(
-            strategy, optimizer, None, x, y, info, next(counter),
-            device=torch.device(s.device), precision=s.precision, graphs=runner,
+            strategy, optimizer, None, x, y, info, next(steps),
+            device=device, precision=s.precision, graphs=runner,
         )  # fmt: skip
 
-    return step
+    return step, runner
 
 
 def warm_up(step: Callable[[], None], runner: Any, s: Setting, n: int) -> None:
@@ -673,8 +676,9 @@ def table(rows: list[Row]) -> str:
     def same_mode(r: Row, strategy: str) -> Row | None:
         return reference.get((strategy, r.mode)) if r.mode else reference.get((strategy, "graphs"))
 
-    def ratio(value: float | None, ref: Row | None, attr: str) -> str:
-        base = getattr(ref, attr) if ref else None
+    def ratio(value: float | None, ref: Row | None, attr: str, base: float | None = None) -> str:
+        """``value`` over ``base``, or over ``ref``'s ``attr`` when no base is given."""
+        base = base or (getattr(ref, attr) if ref else None)
         return f"{value / base:.2f}x" if value and base else "-"
 
     def num(value: float | None) -> str:
@@ -704,18 +708,14 @@ def table(rows: list[Row]) -> str:
             lines.append((r.name, r.mode, "ERROR", "", "", "", "", "", "", "", "", r.error[:80]))
             continue
         lora, peft = same_mode(r, "lora"), same_mode(r, "peft-lora")
+        # against the lora windows interleaved with this row's, where it has them (the same minutes)
         interleaved = r.extra.get("lora_interleaved_samples_per_s")
-        train_vs_lora = (
-            ratio(r.train_samples_per_s, Row("lora", interleaved), "train_samples_per_s")
-            if interleaved
-            else ratio(r.train_samples_per_s, lora, "train_samples_per_s")
-        )
         lines.append(
             (
                 r.name,
                 r.mode or "-",
                 num(r.train_samples_per_s),
-                train_vs_lora,
+                ratio(r.train_samples_per_s, lora, "train_samples_per_s", interleaved),
                 ratio(r.train_samples_per_s, peft, "train_samples_per_s"),
                 ratio(r.train_samples_per_s, peft_eager, "train_samples_per_s"),
                 num(r.eval_samples_per_s),
