@@ -11,6 +11,12 @@ Strategy-specific figures are drawn generically from the record conventions of
 ``"kind": "bar"``), bar charts and event summaries (with field names where the strategy gives
 ``fields``); ``accuracy.variants`` becomes a table against the same-pass ``main`` model (and an
 accuracy-vs-rank plot when the labels are ``rank=N``).
+
+The overview groups its rows by competition (scenario, protocol, label space) and marks the best
+mean of each metric (★) only among the groups of one competition that trained and learned
+(plasticity at least ``chance + margin x (1 - chance)``, :mod:`reports.tables`); the page prints
+the rule, each group's threshold and why an unmarked group is not eligible, and plots forgetting
+against trainable parameters and training time per competition.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import jinja2
 import pandas as pd
@@ -39,7 +45,7 @@ DASH = "—"
 # ----------------------------------------------------------------------------- formatting
 
 
-def _is_num(value: Any) -> bool:
+def _is_num(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -172,26 +178,133 @@ def _group_view(row: pd.Series, colors: dict[str, str]) -> dict[str, Any]:
     }
 
 
+PROTOCOL_NAMES = {
+    "class": "class-incremental",
+    "task": "task-incremental (each sample against its own task's classes)",
+}
+
+
+def competition_title(scenario: Any, protocol: Any, label_space: Any) -> str:
+    """``synthetic · class-incremental · label space seen``: the heading of a competition."""
+
+    def text(value: Any) -> str:
+        return "unknown" if value is None or pd.isna(value) else str(value)
+
+    protocol_name = PROTOCOL_NAMES.get(text(protocol), f"protocol {text(protocol)}")
+    return f"{scenario} · {protocol_name} · label space {text(label_space)}"
+
+
+def _competitions(frame: pd.DataFrame) -> list[tuple[tuple[Any, ...], pd.DataFrame]]:
+    """The rows of an overview-keyed frame per :data:`reports.tables.COMPETITION`, in frame order
+    (index = row position in ``frame``, as :func:`reports.tables.best_marks` counts)."""
+    grouped = frame.reset_index(drop=True).groupby(tables.COMPETITION, sort=False, dropna=False)
+    return [(tuple(None if pd.isna(v) else v for v in key), rows) for key, rows in grouped]
+
+
+def _eligibility_view(row: pd.Series) -> dict[str, str]:
+    """The threshold cell and the flag of one overview row (``flag`` empty for an eligible one)."""
+    reason = str(row["not_eligible"])
+    plasticity, threshold, chance = row["plasticity_mean"], row["threshold"], row["chance"]
+    if reason == tables.NO_TRAINING:
+        why = "no experience of these runs recorded a training step: never marked"
+    elif reason == tables.NOT_LEARNED:
+        why = (
+            f"mean plasticity {fmt_float(plasticity)} < {fmt_float(threshold)}, the learning threshold "
+            f"at chance {fmt_float(chance)}: its numbers hold no mark"
+        )
+    elif reason == tables.CHANCE_UNKNOWN:
+        why = "the records do not say how many classes compete (or give no plasticity): never marked"
+    else:
+        why = ""
+    return {
+        "threshold": fmt_float(threshold),
+        "chance": f"chance {fmt_float(chance)}" if _is_num(chance) else "",
+        "flag": reason,
+        "flag_kind": "muted" if reason == tables.NO_TRAINING else "warn",
+        "why": why,
+    }
+
+
 def _overview_view(overview: pd.DataFrame, colors: dict[str, str]) -> list[dict[str, Any]]:
-    best = tables.best_in_scenario(overview, tables.OVERVIEW_METRICS)
-    rows = []
-    for pos, (_, row) in enumerate(overview.reset_index(drop=True).iterrows()):
-        n_runs = int(row["n_runs"])
-        rows.append(
+    """The overview table per competition: heading, then its rows with cells, marks and flags."""
+    best = tables.best_marks(overview, tables.OVERVIEW_METRICS)
+    competitions = []
+    for key, frame in _competitions(overview):
+        rows = []
+        for pos, (_, row) in zip(frame.index.tolist(), frame.iterrows(), strict=True):
+            n_runs = int(row["n_runs"])
+            rows.append(
+                {
+                    **_group_view(row, colors),
+                    "seeds": row["seeds"],
+                    "excluded": excluded_note(int(row["n_failed"]), int(row["n_incomplete"])),
+                    "eligibility": _eligibility_view(row) if n_runs else None,
+                    "cells": [
+                        {
+                            **stat_parts(row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"], n_runs, fmt_float),
+                            "best": (int(pos), m) in best,
+                            "metric": m,
+                        }
+                        for m in tables.OVERVIEW_METRICS
+                    ],
+                }
+            )
+        competitions.append({"title": competition_title(*key), "rows": rows})
+    return competitions
+
+
+def _tradeoff_view(runs: pd.DataFrame, colors: dict[str, str], margin: float) -> list[dict[str, Any]]:
+    """Per competition, forgetting against trainable parameters and against training time."""
+    frame = tables.tradeoff_frame(runs, margin)
+    several_backbones = frame.groupby("scenario")["backbone"].transform("nunique") > 1
+    views = []
+    for key, rows in _competitions(frame.assign(several_backbones=several_backbones)):
+        title = competition_title(*key)
+
+        def points(cost: str, rows: pd.DataFrame = rows) -> list[plots.TradeoffPoint]:
+            return [
+                plots.TradeoffPoint(
+                    label=group_label(
+                        f"{row['strategy']} / {row['backbone']}"
+                        if row["several_backbones"]
+                        else row["strategy"],
+                        row[tables.CONFIG],
+                    ),
+                    strategy=str(row["strategy"]),
+                    forgetting=_float(row["forgetting_mean"]),
+                    forgetting_std=_float(row["forgetting_std"]),
+                    cost=_float(row[f"{cost}_mean"]),
+                    cost_std=_float(row[f"{cost}_std"]),
+                    n=int(row["n_runs"]),
+                    note=str(row["not_eligible"]),
+                )
+                for _, row in rows.iterrows()
+            ]
+
+        views.append(
             {
-                **_group_view(row, colors),
-                "seeds": row["seeds"],
-                "excluded": excluded_note(int(row["n_failed"]), int(row["n_incomplete"])),
-                "cells": [
-                    {
-                        **stat_parts(row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"], n_runs, fmt_float),
-                        "best": (pos, m) in best,
-                    }
-                    for m in tables.OVERVIEW_METRICS
-                ],
+                "title": title,
+                "parameters": plots.tradeoff_plot(
+                    points("n_trainable"),
+                    colors,
+                    x_label="trainable parameters (log scale)",
+                    title="forgetting vs trainable parameters",
+                    log_x=True,
+                    zero_label="no trainable parameters (dashed line)",
+                ),
+                "time": plots.tradeoff_plot(
+                    points("train_time_s"),
+                    colors,
+                    x_label="training time (s, all experiences)",
+                    title="forgetting vs training time",
+                ),
             }
         )
-    return rows
+    return views
+
+
+def _float(value: Any) -> float:
+    return float(value) if _is_num(value) else math.nan
 
 
 def _aggregate_view(
@@ -395,7 +508,29 @@ def _signed(value: Any) -> str:
     return f"{value:+.3f}" if _is_num(value) else DASH
 
 
-def _run_view(record: dict[str, Any], color: str, config_label: str) -> dict[str, Any]:
+def _run_learning(record: dict[str, Any], margin: float) -> dict[str, str]:
+    """One run's plasticity against its chance and learning threshold, and its flag if below."""
+    plasticity = (record.get("metrics") or {}).get("plasticity")
+    chance = tables.chance_plasticity(record)
+    threshold = None if chance is None else tables.learned_threshold(chance, margin)
+    if not tables.trained(record):
+        flag = tables.NO_TRAINING
+    elif threshold is None or not _is_num(plasticity):
+        flag = tables.CHANCE_UNKNOWN
+    elif round(plasticity, 3) < round(threshold, 3):
+        flag = tables.NOT_LEARNED
+    else:
+        flag = ""
+    return {
+        "plasticity": fmt_float(plasticity),
+        "chance": fmt_float(chance),
+        "threshold": fmt_float(threshold),
+        "flag": flag,
+        "flag_kind": "muted" if flag == tables.NO_TRAINING else "warn",
+    }
+
+
+def _run_view(record: dict[str, Any], color: str, config_label: str, margin: float) -> dict[str, Any]:
     config = record.get("config") or {}
     accuracy = record.get("accuracy") or {}
     metrics = record.get("metrics") or {}
@@ -417,6 +552,7 @@ def _run_view(record: dict[str, Any], color: str, config_label: str) -> dict[str
         "color": color,
         "label_space": accuracy.get("label_space"),
         "protocol": accuracy.get("protocol"),
+        "learning": _run_learning(record, margin),
         "metrics": [
             {"name": m, "value": fmt_float(metrics.get(m)), "formula": FORMULAS[m]} for m in METRIC_COLUMNS
         ],
@@ -507,14 +643,20 @@ def _variants_all(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "variant"])
 
 
-def build_report(paths: list[Path], output: Path) -> Path:
+def build_report(paths: list[Path], output: Path, *, margin: float = tables.LEARNED_MARGIN) -> Path:
     """Write the HTML report of every run record under ``paths`` to ``output``; return its path.
 
     Next to it go the tables as CSV (``<stem>_overview.csv``, ``_runs.csv``, ``_parameters.csv``,
     ``_resources.csv``, ``_variants.csv``, ``_excluded.csv``). Unreadable files are named on stderr
     and in the report, failed or incomplete runs are listed apart and never averaged. Raises
     ClBenchError when no completed run record is found, so an empty report never looks good.
+
+    ``margin`` sets when a group counts as having learned, and so may hold a best mark: mean
+    plasticity >= chance + margin x (1 - chance) (:func:`reports.tables.learned_threshold`); the
+    page prints the rule and every group's threshold.
     """
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"margin must be a share of the gap to perfect accuracy in [0, 1], got {margin}")
     output = Path(output)
     records, problems = find_records(paths)
     for problem in problems:
@@ -529,12 +671,12 @@ def build_report(paths: list[Path], output: Path) -> Path:
             f"no usable run record in {where} ({len(excluded)} failed or incomplete, "
             f"{len(problems)} unreadable): nothing to report"
         )
-    html = render(ok, excluded, problems, paths, output)
+    html = render(ok, excluded, problems, paths, output, margin=margin)
     csvs = _csv_paths(output)
     runs = tables.runs_frame(records)
     ok_runs = runs[runs["status"] == "ok"]
     frames = {
-        "overview": tables.overview_frame(runs),
+        "overview": tables.overview_frame(runs, margin),
         "runs": runs,
         "parameters": tables.aggregate(ok_runs, tables.PARAMETER_COLUMNS),
         "resources": tables.aggregate(ok_runs, tables.RESOURCE_COLUMNS),
@@ -575,8 +717,11 @@ def render(
     problems: list[RecordProblem],
     paths: Sequence[Path],
     output: Path,
+    *,
+    margin: float = tables.LEARNED_MARGIN,
 ) -> str:
-    """The HTML page for completed runs ``ok`` (sorted), with ``excluded`` runs and ``problems`` listed."""
+    """The HTML page for completed runs ``ok`` (sorted), with ``excluded`` runs and ``problems`` listed;
+    ``margin`` as in :func:`build_report`."""
     colors = plots.strategy_colors([str(r["config"]["strategy"]) for r in ok + excluded])
     all_runs = tables.runs_frame(ok + excluded)
     labels = _labels(all_runs)
@@ -604,7 +749,9 @@ def render(
             {"name": m, "formula": FORMULAS[m], "direction": "↓" if m in tables.LOWER_IS_BETTER else "↑"}
             for m in tables.OVERVIEW_METRICS
         ],
-        "overview": _overview_view(tables.overview_frame(all_runs), colors),
+        "overview": _overview_view(tables.overview_frame(all_runs, margin), colors),
+        "margin": f"{margin:.2f}",
+        "tradeoffs": _tradeoff_view(all_runs, colors, margin),
         "non_experiment_keys": sorted(tables.NON_EXPERIMENT_KEYS),
         "parameter_headers": [label for _, label, _ in PARAMETER_VIEW],
         "parameters": _aggregate_view(
@@ -614,7 +761,9 @@ def render(
         "resources": _aggregate_view(tables.aggregate(runs, tables.RESOURCE_COLUMNS), RESOURCE_VIEW, colors),
         "memory_kinds": sorted({str(k) for k in runs["memory_kind"].dropna()}),
         "scenarios": scenarios,
-        "runs": [_run_view(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])]) for r in ok],
+        "runs": [
+            _run_view(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])], margin) for r in ok
+        ],
         "excluded": excluded_rows,
         "problems": [{"path": str(p.path), "reason": p.reason} for p in problems],
         "not_pretrained": [

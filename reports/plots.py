@@ -17,12 +17,13 @@ import io
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import matplotlib as mpl
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 Color = str
 
@@ -394,4 +395,124 @@ def bar_plot(
         ax.set_ylabel(y_label)
         if title:
             ax.set_title(title, loc="left")
+        return to_data_uri(fig)
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One group of runs in a forgetting trade-off plot: mean and sample std over its seeds.
+
+    ``note`` is empty for a group eligible for a best mark, else why not (``did not learn``,
+    ``does not train``): such a point is drawn hollow and its legend entry says so.
+    """
+
+    label: str
+    strategy: str
+    forgetting: float
+    forgetting_std: float
+    cost: float
+    cost_std: float
+    n: int
+    note: str = ""
+
+
+def _spread(value: float, n: int) -> float | None:
+    return value if n > 1 and math.isfinite(value) and value > 0 else None
+
+
+def human_count(value: float, _pos: Any = None) -> str:
+    """``500``, ``2k``, ``1.5M``: an axis tick of a parameter count."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def tradeoff_plot(
+    points: Sequence[TradeoffPoint],
+    colors: Mapping[str, Color],
+    *,
+    x_label: str,
+    title: str,
+    log_x: bool = False,
+    zero_label: str = "cost 0",
+) -> str | None:
+    """Forgetting (y, lower is better) against a cost (x): one point per group of runs.
+
+    Colours are the strategies' colours of the other plots; groups of one strategy differ in their
+    marker. Each point is labelled with its strategy, and the legend gives the full group label and
+    its number of runs. Error bars are ± 1 sample std over seeds (both axes, only with several
+    seeds). Groups that are not eligible for a best mark (``TradeoffPoint.note``) are hollow and
+    their legend entry says why. On a log axis a group of cost 0 (zero-shot: no trainable
+    parameters) cannot be placed: it is a dashed horizontal line at its forgetting, its legend
+    entry ending in ``zero_label``. The legend sits below the axes, one entry a line, so it never
+    narrows them. None when no point has a defined forgetting (T = 1).
+    """
+    drawable = [p for p in points if math.isfinite(p.forgetting)]
+    if not drawable:
+        return None
+    with _style():
+        fig = _figure(5.8, 3.3 + 0.17 * len(drawable))
+        ax = fig.add_subplot()
+        nth: dict[Color, int] = {}
+        low, high = 0.0, 0.0
+        for point in drawable:
+            color = colors.get(point.strategy, "#333333")
+            nth[color] = nth.get(color, -1) + 1
+            marker = _LINE_STYLES[nth[color] % len(_LINE_STYLES)][1]
+            hollow = bool(point.note)
+            label = f"{point.label} (n={point.n})" + (f" — {point.note}" if hollow else "")
+            y_err = _spread(point.forgetting_std, point.n) or 0.0
+            low, high = min(low, point.forgetting - y_err), max(high, point.forgetting + y_err)
+            if log_x and not point.cost > 0:
+                ax.axhline(
+                    point.forgetting,
+                    color=color,
+                    linestyle="--",
+                    linewidth=1.2,
+                    alpha=0.6 if hollow else 1.0,
+                    label=f"{label}; {zero_label}",
+                )
+                continue
+            ax.errorbar(
+                [point.cost],
+                [point.forgetting],
+                xerr=_spread(point.cost_std, point.n),
+                yerr=y_err or None,
+                color=color,
+                ecolor=color,
+                marker=marker,
+                markersize=7,
+                markerfacecolor="white" if hollow else color,
+                markeredgecolor=color,
+                markeredgewidth=1.4,
+                linestyle="none",
+                elinewidth=1.0,
+                capsize=2.5,
+                alpha=0.6 if hollow else 1.0,
+                label=label,
+            )
+            ax.annotate(
+                point.strategy,
+                (point.cost, point.forgetting),
+                xytext=(6, 4),
+                textcoords="offset points",
+                fontsize=7.5,
+                color="#888888" if hollow else "#1d2330",
+            )
+        ax.margins(x=0.2)  # room for the point labels
+        if log_x:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+            lo, hi = ax.get_xlim()
+            few_decades = lo > 0 and math.log10(hi / lo) < 2
+            ax.xaxis.set_minor_formatter(FuncFormatter(human_count) if few_decades else NullFormatter())
+        else:
+            ax.set_xlim(left=0)
+        span = (high - low) or 1.0
+        ax.set_ylim(low - 0.08 * span, high + 0.12 * span)  # a point at 0 stays clear of the axis
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("forgetting (lower is better)")
+        ax.set_title(title, loc="left")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower left", ncols=1)
         return to_data_uri(fig)

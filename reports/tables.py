@@ -25,6 +25,16 @@ Everything else splits, including ``device``, ``precision``, ``eval_batch_size``
 ``steps_per_experience``: they change the accuracies or the memory and time figures. A key
 present in some runs and absent from others (a record from an older cl-bench) splits too, shown
 as ``key=unset``.
+
+Competitions and best marks. The overview compares groups only within a competition
+(:data:`COMPETITION`: scenario, protocol, label space), because a task-incremental accuracy (a
+sample against its own task's classes) and a class-incremental one (against every class seen so
+far, or all of them) are different numbers of the same data. Within a competition a group can
+hold a best mark (★) only when it is *eligible* (:func:`overview_frame`): its strategy trains
+(:func:`trained`: zero-shot does not, and low forgetting without learning is not a win) and it
+learned, judged from the records alone: its mean ``plasticity`` (1/T) sum_j R[j][j] reaches
+:func:`learned_threshold` of its chance level (:func:`chance_plasticity`), i.e. closes at least
+``margin`` (default :data:`LEARNED_MARGIN` = 0.2) of the gap between chance and perfect accuracy.
 """
 
 from __future__ import annotations
@@ -32,8 +42,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeGuard
 
 import pandas as pd
 
@@ -64,9 +74,19 @@ NON_EXPERIMENT_KEYS: frozenset[str] = frozenset(
 )
 """Dotted config keys that never split a group (with nested ``*seed`` keys; module docstring)."""
 
+COMPETITION: list[str] = ["scenario", "protocol", "label_space"]
+"""Groups compete for a best mark only with the groups that share these (module docstring)."""
+OVERVIEW_KEYS: list[str] = [*COMPETITION, "strategy", "backbone", CONFIG]
+"""The keys (and sort order) of an overview row: :data:`GROUP_KEYS` within its competition."""
+
+LEARNED_MARGIN = 0.2
+"""Default share of the gap between chance and perfect accuracy that a run's plasticity must close
+to count as having learned (:func:`learned_threshold`)."""
+
 OVERVIEW_METRICS: tuple[str, ...] = (
     "acc_final",
     "acc_avg_incremental",
+    "plasticity",
     "forgetting",
     "bwt",
     "fwt",
@@ -85,6 +105,8 @@ PARAMETER_COLUMNS: tuple[str, ...] = (
     "trainable_fraction",
     "backbone_parameters",
 )
+COST_COLUMNS: tuple[str, ...] = ("n_trainable", "train_time_s")
+"""The costs the forgetting trade-off plots set forgetting against (:func:`tradeoff_frame`)."""
 RESOURCE_COLUMNS: tuple[str, ...] = (
     "peak_memory_train_bytes",
     "peak_memory_eval_bytes",
@@ -163,15 +185,131 @@ def config_labels(records: Iterable[dict[str, Any]]) -> dict[str, str]:
 def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per record (any status), in record order: the columns of
     :func:`cl_bench.results.run_row` plus :data:`CONFIG` (the label of :func:`config_labels`,
-    computed over these records); seeds as nullable integers."""
+    computed over these records), ``protocol`` and ``label_space`` (:func:`scoring`), and at the
+    end ``trained`` (:func:`trained`) and ``chance`` (:func:`chance_plasticity`, NaN when the record
+    does not say how many classes compete); seeds as nullable integers."""
     records = list(records)
     labels = config_labels(records)
     columns = list(run_row({}).keys())
     frame = pd.DataFrame([run_row(r) for r in records], columns=columns)
-    frame.insert(columns.index("backbone") + 1, CONFIG, [labels[str(r.get("run_id"))] for r in records])
+    at = columns.index("backbone") + 1
+    frame.insert(at, CONFIG, [labels[str(r.get("run_id"))] for r in records])
+    frame.insert(at + 1, "protocol", [scoring(r)[0] for r in records])
+    frame.insert(at + 2, "label_space", [scoring(r)[1] for r in records])
     for col in ("seed", "order_seed"):
         frame[col] = _int_column(frame[col])
+    frame["trained"] = pd.Series([trained(r) for r in records], index=frame.index, dtype="boolean")
+    chances = [chance_plasticity(r) for r in records]
+    frame["chance"] = pd.Series(
+        [math.nan if c is None else c for c in chances], index=frame.index, dtype="float64"
+    )
     return frame
+
+
+# ----------------------------------------------------------------------------- eligibility
+
+
+def scoring(record: dict[str, Any]) -> tuple[str, str]:
+    """``(protocol, label_space)`` of a run's accuracy matrix (METRICS.md).
+
+    From ``accuracy.protocol`` / ``accuracy.label_space``, else ``scenario.protocol`` /
+    ``config.label_space``, else the defaults a run without the key had: ``class`` and ``seen``.
+    """
+    accuracy = record.get("accuracy") or {}
+    protocol = accuracy.get("protocol") or (record.get("scenario") or {}).get("protocol") or "class"
+    label_space = accuracy.get("label_space") or (record.get("config") or {}).get("label_space") or "seen"
+    return str(protocol), str(label_space)
+
+
+def trained(record: dict[str, Any]) -> bool:
+    """Whether the run trained, from what the record says happened, not from the strategy's name.
+
+    True when some experience recorded training steps (``steps`` > 0) with trainable parameters
+    (``n_trainable`` > 0 where recorded); the loop records 0 steps and 0 trainable parameters for a
+    strategy that does not train (zero-shot). A record whose experiences carry no ``steps`` falls
+    back on ``parameters.trainable`` > 0. Without either there is no evidence of training: False.
+    """
+    experiences = [e for e in record.get("experiences") or [] if isinstance(e, dict)]
+    with_steps = [e for e in experiences if _number(e.get("steps"))]
+    if with_steps:
+        return any(
+            e["steps"] > 0 and (not _number(e.get("n_trainable")) or e["n_trainable"] > 0) for e in with_steps
+        )
+    trainable = (record.get("parameters") or {}).get("trainable")
+    return _number(trainable) and trainable > 0
+
+
+def _classes_per_experience(record: dict[str, Any], T: int) -> list[set[str]] | None:
+    """The classes of each of the T experiences: ``scenario.classes_per_experience``, else
+    ``experiences[i].classes``; None when neither lists all T."""
+
+    def sets(lists: Any) -> list[set[str]] | None:
+        if not isinstance(lists, list) or len(lists) != T:
+            return None
+        if not all(isinstance(c, list) and c for c in lists):
+            return None
+        return [{repr(v) for v in c} for c in lists]
+
+    listed = sets((record.get("scenario") or {}).get("classes_per_experience"))
+    if listed is not None:
+        return listed
+    experiences = record.get("experiences") or []
+    return sets([e.get("classes") if isinstance(e, dict) else None for e in experiences])
+
+
+def competing_classes(record: dict[str, Any]) -> list[int] | None:
+    """K_j: the number of classes that compete in diagonal cell (j, j) of the accuracy matrix.
+
+    By the scoring rule of the run (METRICS.md, :func:`scoring`): task-incremental, the classes of
+    experience j; class-incremental with label space ``all``, every class of the scenario
+    (``scenario.n_classes``, else the union of the experiences' classes); with ``seen``, the
+    classes of experiences 0..j. The classes come from :func:`_classes_per_experience`; a record
+    that lists none but gives ``scenario.n_classes`` is taken as an even split (n_classes / T per
+    experience). None when the record allows neither.
+    """
+    T = len((record.get("accuracy") or {}).get("matrix") or [])
+    if T == 0:
+        return None
+    protocol, label_space = scoring(record)
+    n_classes = (record.get("scenario") or {}).get("n_classes")
+    per_exp = _classes_per_experience(record, T)
+    if per_exp is not None:
+        if protocol == "task":
+            return [len(c) for c in per_exp]
+        if label_space == "all":
+            union = len(set().union(*per_exp))
+            return [max(union, int(n_classes)) if _number(n_classes) else union] * T
+        return [len(set().union(*per_exp[: j + 1])) for j in range(T)]
+    if not _number(n_classes) or n_classes < T:
+        return None
+    share = n_classes / T
+    if protocol == "task":
+        return [round(share)] * T
+    if label_space == "all":
+        return [int(n_classes)] * T
+    return [round(share * (j + 1)) for j in range(T)]
+
+
+def chance_plasticity(record: dict[str, Any]) -> float | None:
+    """The plasticity of uniform random guessing: (1/T) sum_j 1/K_j (:func:`competing_classes`).
+
+    None when the record does not say how many classes compete.
+    """
+    counts = competing_classes(record)
+    if not counts or any(k < 1 for k in counts):
+        return None
+    return sum(1.0 / k for k in counts) / len(counts)
+
+
+def learned_threshold(chance: float, margin: float = LEARNED_MARGIN) -> float:
+    """The plasticity a run must reach to count as having learned: chance + margin x (1 - chance).
+
+    A share of the gap between chance and perfect accuracy, so that it stays reachable on binary
+    tasks (chance 0.5, margin 0.2: 0.6) and is a clear step above chance on many classes
+    (10 experiences of 10 CIFAR-100 classes, label space ``seen``: chance 0.029, threshold 0.223;
+    a multiple of chance such as 2 x 0.029 = 0.059 would call a run at 6 % accuracy a learner).
+    """
+    return chance + margin * (1.0 - chance)
 
 
 def _int_column(values: pd.Series) -> pd.Series:
@@ -179,34 +317,38 @@ def _int_column(values: pd.Series) -> pd.Series:
     return pd.to_numeric(values, errors="coerce").round().astype("Int64")
 
 
-def _with_config(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` with a :data:`CONFIG` column (empty labels for a frame built without one, such as
-    :func:`cl_bench.results.load_runs`)."""
-    return runs if CONFIG in runs.columns else runs.assign(**{CONFIG: ""})
+def _with_keys(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with the columns :func:`runs_frame` adds, for a frame built without them (such as
+    :func:`cl_bench.results.load_runs`): empty :data:`CONFIG` labels, unknown ``protocol`` and
+    ``label_space`` (one competition), no ``chance`` and no evidence of training (never eligible)."""
+    defaults: dict[str, Any] = {CONFIG: "", "protocol": None, "label_space": None, "trained": False}
+    missing = {k: v for k, v in defaults.items() if k not in runs.columns}
+    if "chance" not in runs.columns:
+        missing["chance"] = math.nan
+    return runs.assign(**missing) if missing else runs
 
 
-def aggregate(runs: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
-    """Mean, sample std (ddof=1) and count of each column per group of :data:`GROUP_KEYS`.
+def aggregate(runs: pd.DataFrame, columns: Iterable[str], keys: Sequence[str] = GROUP_KEYS) -> pd.DataFrame:
+    """Mean, sample std (ddof=1) and count of each column per group of ``keys`` (:data:`GROUP_KEYS`).
 
     ``runs`` are the runs to average (the report passes the completed ones). Returns one row per
     group with columns ``n_runs``, ``seeds`` and ``<col>_mean``, ``<col>_std``, ``<col>_n`` for
     each column (``_n`` counts the runs where the value is defined: forgetting of a one-experience
-    run is undefined, not 0). Groups are sorted by scenario, strategy, backbone, config.
+    run is undefined, not 0). Groups are sorted by ``keys`` (scenario, strategy, backbone, config).
     """
     columns = list(columns)
-    runs = _with_config(runs)
-    out_columns = [*GROUP_KEYS, "n_runs", "seeds"] + [
-        f"{c}_{s}" for c in columns for s in ("mean", "std", "n")
-    ]
+    keys = list(keys)
+    runs = _with_keys(runs)
+    out_columns = [*keys, "n_runs", "seeds"] + [f"{c}_{s}" for c in columns for s in ("mean", "std", "n")]
     if runs.empty:
         return pd.DataFrame(columns=out_columns)
-    values = runs[[*GROUP_KEYS, *columns]].copy()
+    values = runs[[*keys, *columns]].copy()
     for col in columns:
         values[col] = pd.to_numeric(values[col], errors="coerce").astype("float64")
-    grouped = values.groupby(GROUP_KEYS, sort=True, dropna=False)
+    grouped = values.groupby(keys, sort=True, dropna=False)
     stats = grouped[columns].agg(["mean", "std", "count"])
     stats.columns = [f"{c}_{'n' if s == 'count' else s}" for c, s in stats.columns]
-    seeds = runs.groupby(GROUP_KEYS, sort=True, dropna=False)["seed"].agg(
+    seeds = runs.groupby(keys, sort=True, dropna=False)["seed"].agg(
         lambda s: ",".join(str(v) for v in sorted(pd.to_numeric(s, errors="coerce").dropna().astype(int)))
     )
     stats.insert(0, "seeds", seeds)
@@ -214,53 +356,110 @@ def aggregate(runs: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     return stats.reset_index()[out_columns]
 
 
-def overview_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """:func:`aggregate` of the completed runs over :data:`OVERVIEW_METRICS`, with every group of
-    ``runs`` (any status) and its ``n_failed`` and ``n_incomplete`` (status ``running``: crashed,
-    killed or still going) after ``n_runs``.
+NO_TRAINING = "does not train"
+NOT_LEARNED = "did not learn"
+CHANCE_UNKNOWN = "chance unknown"
+"""Reasons in an overview's ``not_eligible`` column (empty for an eligible group)."""
+
+
+def overview_frame(runs: pd.DataFrame, margin: float = LEARNED_MARGIN) -> pd.DataFrame:
+    """:func:`aggregate` of the completed runs over :data:`OVERVIEW_METRICS` per :data:`OVERVIEW_KEYS`,
+    with every group of ``runs`` (any status), its ``n_failed`` and ``n_incomplete`` (status
+    ``running``: crashed, killed or still going) after ``n_runs``, and its eligibility for a best mark.
 
     A group whose runs all failed has a row too, with ``n_runs`` 0 and no values: the overview
     shows every experiment that was attempted, not only those that worked.
+
+    Eligibility columns (module docstring): ``chance`` (mean :func:`chance_plasticity` of the
+    completed runs), ``threshold`` (:func:`learned_threshold` of it with ``margin``), ``trains``
+    (every completed run :func:`trained`), ``learned`` (mean plasticity >= threshold, both at the
+    displayed 3 decimals), ``eligible`` (completed runs, trains and learned) and ``not_eligible``:
+    :data:`NO_TRAINING`, :data:`NOT_LEARNED`, :data:`CHANCE_UNKNOWN` (no class counts in the
+    records, or no plasticity), or ``""``.
     """
-    runs = _with_config(runs)
-    stats = aggregate(runs[runs["status"] == "ok"], OVERVIEW_METRICS)
+    runs = _with_keys(runs)
+    ok = runs[runs["status"] == "ok"]
+    stats = aggregate(ok, OVERVIEW_METRICS, keys=OVERVIEW_KEYS)
+    facts = (
+        ok.assign(
+            chance=pd.to_numeric(ok["chance"], errors="coerce").astype("float64"),
+            trained=ok["trained"].fillna(False).astype(bool),
+        )
+        .groupby(OVERVIEW_KEYS, sort=True, dropna=False)
+        .agg(chance=("chance", "mean"), trains=("trained", "all"))
+        .reset_index()
+    )
     counts = (
         runs.assign(
             n_failed=(runs["status"] == "failed").astype(int),
             n_incomplete=(runs["status"] == "running").astype(int),
         )
-        .groupby(GROUP_KEYS, sort=True, dropna=False)[["n_failed", "n_incomplete"]]
+        .groupby(OVERVIEW_KEYS, sort=True, dropna=False)[["n_failed", "n_incomplete"]]
         .sum()
         .reset_index()
     )
-    merged = counts.merge(stats, on=GROUP_KEYS, how="outer", sort=True)
+    merged = counts.merge(stats, on=OVERVIEW_KEYS, how="outer", sort=True)
+    merged = merged.merge(facts, on=OVERVIEW_KEYS, how="left", sort=False)
     merged["n_runs"] = merged["n_runs"].fillna(0).astype(int)
     merged["seeds"] = merged["seeds"].fillna("")
     for col in ("n_failed", "n_incomplete"):
         merged[col] = merged[col].fillna(0).astype(int)
-    order = [*GROUP_KEYS, "n_runs", "n_failed", "n_incomplete"]
-    merged = merged.sort_values(GROUP_KEYS, kind="stable", na_position="last").reset_index(drop=True)
-    return merged[order + [c for c in stats.columns if c not in order]]
+    merged["trains"] = merged["trains"].astype("boolean").fillna(False).astype(bool)
+    merged["threshold"] = learned_threshold(merged["chance"].astype("float64"), margin)
+    plasticity = merged["plasticity_mean"].astype("float64").round(3)
+    merged["learned"] = (plasticity >= merged["threshold"].round(3)).astype(bool)
+    merged["eligible"] = (merged["n_runs"] > 0) & merged["trains"] & merged["learned"]
+    merged["not_eligible"] = [_reason(row) for _, row in merged.iterrows()]
+    order = [*OVERVIEW_KEYS, "n_runs", "n_failed", "n_incomplete"]
+    merged = merged.sort_values(OVERVIEW_KEYS, kind="stable", na_position="last").reset_index(drop=True)
+    eligibility = ["chance", "threshold", "trains", "learned", "eligible", "not_eligible"]
+    return merged[order + [c for c in stats.columns if c not in order] + eligibility]
 
 
-def best_in_scenario(overview: pd.DataFrame, metrics: Iterable[str]) -> set[tuple[int, str]]:
-    """``(row position, metric)`` pairs holding the best mean of their scenario.
+def _reason(row: pd.Series) -> str:
+    if row["n_runs"] == 0 or row["eligible"]:
+        return ""
+    if not row["trains"]:
+        return NO_TRAINING
+    if pd.isna(row["chance"]) or pd.isna(row["plasticity_mean"]):
+        return CHANCE_UNKNOWN
+    return NOT_LEARNED
+
+
+def best_marks(overview: pd.DataFrame, metrics: Iterable[str]) -> set[tuple[int, str]]:
+    """``(row position, metric)`` pairs of an :func:`overview_frame` holding the best mean of their
+    competition (:data:`COMPETITION`) among its eligible groups.
 
     Direction follows :data:`LOWER_IS_BETTER`. Means are compared at the displayed precision
-    (3 decimals) so that ties are all marked; a scenario with a single group of completed runs
-    marks nothing.
+    (3 decimals) so that ties are all marked; a competition with fewer than two eligible groups
+    marks nothing (a best of one says nothing), and an ineligible group is never marked, however
+    low its forgetting.
     """
     marks: set[tuple[int, str]] = set()
-    for _, rows in overview.reset_index(drop=True).groupby("scenario", sort=False, dropna=False):
-        if (rows["n_runs"] > 0).sum() < 2:
+    metrics = list(metrics)
+    frame = overview.reset_index(drop=True)
+    for _, rows in frame.groupby(COMPETITION, sort=False, dropna=False):
+        rows = rows[rows["eligible"].astype(bool)]
+        if len(rows) < 2:
             continue
         for metric in metrics:
-            means = rows[f"{metric}_mean"].round(3).dropna()
+            means = rows[f"{metric}_mean"].astype("float64").round(3).dropna()
             if means.empty:
                 continue
             best = means.min() if metric in LOWER_IS_BETTER else means.max()
             marks.update((int(pos), metric) for pos in means.index[means == best])
     return marks
+
+
+def tradeoff_frame(runs: pd.DataFrame, margin: float = LEARNED_MARGIN) -> pd.DataFrame:
+    """The groups with completed runs as in :func:`overview_frame`, with the mean, std and count of
+    :data:`COST_COLUMNS` beside them: the data of the forgetting vs parameters and time plots."""
+    runs = _with_keys(runs)
+    overview = overview_frame(runs, margin)
+    costs = aggregate(runs[runs["status"] == "ok"], COST_COLUMNS, keys=OVERVIEW_KEYS)
+    costs = costs.drop(columns=["n_runs", "seeds"])
+    merged = overview[overview["n_runs"] > 0].merge(costs, on=OVERVIEW_KEYS, how="left", sort=False)
+    return merged.reset_index(drop=True)
 
 
 def problems_frame(
@@ -337,7 +536,8 @@ def experiences_frame(record: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
+    """A real number (``True`` is no count)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

@@ -44,19 +44,30 @@ def make_record(
     strategy_report: dict[str, Any] | None = None,
     variants: dict[str, Any] | None = None,
     config_extra: dict[str, Any] | None = None,
+    protocol: str = "class",
+    label_space: str = "seen",
+    steps: int = 5,
+    train_time_s: float = 2.0,
 ) -> dict[str, Any]:
-    """A complete record; ``status`` "failed"/"running" records carry a failure or a partial stream."""
+    """A complete record; ``status`` "failed"/"running" records carry a failure or a partial stream.
+
+    Experience i holds classes 2i and 2i+1 (``scenario.classes_per_experience`` and
+    ``experiences[i].classes``); ``protocol`` and ``label_space`` are recorded in the config
+    (``scenario_args.protocol``, ``label_space``) and the accuracy block as the loop does. A strategy
+    that does not train (zero-shot) is ``steps=0, n_trainable=0, train_time_s=0.0``.
+    """
     matrix = matrix if matrix is not None else [[0.8, 0.3], [0.6, 0.9]]
     T = len(matrix)
+    classes = [[2 * i, 2 * i + 1] for i in range(T)]
     initial = initial if initial is not None else [0.25] * T
     seen = [sum(matrix[i][: i + 1]) / (i + 1) for i in range(T)]
     experiences = [
         {
             "index": i,
-            "classes": [2 * i, 2 * i + 1],
+            "classes": classes[i],
             "n_train": 32,
-            "steps": 5,
-            "train_time_s": 2.0,
+            "steps": steps,
+            "train_time_s": train_time_s,
             "eval_time_s": 0.5,
             "train_samples_per_s": 80.0,
             "eval_samples_per_s": 400.0 + 100 * i,
@@ -81,10 +92,11 @@ def make_record(
         "seed": seed,
         "order_seed": 0,
         "lr": 0.001,
+        "label_space": label_space,
         "out": "runs",
         "run_id": run_id,
         "strategy_args": {"r": 8},
-        "scenario_args": {"n_experiences": T, "data_seed": 0},
+        "scenario_args": {"n_experiences": T, "data_seed": 0, "protocol": protocol},
         "backbone_args": {},
         **(config_extra or {}),
     }
@@ -97,7 +109,13 @@ def make_record(
         "failure": None,
         "config": config,
         "strategy": {"name": strategy, "class": strategy.upper(), "paper": "A paper 2024"},
-        "scenario": {"name": scenario, "protocol": "class", "n_experiences": T, "n_classes": 2 * T},
+        "scenario": {
+            "name": scenario,
+            "protocol": protocol,
+            "n_experiences": T,
+            "n_classes": 2 * T,
+            "classes_per_experience": classes,
+        },
         "backbone": {
             "name": backbone,
             "kind": "clip",
@@ -112,8 +130,8 @@ def make_record(
             "initial": initial,
             "seen": seen,
             "n_test": [16] * T,
-            "label_space": "seen",
-            "protocol": "class",
+            "label_space": label_space,
+            "protocol": protocol,
             "variants": variants or {},
         },
         "metrics": metrics.derive(matrix, initial, seen),
@@ -129,9 +147,9 @@ def make_record(
         "timing": {
             "setup_s": 1.0,
             "initial_eval_s": 0.5,
-            "train_s": 2.0 * T,
+            "train_s": train_time_s * T,
             "eval_s": 0.5 * T,
-            "total_s": 1.5 + 2.5 * T,
+            "total_s": 1.5 + (train_time_s + 0.5) * T,
             "peak_memory_train_bytes": 2**30,
             "peak_memory_eval_bytes": 2**29,
         },
@@ -236,3 +254,44 @@ def strategy_figures_record(run_id: str = "sora-fig", pretrained: bool = False) 
             },
         },
     )
+
+
+def marks_set(root: Path) -> dict[str, Path]:
+    """Runs built to test the best marks (issue 15), two experiences of 2 classes each.
+
+    Class-incremental, label space seen (chance (1/2 + 1/4) / 2 = 0.375, learning threshold at the
+    default margin 0.2: 0.375 + 0.2 x 0.625 = 0.5):
+
+    - lora, seeds 0 and 1: plasticity 0.9 and 0.85 (mean 0.875), forgetting 0.1 and 0.1;
+    - sora: plasticity 0.75, forgetting 0.2;
+    - dylora: plasticity 0.375, at chance, with the lowest forgetting of all (0.0);
+    - zero-shot (never trains: 0 steps, 0 trainable parameters): the best plasticity (0.925),
+      acc_final (0.925) and forgetting (0.0) of the group.
+
+    Task-incremental (chance 1/2, threshold 0.5 + 0.2 x 0.5 = 0.6):
+
+    - lora: plasticity 0.96, forgetting 0.05; finetune: plasticity 0.925, forgetting 0.2;
+    - dylora: plasticity 0.55, above the class-incremental threshold but below this one, forgetting 0.0.
+    """
+    records = [
+        make_record("c-lora-s0", "lora", seed=0, matrix=[[0.9, 0.2], [0.8, 0.9]], train_time_s=3.0),
+        make_record("c-lora-s1", "lora", seed=1, matrix=[[0.8, 0.2], [0.7, 0.9]], train_time_s=4.0),
+        make_record("c-sora", "sora", matrix=[[0.8, 0.2], [0.6, 0.7]], n_trainable=500),
+        make_record("c-dylora", "dylora", matrix=[[0.4, 0.1], [0.4, 0.35]], n_trainable=2000),
+        make_record(
+            "c-zero-shot",
+            "zero-shot",
+            matrix=[[0.95, 0.9], [0.95, 0.9]],
+            steps=0,
+            n_trainable=0,
+            train_time_s=0.0,
+        ),
+        make_record("t-lora", "lora", matrix=[[0.95, 0.5], [0.9, 0.97]], protocol="task"),
+        make_record(
+            "t-finetune", "finetune", matrix=[[0.9, 0.5], [0.7, 0.95]], protocol="task", n_trainable=100_000
+        ),
+        make_record(
+            "t-dylora", "dylora", matrix=[[0.55, 0.5], [0.55, 0.55]], protocol="task", n_trainable=2000
+        ),
+    ]
+    return {r["run_id"]: write_record(root, r) for r in records}

@@ -56,20 +56,27 @@ def test_overview_is_mean_and_sample_std_over_seeds(standard_report: Built) -> N
     assert ">0.250<small>± 0.071</small>" in page
 
 
-def test_best_value_per_scenario_follows_the_metric_direction(standard_report: Built) -> None:
+def test_a_run_that_did_not_learn_holds_no_mark_in_the_standard_set(standard_report: Built) -> None:
+    # Before issue 15 finetune held the forgetting and bwt marks of synthetic (0.1 < 0.25); its
+    # plasticity (0.5 + 0.4) / 2 = 0.45 is below the threshold 0.375 + 0.2 x 0.625 = 0.5 of two
+    # experiences of 2 classes (label space seen: chance (1/2 + 1/4) / 2 = 0.375), so it is no
+    # longer eligible, lora is the only eligible group of synthetic, and nothing is marked.
     page = standard_report.page
+    overview = _overview(standard_report.out)
+    finetune, lora = overview.loc[("synthetic", "finetune")], overview.loc[("synthetic", "lora")]
+    assert finetune["plasticity_mean"] == pytest.approx(0.45)
+    assert finetune["chance"] == pytest.approx(0.375)
+    assert finetune["threshold"] == pytest.approx(0.5)
+    assert finetune["not_eligible"] == "did not learn"
+    assert not finetune["eligible"]
+    assert lora["plasticity_mean"] == pytest.approx((0.85 + 0.6) / 2)
+    assert lora["eligible"]
+    assert overview.loc[("split-digits", "lora"), "eligible"]  # eligible, but alone in its competition
     records, _ = find_records([standard_report.runs])
-    ok = [r for r in records if r["status"] == "ok"]
-    overview = tables.aggregate(tables.runs_frame(ok), tables.OVERVIEW_METRICS)
-    marks = tables.best_in_scenario(overview, tables.OVERVIEW_METRICS)
-    row = {(r.scenario, r.strategy): i for i, r in enumerate(overview.itertuples())}
-    lora, finetune = row[("synthetic", "lora")], row[("synthetic", "finetune")]
-    assert (lora, "acc_final") in marks  # higher is better: 0.6 > 0.4
-    assert (finetune, "forgetting") in marks  # lower is better: 0.1 < 0.25
-    assert (finetune, "bwt") in marks  # higher is better: -0.1 > -0.25
-    assert (lora, "forgetting") not in marks
-    assert not any(pos == row[("split-digits", "lora")] for pos, _ in marks)  # alone in its scenario
-    assert page.count('class="stat best"') == len(marks)
+    frame = tables.overview_frame(tables.runs_frame(records))
+    assert tables.best_marks(frame, tables.OVERVIEW_METRICS) == set()
+    assert 'class="stat best"' not in page
+    assert page.count('mark-note" title="mean plasticity 0.450 &lt; 0.500') == 1
 
 
 def test_failed_and_running_runs_are_listed_apart(standard_report: Built) -> None:
@@ -183,8 +190,9 @@ def test_strategy_figures_are_rendered_from_record_conventions(tmp_path: Path) -
     assert "Evaluation variants of the final model" in figures
     assert tables.rank_variants(strategy_figures_record())["rank"].tolist() == [1, 2, 4]
     assert 'alt="accuracy vs rank of sora-fig"' in figures
-    # one <img> each: heatmap, curves, scenario curves, per-experience, two curves, one per-layer, rank
-    assert page.count("<img ") == 8
+    # one <img> each: heatmap, curves, scenario curves, per-experience, two curves, one per-layer, rank,
+    # and the two forgetting trade-off plots of the scenario
+    assert page.count("<img ") == 10
     assert_self_contained(page)
     variants_csv = pd.read_csv(tmp_path / "report_variants.csv")
     assert variants_csv["variant"].tolist() == ["main", "rank=4", "rank=1", "rank=2", "sliced"]
@@ -279,7 +287,7 @@ def test_runs_of_different_configurations_are_separate_groups(tmp_path: Path) ->
         "overwrite": True,
         "report": True,
         "order_seed": 3,
-        "scenario_args": {"n_experiences": 2, "data_seed": 7},
+        "scenario_args": {"n_experiences": 2, "data_seed": 7, "protocol": "class"},
     }
     write_record(runs, make_record("r8-s2", seed=2, matrix=last_row(0.6), config_extra=provenance_only))
     r16 = {"strategy_args": {"r": 16}}
