@@ -452,7 +452,10 @@ def official_loss(
 
 @pytest.mark.parametrize("logit", [(2, 3, 4), (0, 1, 2, 3, 4)])  # train_classes current / seen
 @pytest.mark.parametrize("normalize", [False, True])
-def test_loss_equals_the_official_clip_loss(logit: tuple[int, ...], normalize: bool) -> None:
+@pytest.mark.parametrize("classes", ["current", "run"])
+def test_loss_equals_the_official_clip_loss(logit: tuple[int, ...], normalize: bool, classes: str) -> None:
+    """``current`` is the official loss whatever the loop scored; ``run`` lets the scored classes
+    compete in the image-to-text term, which is the official loss when they are the current ones."""
     g = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(7, 8, generator=g), dim=-1)
     text = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
@@ -462,20 +465,39 @@ def test_loss_equals_the_official_clip_loss(logit: tuple[int, ...], normalize: b
     logits[:, list(logit)] = scale * image @ text[list(logit)].t()
     exp = info(1, (2, 3, 4), (0, 1, 2, 3, 4), logit)
     i2t, t2i = official_loss(image, text, scale, y, [0, 1], [2, 3, 4], normalize)
+    if classes == "run" and logit == (0, 1, 2, 3, 4):  # the seen classes compete, none masked
+        i2t = F.cross_entropy(scale * image @ text[list(logit)].t(), y)
     for use_i2t, use_t2i in ((True, True), (True, False), (False, True)):
         strategy = build(
-            use_image_to_text=use_i2t, use_text_to_image=use_t2i, normalize_text_targets=normalize
+            use_image_to_text=use_i2t,
+            use_text_to_image=use_t2i,
+            normalize_text_targets=normalize,
+            image_to_text_classes=classes,
         )
         expected = use_i2t * i2t + use_t2i * t2i
         torch.testing.assert_close(strategy.loss(logits, y, exp), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_vision_backbone_uses_cross_entropy_over_the_current_classes() -> None:
-    strategy = build("tiny-vit")
+def test_the_scored_classes_compete_unlike_the_official_masking() -> None:
+    """The bug of the README demo: with the official masking an image of a new class is never
+    pushed away from the old prompts, so its loss ignores them; by default it does not."""
+    logits = torch.tensor([[9.0, 0.0, 1.0, 0.0]])  # an old prompt (class 0) wins on a class-2 image
+    y = torch.tensor([2])
+    exp = info(1, (2, 3), (0, 1, 2, 3), (0, 1, 2, 3))
+    run = build(use_text_to_image=False).loss(logits, y, exp)
+    official = build(use_text_to_image=False, image_to_text_classes="current").loss(logits, y, exp)
+    torch.testing.assert_close(run, F.cross_entropy(logits, y))
+    torch.testing.assert_close(official, F.cross_entropy(logits[:, 2:], y - 2))
+    assert run > official + 7
+
+
+@pytest.mark.parametrize("classes", ["current", "run"])
+def test_vision_backbone_uses_the_image_to_text_cross_entropy(classes: str) -> None:
+    strategy = build("tiny-vit", image_to_text_classes=classes)
     logits = torch.randn(5, 6)
     y = torch.tensor([2, 3, 3, 2, 2])
     exp = info(1, (2, 3), (0, 1, 2, 3), (0, 1, 2, 3))
-    expected = F.cross_entropy(logits[:, 2:4], y - 2)
+    expected = F.cross_entropy(logits[:, 2:4], y - 2) if classes == "current" else F.cross_entropy(logits, y)
     torch.testing.assert_close(strategy.loss(logits, y, exp), expected, rtol=1e-6, atol=1e-6)
     assert any(p is strategy.head.linear.weight for p in strategy.trainable_parameters())
     with pytest.raises(ConfigError, match="CLIP"):
