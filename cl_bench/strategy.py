@@ -16,7 +16,7 @@ reaches into the loop. It reports its own figures through :meth:`report` (per ex
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ from torch import nn
 from cl_bench.adapters import AdaptedLinear, count, nbytes
 from cl_bench.backbones.base import Backbone
 from cl_bench.heads import Head
+from cl_bench.optim import Convention, make_adamw, no_decay_ids
 
 
 @dataclass(frozen=True)
@@ -70,20 +71,17 @@ class StrategyContext:
 
 
 def adamw(
-    params: list[nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+    params: list[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    *,
+    convention: Convention = "torch-adamw",
+    no_decay: Collection[int] = (),
 ) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU."""
-    if not params:
-        raise ValueError("no trainable parameters")
-    on_cuda = params[0].is_cuda
-    return torch.optim.AdamW(
-        params,
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=betas,
-        fused=on_cuda or None,
-        foreach=None if on_cuda else True,
-    )
+    """AdamW over ``params`` (:func:`cl_bench.optim.make_adamw`): ``torch-adamw`` by default, fused on
+    CUDA (one kernel for all parameters) and foreach on CPU; no decay for the ids in ``no_decay``."""
+    return make_adamw(params, lr, weight_decay, convention, no_decay=no_decay, betas=betas)
 
 
 class Strategy:
@@ -148,8 +146,29 @@ class Strategy:
         return F.cross_entropy(logits.float(), y)
 
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """A fresh optimizer for this experience (rebuilt at every experience by the loop)."""
-        return adamw(self.trainable_parameters(), lr, weight_decay)
+        """A fresh optimizer for this experience (rebuilt at every experience by the loop).
+
+        AdamW in :meth:`optimizer_convention` over :meth:`trainable_parameters`, with weight decay
+        on all but norms and biases (:meth:`no_decay`, HF Trainer's rule; docs/optimizers.md).
+        """
+        return adamw(
+            self.trainable_parameters(),
+            lr,
+            weight_decay,
+            convention=self.optimizer_convention(),
+            no_decay=self.no_decay(),
+        )
+
+    def optimizer_convention(self) -> Convention:
+        """The AdamW convention of the main optimizer: the config's ``optimizer`` where the strategy
+        has one (SoRA, DyLoRA: ``hf-adamw`` by default, as their official code), else ``torch-adamw``."""
+        convention: Convention = getattr(self.cfg, "optimizer", "torch-adamw")
+        return convention
+
+    def no_decay(self) -> set[int]:
+        """``id`` of every backbone and head parameter exempt from weight decay: those of norm layers
+        and those named ``*bias*`` (:func:`cl_bench.optim.no_decay_ids`)."""
+        return no_decay_ids((self.backbone, self.head))
 
     def graph_key(self) -> Hashable | None:
         """The key of this step's forward + loss + backward for CUDA-graph replay; None: run it eagerly.

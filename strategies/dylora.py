@@ -21,8 +21,15 @@ Choices where paper, official code (huawei-noah/Efficient-NLP ``DyLoRA/``) and C
   :class:`RankwiseAdamW`: AdamW in which each rank (row i of A together with row i of B^T, in
   every layer) is its own parameter with its own moments and step count, and a rank that does not
   train in a step is not touched at all (no update, no moment decay, no weight decay). It computes
-  exactly what ``torch.optim.AdamW`` computes for a parameter that is stepped only when its rank
+  exactly what its AdamW (``optimizer``, below) computes for a parameter stepped only when its rank
   trains. Parameters outside the adapters (a linear head) use a plain AdamW.
+- the AdamW arithmetic is the ``optimizer`` convention (:mod:`cl_bench.optim`, docs/optimizers.md):
+  ``hf-adamw`` (default, the official scripts' HF Trainer with transformers' ``AdamW``): eps =
+  1e-8 added to sqrt(v) *before* the bias correction (step size ``lr sqrt(1 - beta2^t) /
+  (1 - beta1^t)``), decoupled weight decay *after* the Adam update (``p -= lr wd p`` on the
+  updated p); ``torch-adamw``: ``torch.optim.AdamW``'s, decay first (``p *= 1 - lr wd``), eps
+  after the correction. Per rank in both, with the rank's own t. The adapter rows decay; norms
+  and biases outside the adapters do not (HF Trainer's groups).
 - B is stored transposed (``Bt`` [r_max, d_out]) so that each rank is a contiguous row for the
   multi-tensor optimizer kernels. Training runs through the fused low-rank linear of
   :mod:`cl_bench.adapters` over all r_max ranks with per-rank weights ``alpha / b`` on ranks
@@ -43,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,6 +68,7 @@ from cl_bench.adapters import (
     merge_into_base,
 )
 from cl_bench.errors import ConfigError
+from cl_bench.optim import CONVENTIONS, UPDATES, Convention
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
 
@@ -185,11 +193,15 @@ class RankwiseAdamW(torch.optim.Optimizer):
     """AdamW in which every rank of every DyLoRA layer is its own parameter.
 
     Rank i is row i of A and row i of Bt in all ``layers``. At each step only the ranks given by
-    ``trained_ranks()`` (the same for every layer: the rank is sampled globally) are updated,
-    with the AdamW arithmetic of ``torch.optim.AdamW`` (foreach implementation) and the rank's own
-    step count; every other row, and its moments, is left untouched. Parameters in ``others``
-    (e.g. a linear head) are stepped by a plain :func:`cl_bench.strategy.adamw` that follows this
-    optimizer's learning rate.
+    ``trained_ranks()`` (the same for every layer: the rank is sampled globally) are updated, with
+    the rank's own step count and the arithmetic of ``convention`` (:mod:`cl_bench.optim`):
+    ``torch-adamw``, that of ``torch.optim.AdamW`` (foreach implementation: decay first, eps after
+    the bias correction), or ``hf-adamw``, that of transformers' ``AdamW`` (:class:`HFAdamW`: eps
+    before the bias correction, decay after the update); every other row, and its moments, is left
+    untouched. The adapter rows always decay (they are weights). Parameters in ``others`` (e.g. a
+    linear head) are stepped by a plain :func:`cl_bench.strategy.adamw` in the same convention,
+    without decay for the ids in ``no_decay`` (norms and biases), following this optimizer's
+    learning rate.
     """
 
     def __init__(
@@ -201,15 +213,25 @@ class RankwiseAdamW(torch.optim.Optimizer):
         weight_decay: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        convention: Convention = "torch-adamw",
+        no_decay: Collection[int] = (),
     ) -> None:
+        if convention not in UPDATES:
+            raise ValueError(f"unknown optimizer convention {convention!r} (one of {', '.join(UPDATES)})")
         params = [p for layer in layers for p in (layer.A, layer.Bt) if p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": params}]
         if others:
             groups.append({"params": others})
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
         self.trained_ranks = trained_ranks
+        self.convention: Convention = convention
+        self._update = UPDATES[convention]
         self.rank_steps = [0] * (layers[0].r_max if layers else 0)
-        self.inner = adamw(others, lr, weight_decay) if others else None
+        self.inner = (
+            adamw(others, lr, weight_decay, betas, convention=convention, no_decay=no_decay)
+            if others
+            else None
+        )
         for p in params:
             self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         # views of rank i of every parameter and moment, built once: the step runs every optimizer
@@ -238,27 +260,26 @@ class RankwiseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
         stepped = [p for p in group["params"] if p.grad is not None]
         if stepped:
             for i in self.trained_ranks():
                 self.rank_steps[i] += 1
-                t = self.rank_steps[i]
                 params, exp_avgs, exp_avg_sqs = self._views(i, stepped)
                 grads = [p.grad[i] for p in stepped]
-                if weight_decay != 0:
-                    torch._foreach_mul_(params, 1 - lr * weight_decay)
-                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-                torch._foreach_mul_(exp_avg_sqs, beta2)
-                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-                step_size = (lr / (1 - beta1**t)) * -1
-                denom = torch._foreach_sqrt(exp_avg_sqs)
-                torch._foreach_div_(denom, (1 - beta2**t) ** 0.5)
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+                self._update(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    self.rank_steps[i],
+                    group["lr"],
+                    group["betas"],
+                    group["eps"],
+                    group["weight_decay"],
+                )
         if self.inner is not None:
-            self.inner.param_groups[0]["lr"] = self.param_groups[1]["lr"]
+            for inner_group in self.inner.param_groups:
+                inner_group["lr"] = self.param_groups[1]["lr"]
             self.inner.step()
         return loss
 
@@ -273,8 +294,13 @@ class DyLoRAConfig(StrategyConfig):
     roles: tuple[str, ...] = ROLES
     towers: tuple[str, ...] = ("vision", "text")
     merge_each_experience: bool = False
+    optimizer: Convention = "hf-adamw"  # transformers' AdamW arithmetic (official) or torch's
 
     def __post_init__(self) -> None:
+        if self.optimizer not in CONVENTIONS:
+            raise ConfigError(
+                f"strategy.optimizer must be one of {', '.join(CONVENTIONS)}, got {self.optimizer!r}"
+            )
         if self.r_max < 1:
             raise ConfigError(f"strategy.r_max must be >= 1, got {self.r_max}")
         if self.alpha <= 0:
@@ -341,11 +367,20 @@ class DyLoRA(Strategy):
         return self.rank_state.trained_ranks()
 
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """:class:`RankwiseAdamW` over the adapters (and a plain AdamW for any other trainable parameter)."""
+        """:class:`RankwiseAdamW` in the ``optimizer`` convention over the adapters (and a plain AdamW
+        in the same convention for any other trainable parameter, no decay on norms and biases)."""
         layers = list(self._adapters.values())
         ids = {id(p) for layer in layers for p in (layer.A, layer.Bt)}
         others = [p for p in self.trainable_parameters() if id(p) not in ids]
-        return RankwiseAdamW(layers, others, self.trained_ranks, lr, weight_decay)
+        return RankwiseAdamW(
+            layers,
+            others,
+            self.trained_ranks,
+            lr,
+            weight_decay,
+            convention=self.cfg.optimizer,
+            no_decay=self.no_decay(),
+        )
 
     def sample_rank(self) -> int:
         """Draw b uniformly from 1..r_max with the strategy's own generator (CPU, no device sync)."""

@@ -1,7 +1,10 @@
 """finetune: sequential full fine-tuning of every backbone parameter (the naive lower bound).
 
 CLIP's temperature (``logit_scale``) stays frozen, as in most CLIP fine-tuning; a linear head,
-where present, trains with the backbone. One AdamW per experience (rebuilt by the loop).
+where present, trains with the backbone. One AdamW per experience (rebuilt by the loop):
+``torch.optim.AdamW`` (decay first, ``p *= 1 - lr wd``; eps = 1e-8 after the bias correction),
+with HF Trainer's weight-decay groups: no decay for norm layers' weights and biases nor for any
+parameter named ``*bias*`` (the base :meth:`Strategy.make_optimizer`; docs/optimizers.md).
 """
 
 from __future__ import annotations

@@ -35,6 +35,12 @@ Choices where the paper, the official code (LMFlow ``lisa_trainer.py``) and CL l
   since the embedding always trains, the gradient flows back through every frozen block, whose
   activations would otherwise stay alive. Recomputing them costs one extra forward of the frozen
   blocks and changes no number (the same operations run again).
+- Optimizer: ``torch.optim.AdamW`` (LMFlow's HF Trainer builds torch's AdamW, ``adamw_torch``,
+  since transformers 4.x): per step ``p *= 1 - lr wd`` first, then the Adam update with eps = 1e-8
+  added *after* the bias correction. Weight decay in HF Trainer's groups: no decay for any norm
+  layer's weight and bias (``ln_pre``, ``ln_1``, ``ln_2``, ``ln_final``, ``ln_post``) or for any
+  parameter named ``*bias*``; every other parameter decays, the class and positional embeddings
+  included (:mod:`cl_bench.optim`, docs/optimizers.md).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import Strategy, StrategyConfig, adamw
+from cl_bench.strategy import Strategy, StrategyConfig
 
 _SALT = 5  # generator salt of LISA's block sampling
 
@@ -164,7 +170,8 @@ class LISA(Strategy):
         return params
 
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        self._optimizer = adamw(self.trainable_parameters(), lr, weight_decay)
+        """torch AdamW over every candidate, without decay for norms and biases (HF Trainer's groups)."""
+        self._optimizer = super().make_optimizer(lr, weight_decay)
         return self._optimizer
 
     # -- sampling -----------------------------------------------------------------------------

@@ -39,11 +39,23 @@ kills every gate eventually), and a gate of size |g| needs about |g| / (gate_lr 
 die: short experiences sparsify little unless ``gate_lr`` is raised. In code mode a gate of
 size |g| needs about |g| / xi steps, whatever the learning rate.
 
+Optimizers (the official code's conventions; docs/optimizers.md, :mod:`cl_bench.optim`):
+- the main optimizer (A, B and any other trainable parameter, never the gates) is AdamW in the
+  ``optimizer`` convention: ``hf-adamw`` (default, the official code's HF Trainer with
+  transformers' ``AdamW``): eps = 1e-8 added to sqrt(v) *before* the bias correction, which is
+  folded into the step size ``lr sqrt(1 - beta2^t) / (1 - beta1^t)``, and the decoupled weight
+  decay applied *after* the Adam update (``p -= lr wd p`` on the updated p); ``torch-adamw``:
+  ``torch.optim.AdamW``, decay first (``p *= 1 - lr wd``), eps 1e-8 *after* the correction.
+  Either way norms and biases get no decay (HF Trainer's groups, as the official ``create_optimizer``);
+- the gate optimizer is the official ``SparseAdamW``'s Adam step exactly
+  (:class:`cl_bench.optim.SparseAdamW`): the same hf arithmetic with eps = 1e-6 (before the bias
+  correction), no weight decay, the update added as ``(m / (sqrt(v) + eps)) * -step_size``; then
+  the threshold of the configured mode. Learning rate ``gate_lr`` (0: the run's lr, as the
+  official ``sparse_lr``), following the main optimizer's schedule; it is rebuilt at every
+  experience like the main one, and stepped in ``after_step``. Zeroed gates keep receiving
+  gradients and may revive, as proximal methods allow.
+
 Further choices (STRATEGIES.md Part A and Part B §3):
-- the gate optimizer is Adam without weight decay, learning rate ``gate_lr`` (0: the run's lr,
-  as the official ``sparse_lr``), following the main optimizer's schedule; it is rebuilt at every
-  experience like the main one, and stepped in ``after_step``. The main optimizer never holds
-  the gates. Zeroed gates keep receiving gradients and may revive, as proximal methods allow;
 - the official code also adds ``sparse_lambda * sum|g| / n_gates`` to the loss; the paper does
   not. It is ``l1`` here, 0 by default;
 - continual learning: one adapter set (gates included) trained through the whole stream;
@@ -75,6 +87,7 @@ from cl_bench.adapters import (
     merge_into_base,
 )
 from cl_bench.errors import ConfigError
+from cl_bench.optim import CONVENTIONS, SPARSE_ADAMW_EPS, Convention, SparseAdamW
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
 
@@ -177,8 +190,13 @@ class SoRAConfig(StrategyConfig):
     roles: tuple[str, ...] = ROLES
     towers: tuple[str, ...] = ("vision", "text")
     merge_each_experience: bool = False
+    optimizer: Convention = "hf-adamw"  # the main AdamW: transformers' (official) or torch's
 
     def __post_init__(self) -> None:
+        if self.optimizer not in CONVENTIONS:
+            raise ConfigError(
+                f"strategy.optimizer must be one of {', '.join(CONVENTIONS)}, got {self.optimizer!r}"
+            )
         if self.r < 1:
             raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
         if self.alpha <= 0:
@@ -238,22 +256,20 @@ class SoRA(Strategy):
 
     # -- optimizers ---------------------------------------------------------------------------
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """The main AdamW (everything but the gates) and the gate optimizer (Adam, no decay)."""
+        """The main AdamW (everything but the gates; ``optimizer`` convention, no decay on norms and
+        biases) and the gate optimizer (:class:`cl_bench.optim.SparseAdamW`, eps 1e-6, no decay)."""
         gate_ids = {id(g) for g in self.gates()}
         self._main = adamw(
-            [p for p in self.trainable_parameters() if id(p) not in gate_ids], lr, weight_decay
+            [p for p in self.trainable_parameters() if id(p) not in gate_ids],
+            lr,
+            weight_decay,
+            convention=self.cfg.optimizer,
+            no_decay=self.no_decay(),
         )
         self._base_lr = lr
         gates = [g for g in self.gates() if g.requires_grad]
-        on_cuda = bool(gates) and gates[0].is_cuda
         self.gate_optimizer = (
-            torch.optim.Adam(
-                gates,
-                lr=self.cfg.gate_lr or lr,
-                weight_decay=0.0,
-                fused=on_cuda or None,
-                foreach=None if on_cuda else True,
-            )
+            SparseAdamW(gates, lr=self.cfg.gate_lr or lr, eps=SPARSE_ADAMW_EPS, weight_decay=0.0)
             if gates
             else None
         )
@@ -276,7 +292,7 @@ class SoRA(Strategy):
             self._lr_factor = self._main.param_groups[0]["lr"] / self._base_lr
 
     def after_step(self, step: int) -> None:
-        """Adam step on the gates, then the proximal (thresholding) step."""
+        """SparseAdamW's Adam step on the gates, then the proximal (thresholding) step."""
         if self.gate_optimizer is None:
             return
         group = self.gate_optimizer.param_groups[0]

@@ -10,6 +10,7 @@ from torch import nn
 
 from cl_bench import config
 from cl_bench.errors import ConfigError
+from cl_bench.optim import HFAdamW
 from cl_bench.registry import STRATEGIES
 from strategies.dylora import DyLoRA, DyLoRAConfig, DyLoRALinear, RankwiseAdamW
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
@@ -225,6 +226,61 @@ def test_rankwise_adamw_is_torch_adamw_with_each_rank_as_its_own_parameter(mode:
             assert torch.equal(layer.Bt[i], rows[i][1])
     trained = [sum(i in range(b - 1 if mode == "frozen" else 0, b) for b in ranks[1:]) for i in range(R_MAX)]
     assert optimizer.rank_steps == trained
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_rankwise_hf_adamw_is_hf_adamw_with_each_rank_as_its_own_parameter(mode: str) -> None:
+    """Bitwise: an HFAdamW (transformers' arithmetic) per rank, stepped only when its rank trains;
+    and not torch AdamW's numbers (the conventions differ in eps placement and decay order)."""
+    layer = make_layer(mode)
+    optimizer = RankwiseAdamW(
+        [layer], [], lambda: layer.trained_ranks(), lr=0.05, weight_decay=0.1, convention="hf-adamw"
+    )
+    twin = make_layer(mode)
+    twin.load_weights(layer.A.detach(), layer.Bt.detach().t())
+    torch_optimizer = RankwiseAdamW([twin], [], lambda: twin.trained_ranks(), lr=0.05, weight_decay=0.1)
+    rows = [
+        (nn.Parameter(layer.A[i].detach().clone()), nn.Parameter(layer.Bt[i].detach().clone()))
+        for i in range(R_MAX)
+    ]
+    reference = [HFAdamW(list(row), lr=0.05, eps=1e-8, weight_decay=0.1) for row in rows]
+    x, w = x_and_w()
+    for b in (8, 3, 5, 3, 1, 8, 2, 3):
+        layer.set_rank(b)
+        twin.set_rank(b)
+        grad_A, grad_Bt = backward(layer, x, w)
+        backward(twin, x, w)
+        for i in layer.trained_ranks():
+            rows[i][0].grad, rows[i][1].grad = grad_A[i].clone(), grad_Bt[i].clone()
+            reference[i].step()
+        for opt in (optimizer, torch_optimizer):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for i in range(R_MAX):
+            assert torch.equal(layer.A[i], rows[i][0])
+            assert torch.equal(layer.Bt[i], rows[i][1])
+    assert all(
+        reference[i].state[rows[i][0]]["step"] == optimizer.rank_steps[i] for i in layer.trained_ranks()
+    )
+    assert not torch.equal(layer.A, twin.A)
+
+
+def test_the_default_optimizer_is_hf_adamw_and_a_heads_bias_gets_no_decay() -> None:
+    strategy = build("tiny-vit")
+    assert strategy.cfg.optimizer == "hf-adamw"
+    optimizer = strategy.make_optimizer(lr=1e-2, weight_decay=0.1)
+    assert isinstance(optimizer, RankwiseAdamW)
+    assert optimizer.convention == "hf-adamw"
+    assert isinstance(optimizer.inner, HFAdamW)
+    groups = [(g["weight_decay"], [id(p) for p in g["params"]]) for g in optimizer.inner.param_groups]
+    head = strategy.head.linear
+    assert groups == [(0.1, [id(head.weight)]), (0.0, [id(head.bias)])]
+    torch_optimizer = build("tiny-vit", optimizer="torch-adamw").make_optimizer(lr=1e-2, weight_decay=0.1)
+    assert isinstance(torch_optimizer, RankwiseAdamW)
+    assert torch_optimizer.convention == "torch-adamw"
+    assert type(torch_optimizer.inner) is torch.optim.AdamW
+    with pytest.raises(ConfigError, match="optimizer"):
+        DyLoRAConfig(optimizer="sgd")  # type: ignore[arg-type]
 
 
 def build(backbone: str = "tiny-clip", **args: object) -> DyLoRA:

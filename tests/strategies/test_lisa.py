@@ -132,6 +132,24 @@ def test_optimizer_holds_every_candidate_from_the_start() -> None:
     assert {id(p) for p in strategy.always} <= held
 
 
+def test_weight_decay_groups_exempt_norms_and_biases_as_hf_trainer() -> None:
+    """torch AdamW; with decay: every LayerNorm weight and bias and every bias in a 0-decay group,
+    every other candidate (Linear and attention weights, embeddings, projections) decayed."""
+    strategy = make()
+    named = {name: p for name, p in strategy.backbone.model.named_parameters()}
+    optimizer = strategy.make_optimizer(1e-3, 0.1)
+    assert type(optimizer) is torch.optim.AdamW
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    held = {name for name, p in named.items() if id(p) in decay_of}
+    assert held >= TINY_CLIP_ALWAYS
+    exempt = {name for name in held if decay_of[id(named[name])] == 0.0}
+    assert exempt == {name for name in held if "bias" in name or ".ln_" in f".{name}"}
+    assert {"visual.ln_pre.weight", "ln_final.weight", "visual.transformer.resblocks.0.ln_1.weight"} <= exempt
+    for name in ("visual.class_embedding", "visual.positional_embedding", "visual.proj", "text_projection"):
+        assert decay_of[id(named[name])] == 0.1, name
+    assert len(strategy.make_optimizer(1e-3, 0.0).param_groups) == 1  # no decay: one group
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_frozen_blocks_bitwise_unchanged_sampled_blocks_change(fused: bool) -> None:
     """Weight decay 0.1: a frozen block with a zero (not None) gradient would still move."""

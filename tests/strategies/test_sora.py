@@ -14,6 +14,7 @@ from torch import nn
 
 from cl_bench import config
 from cl_bench.errors import ConfigError
+from cl_bench.optim import HFAdamW, SparseAdamW
 from cl_bench.registry import STRATEGIES
 from strategies.sora import (
     XI_END,
@@ -187,6 +188,33 @@ def test_the_main_optimizer_never_holds_the_gates() -> None:
     assert strategy.gate_optimizer.param_groups[0]["weight_decay"] == 0.0
 
 
+def test_optimizers_default_to_the_official_conventions() -> None:
+    """Main: transformers' AdamW (eps 1e-8 before the bias correction, decay after the update);
+    gates: SparseAdamW (eps 1e-6, no decay); ``optimizer: torch-adamw`` gives torch's AdamW."""
+    strategy = build()
+    assert strategy.cfg.optimizer == "hf-adamw"
+    main = strategy.make_optimizer(1e-3, 0.1)
+    assert type(main) is HFAdamW
+    assert [g["eps"] for g in main.param_groups] == [1e-8]
+    assert type(strategy.gate_optimizer) is SparseAdamW
+    assert strategy.gate_optimizer.param_groups[0]["eps"] == 1e-6
+    torch_main = build(optimizer="torch-adamw").make_optimizer(1e-3, 0.1)
+    assert type(torch_main) is torch.optim.AdamW
+    with pytest.raises(ConfigError, match="optimizer"):
+        SoRAConfig(optimizer="sgd")  # type: ignore[arg-type]
+
+
+def test_the_main_optimizer_exempts_a_linear_heads_bias_from_decay() -> None:
+    backbone = tiny_backbone("tiny-vit")
+    cfg = config.build(SoRAConfig, {}, "sora")
+    strategy = SoRA(cfg, backbone, head_for(backbone, 4), tiny_context())
+    main = strategy.make_optimizer(1e-3, 0.1)
+    bias = strategy.head.linear.bias
+    (exempt,) = [g for g in main.param_groups if g["weight_decay"] == 0.0]
+    assert [id(p) for p in exempt["params"]] == [id(bias)]
+    assert all(id(p) != id(bias) for g in main.param_groups if g["weight_decay"] == 0.1 for p in g["params"])
+
+
 @pytest.mark.parametrize("threshold", ["paper", "code"])
 def test_a_gate_step_is_adam_then_the_threshold_and_zeroes_every_small_gate(threshold: str) -> None:
     lr = 0.05
@@ -205,14 +233,14 @@ def test_a_gate_step_is_adam_then_the_threshold_and_zeroes_every_small_gate(thre
     gates = [g.detach().clone().requires_grad_(True) for g in strategy.gates()]
     for clone, g in zip(gates, strategy.gates(), strict=True):
         clone.grad = g.grad.clone()
-    reference = torch.optim.Adam(gates, lr=lr)
+    reference = SparseAdamW(gates, lr=lr)  # the official gate optimizer's Adam step (eps 1e-6)
     reference.step()
     strategy.after_step(0)
     assert strategy.threshold == 1.0
     u = torch.cat([g.detach() for g in gates])
     got = torch.cat([g.detach() for g in strategy.gates()])
     expected = soft_threshold(u, 1.0) if threshold == "paper" else official_masked_updates(u, 1.0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
     small = u.abs() < 1.0
     assert small.any()
     assert (~small).any()
