@@ -527,6 +527,8 @@ STRATEGY_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("allora", "allora", {}, 1),
     ("mora (1 exp, 16 ranks)", "mora", {}, 1),
     ("mora (10 exps, 160 ranks)", "mora", {}, 10),
+    ("smora", "smora", {}, 1),
+    ("flylora", "flylora", {}, 1),
     ("finetune", "finetune", {}, 1),
     ("lisa", "lisa", {}, 1),
     ("loraprune", "loraprune", {}, 1),

@@ -26,6 +26,8 @@ CONTRACT: dict[str, dict] = {
     "dylora": {},
     "lisa": {},
     "allora": {},
+    "smora": {},
+    "flylora": {},
 }
 
 
