@@ -300,7 +300,7 @@ def train_step(strategy: DyLoRA, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def test_frozen_ranks_stay_bitwise_unchanged_through_adamw_with_momentum_and_weight_decay() -> None:
-    strategy = build(towers=["vision"])
+    strategy = build(towers=["vision"], mode="frozen")
     with torch.no_grad():
         for a in strategy.adapters().values():
             a.Bt.normal_(std=0.05)  # B != 0: every rank's A row gets a gradient too
@@ -460,7 +460,7 @@ def test_default_eval_ranks_are_powers_of_two_and_r_max(r_max: int, ranks: tuple
 def test_every_layer_reads_one_rank_state_updated_in_place() -> None:
     """What lets one CUDA graph serve every sampled rank: all layers read the same rank tensors,
     and a new rank rewrites them in place (same storage), with the rank weights and mask of b."""
-    strategy = build()
+    strategy = build(mode="frozen")
     layers = list(strategy.adapters().values())
     state = strategy.rank_state
     assert all(layer.state is state for layer in layers)
