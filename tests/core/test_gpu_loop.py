@@ -71,7 +71,7 @@ def test_graphs_and_eager_runs_give_the_same_accuracy_matrix(tmp_path: Path) -> 
 # Strategies whose graphs may span experiences (graphs_span_experiences): set here, so the test
 # holds whatever the strategy files declare. finetune trains the token embedding, whose backward
 # accumulates with atomics (not bitwise reproducible): it is checked for reuse, not for equality.
-SPANNING = ["lora", "allora", "dylora", "sora", "loraprune", "linear-probe"]
+SPANNING = ["lora", "allora", "dylora", "sora", "loraprune", "linear-probe", "smora", "flylora"]
 STEP_GRAPHS = loop.step_graphs
 
 

@@ -53,7 +53,17 @@ def test_graphs_span_experiences_for_the_strategies_whose_step_reads_no_experien
     """MoRA adds parameters every experience and builds class masks from it; LISA and zero-shot
     run eagerly: every other strategy keeps its captured graphs across experiences."""
     spanning = {n for n in STRATEGIES.names() if STRATEGIES.get(n).graphs_span_experiences}
-    assert spanning == {"allora", "dylora", "finetune", "linear-probe", "lora", "loraprune", "sora"}
+    assert spanning == {
+        "allora",
+        "dylora",
+        "finetune",
+        "flylora",
+        "linear-probe",
+        "lora",
+        "loraprune",
+        "smora",
+        "sora",
+    }
     assert spanning <= set(GRAPH_SAFE)
 
 
