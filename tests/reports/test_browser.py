@@ -107,7 +107,8 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
                 " return [t.scrollWidth, t.parentElement.clientWidth]; })()"
             )
             title = page.title()
-            overview_rows = page.locator("table.overview tbody tr").count()
+            overview_rows = page.locator("table.overview tbody tr:not(.competition)").count()
+            competitions = page.locator("table.overview tbody tr.competition").all_inner_texts()
             page.screenshot(path=str(shot), full_page=True)
         finally:
             context.close()
@@ -117,6 +118,8 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert provenance[0] <= provenance[1], provenance  # fits the 1240 px column without scrolling
     # split-digits lora with 2 and with 12 experiences (two configurations); synthetic finetune, lora, sora
     assert overview_rows == 5
+    # one header row per competition (scenario, protocol, label space) above its runs
+    assert [c.split(" · ")[0].strip() for c in competitions] == ["split-digits", "synthetic"], competitions
     assert len(images) == report.read_text(encoding="utf-8").count("<img ")
     assert len(images) >= 15
     broken = [i["alt"] for i in images if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]
