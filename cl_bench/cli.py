@@ -211,8 +211,22 @@ class _OwnInfoOnly(logging.Filter):
         return record.name.startswith("cl_bench") or record.levelno >= logging.ERROR
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record, not as it was at setup: a stream bound
+    once outlives a redirection (a test's capture, ``contextlib.redirect_stderr``) and then fails
+    on every later record with "I/O operation on closed file"."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handler.addFilter(_OwnInfoOnly())
     root = logging.getLogger()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
 
 import pytest
 
-from cl_bench.cli import main
+from cl_bench.cli import _configure_logging, main
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -221,3 +223,20 @@ def test_other_commands_reject_unknown_options(capsys) -> None:
         main(["list", "--bogus"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_log_records_go_to_the_stderr_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler bound to the stderr of setup time fails once that stream is closed (pytest's
+    capture of an earlier test): every later warning printed "--- Logging error ---"."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    at_setup = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", at_setup)
+    _configure_logging()
+    at_setup.close()
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("cl_bench.loop").warning("backbone %r has no weights", "tiny-clip")
+    logging.getLogger("open_clip").info("not ours, below ERROR: filtered")
+    assert later.getvalue() == "WARNING: backbone 'tiny-clip' has no weights\n"
