@@ -13,10 +13,10 @@ right after learning it) must be
 - at most ``MARGINS[name]`` below lora's plasticity on the same stream (lora: 0.77 here).
 
 Measured when this test was written (CPU, fp32): lora 0.77, sora 0.77, allora 0.73, loraprune
-0.72, mora 0.71, dylora 0.62, lisa 0.62, finetune 0.61, linear-probe 0.61. It fails on MoRA with
-the official X-TAIL masking (a new class is trained only against the other new one: 0.21) and on
-DyLoRA in frozen mode (each rank learns in 1 of r_max steps: 0.57). A new strategy needs a margin
-here, with the reason beside it.
+0.72, mora 0.71, dylora 0.62, lisa 0.62, finetune 0.61, linear-probe 0.61, flylora 0.58-0.59.
+It fails on MoRA with the official X-TAIL masking (a new class is trained only against the other
+new one: 0.21) and on DyLoRA in frozen mode (each rank learns in 1 of r_max steps: 0.57). A new
+strategy needs a margin here, with the reason beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ from cl_bench.registry import STRATEGIES
 from cl_bench.results import RunResult
 
 FLOOR = 0.6
-FLOORS: dict[str, float] = {"linear-probe": 0.55}  # trains no feature: only above the 0.5 guess
+FLOORS: dict[str, float] = {
+    "linear-probe": 0.55,  # trains no feature: only above the 0.5 guess
+    # only B trains, behind A = a frozen random projection with p = 64 * 8 / 32 = 16 non-zeros per
+    # row at tiny-clip's width 64 (768 on ViT-B/16): 0.58-0.59 here (torch-build noise), while on
+    # the GPU with clip-vit-b-16 it reaches 0.90 plasticity on split-CIFAR-100 (lora-level)
+    "flylora": 0.55,
+}
 # how far below lora's plasticity each method may land, and why
 MARGINS: dict[str, float] = {
     "lora": 0.0,  # the reference itself
