@@ -167,6 +167,11 @@ class AdaptedLinear(nn.Module):
         """The update as low-rank factors, for the fused path (None: the method has its own ``delta``)."""
         return None
 
+    def routed(self, x: torch.Tensor) -> Any:
+        """The update as a :class:`cl_bench.routed.RoutedUpdate` for the fused routed path, when
+        that path serves input ``x`` (None: ``low_rank`` or ``delta``; SMoRA and FlyLoRA say)."""
+        return None
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution alone (reference path; the fused path never calls it)."""
         factors = self.low_rank()
@@ -177,6 +182,11 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = self.low_rank()
         if factors is None:
+            update = self.routed(x)
+            if update is not None:
+                from cl_bench.routed import routed_linears  # routed.py builds on this module
+
+                return routed_linears(x, ((self.base.weight, self.base.bias, update),))
             return self.base(x) + self.delta(x)
         return lora_linear(x, self.base.weight, self.base.bias, factors)
 
@@ -557,7 +567,8 @@ def fused_projections(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Te
     """The outputs of several linear layers that read the same ``x``, concatenated, in one GEMM.
 
     Works when every module is a plain ``nn.Linear`` (weights concatenated; gradients flow back to
-    each) or every module is an adapter with low-rank factors (:func:`lora_linears`). Returns None
+    each), every module is an adapter with low-rank factors (:func:`lora_linears`), or every module
+    is a routed adapter on its fused path (:func:`cl_bench.routed.routed_linears`). Returns None
     otherwise (e.g. MoRA's routed layers, or a mix), and the caller runs them one by one.
     """
     if all(type(m) is nn.Linear for m in modules):
@@ -570,6 +581,14 @@ def fused_projections(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Te
         return F.linear(x, weight, bias)
     if not all(isinstance(m, AdaptedLinear) for m in modules):
         return None
+    adapted = [m for m in modules if isinstance(m, AdaptedLinear)]
+    updates = [m.routed(x) for m in adapted]
+    if all(u is not None for u in updates):
+        from cl_bench.routed import routed_linears  # routed.py builds on this module
+
+        return routed_linears(
+            x, tuple((m.base.weight, m.base.bias, u) for m, u in zip(adapted, updates, strict=True))
+        )
     layers = []
     for m in modules:
         assert isinstance(m, AdaptedLinear)

@@ -53,7 +53,8 @@ Continual learning (``cl_mode``):
   unrelated random projections into a router no experience trained with: allowed, flagged in the
   record and the log.
 
-Compute: z and m * z for all r ranks (the mask zeroes the others), two GEMMs; fixed shapes and
+Compute: z and m * z for all r ranks (the mask zeroes the others), two GEMMs (on CUDA the q, k, v
+layers of an attention as one group on the fused path of :mod:`cl_bench.routed`); fixed shapes and
 in-place device counters only (no host sync), so a training step can be replayed from a CUDA
 graph. Figures (``report`` / ``final_report``): selected ranks per token, the per-layer load of
 each experience (max/mean, min/mean, fraction of ranks never selected), the Jaccard overlap of each
@@ -86,6 +87,7 @@ from cl_bench.adapters import (
 )
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
+from cl_bench.routed import RoutedUpdate, use_fused
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,25 @@ class FlyLoRALinear(AdaptedLinear):
         out, mask = routed_delta(x2, A, B, d, self.k, self.scaling, signed=self.signed)
         self.usage.record(mask, self.training)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def routed(self, x: torch.Tensor) -> RoutedUpdate | None:
+        """The fused path's view of this layer (:mod:`cl_bench.routed`): one adapter (training,
+        or a ``params`` merge); None with dropout or a detached branch input (the base input gets
+        its gradient, the branch's does not), or for a mean of several branches."""
+        if self.dropout > 0 or self.detach_input or not use_fused(x):
+            return None
+        A, B, d = self._adapter()
+        if A.shape[0] != 1:
+            return None
+        bias = d[0]
+
+        def route(z: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
+            score = z.to(torch.promote_types(z.dtype, bias.dtype)) + bias
+            mask = topk_mask(score if self.signed else score.abs(), self.k)
+            self.usage.record(mask, self.training)
+            return z * mask.to(z.dtype)
+
+        return RoutedUpdate(A[0], None, B[0], self.scaling, route)
 
     @torch.no_grad()
     def routing(self, x: torch.Tensor) -> torch.Tensor:

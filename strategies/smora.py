@@ -44,8 +44,10 @@ Where paper, code and cl-bench differ (Part A):
 Compute: the official TVM kernels gather the k selected rows of A and columns of B; this layer
 takes the code's ``dense_compute`` route (one GEMM for [A; W_r] x, the gates applied to all r
 entries, 0 off S, one GEMM with B), whose values and gradients are the same: ranks outside S get
-exact-zero gradients. Routing uses fixed shapes and in-place device counters only (no host sync),
-so a training step can be replayed from a CUDA graph.
+exact-zero gradients. On CUDA the q, k, v layers of an attention run as one group on the fused
+path of :mod:`cl_bench.routed` (base and update GEMMs shared, the update accumulated in place).
+Routing uses fixed shapes and in-place device counters only (no host sync), so a training step can
+be replayed from a CUDA graph.
 
 Figures (``report`` / ``final_report``): selected ranks per token (train, eval), the per-layer load
 of each experience (max/mean, min/mean, fraction of ranks never selected), the Jaccard overlap of
@@ -76,6 +78,7 @@ from cl_bench.adapters import (
 )
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
+from cl_bench.routed import RoutedUpdate, use_fused
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig
 
 GateBias = Literal["include", "exclude"]
@@ -128,6 +131,13 @@ class SMoRALinear(AdaptedLinear):
         w = (v if self.include_bias else s) * mask
         return w / w.sum(dim=-1, keepdim=True) * self.k, mask
 
+    def route(self, z: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        """The gated ranks ``g(l) * z`` [N, r] in z's dtype; counts the selections."""
+        assert logits is not None
+        g, mask = self.gates(logits)
+        self.usage.record(mask, self.training)
+        return z * g.to(z.dtype)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.dropout > 0:
@@ -135,10 +145,15 @@ class SMoRALinear(AdaptedLinear):
         z, logits = F.linear(x2, torch.cat([self.A, self.router])).split(
             (self.r, self.router.shape[0]), dim=-1
         )
-        g, mask = self.gates(logits)
-        self.usage.record(mask, self.training)
-        out = F.linear(z * g.to(z.dtype), self.B) * self.scaling
+        out = F.linear(self.route(z, logits), self.B) * self.scaling
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def routed(self, x: torch.Tensor) -> RoutedUpdate | None:
+        """The fused path's view of this layer (:mod:`cl_bench.routed`); None with dropout, which
+        applies to the branch input only."""
+        if self.dropout > 0 or not use_fused(x):
+            return None
+        return RoutedUpdate(self.A, self.router, self.B, self.scaling, self.route)
 
     @torch.no_grad()
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
