@@ -22,7 +22,9 @@ from cl_bench.registry import BACKBONES  # noqa: E402
 from cl_bench.results import RunResult  # noqa: E402
 from cl_bench.strategy import ExperienceInfo, StrategyContext  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads in a single process; one per pytest-xdist worker (the default run has two workers
+# on a 2-core machine: more threads than cores slows the tiny models' many small ops).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def tiny_backbone(name: str = "tiny-clip", seed: int = 0, **args: Any) -> Backbone:

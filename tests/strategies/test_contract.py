@@ -102,6 +102,7 @@ PER_STEP_GRAPHS = {"lisa", "dylora"}
 COMPILE_ARGS = {"lisa": {"interval_steps": 3}, "dylora": {"r_max": 4, "eval_ranks": [1, 2, 4]}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(n for n in CONTRACT if STRATEGIES.get(n).trains))
 def test_compiled_blocks_stay_compiled(name: str) -> None:
     """``--set compile=true`` never silently falls back to eager: over two experiences of training

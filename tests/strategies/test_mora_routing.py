@@ -245,6 +245,7 @@ def interpret(script: str, *args: str) -> list[dict]:
     result: list[dict] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
+@pytest.mark.slow
 
 def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
     """The kernels' code runs on the CPU in Triton's interpreter (CI has no GPU): bf16, fp16 and
@@ -300,6 +301,7 @@ for dtype in (torch.float32, torch.bfloat16):
 print(json.dumps(out))
 """
 
+@pytest.mark.slow
 
 def test_fused_layer_equals_the_reference_layer_in_the_interpreter() -> None:
     """A 160-rank layer through the kernels (run by the interpreter on the CPU), in float32 and
