@@ -31,7 +31,7 @@ COMPONENT_MODULES = (
 )
 
 
-REGISTRY_COMMANDS = frozenset({"run", "list", "bench"})
+REGISTRY_COMMANDS = frozenset({"run", "list", "bench", "sweep"})
 """Commands that look components up in the registries; ``report`` reads JSON only and must not
 import the component packages (they pull in torch, avalanche and open_clip)."""
 
@@ -51,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="cl-bench",
         description="Continual-learning benchmark harness for LoRA-family fine-tuning.",
         epilog="Examples: cl-bench run --strategy lora --scenario split-digits | cl-bench list strategies | "
-        "cl-bench report runs/ -o report.html",
+        "cl-bench report runs/ -o report.html | cl-bench sweep sweep.toml --dry-run",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,report,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,report,bench,sweep}")
 
     run = sub.add_parser("run", help="train one strategy through one scenario and write a run record")
     run.add_argument("--strategy", help="registered strategy name (cl-bench list strategies)")
@@ -94,6 +94,26 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="GPU speed benchmark of every strategy vs HF peft (benchmarks/speed.py)", add_help=False
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (--help)")
+
+    sweep = sub.add_parser(
+        "sweep", help="run a strategy x scenario x seed x override grid on Ray (docs/sweeps.md)"
+    )
+    sweep.add_argument("sweep_file", metavar="SWEEP.TOML", help="the sweep file")
+    sweep.add_argument(
+        "--address",
+        help="an existing Ray cluster (auto, or ray://host:port); default: start Ray on this machine",
+    )
+    sweep.add_argument(
+        "--out", help="directory of the sweep's records (default: [sweep] out, or runs/<file stem>)"
+    )
+    sweep.add_argument(
+        "--max-parallel", type=int, help="at most this many cells at once (default: resources)"
+    )
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="print the cells and their run ids, run nothing"
+    )
+    sweep.add_argument("--retry-failed", action="store_true", help="also re-run cells whose record is failed")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress view")
     return parser
 
 
@@ -234,6 +254,29 @@ def _configure_logging() -> None:
     root.setLevel(logging.INFO)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cl_bench import sweep
+
+    if args.max_parallel is not None and args.max_parallel < 0:
+        raise sweep.SweepError(f"--max-parallel must be >= 0 (0: no limit), got {args.max_parallel}")
+    plan = sweep.load(args.sweep_file, out=args.out)
+    if args.dry_run:
+        print(sweep.describe(plan, retry_failed=args.retry_failed))
+        return 0
+    from reports.build import build_report
+
+    outcome = sweep.run(
+        plan,
+        address=args.address,
+        max_parallel=args.max_parallel,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        report=build_report,
+    )
+    print(outcome.summary())
+    return outcome.exit_code
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.speed import main as bench_main
 
@@ -250,7 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging()
-    commands = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "bench": cmd_bench}
+    commands = {
+        "run": cmd_run,
+        "list": cmd_list,
+        "report": cmd_report,
+        "bench": cmd_bench,
+        "sweep": cmd_sweep,
+    }
     try:
         if args.command == "run":
             _check_data_early(args)

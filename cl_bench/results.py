@@ -27,6 +27,7 @@ from cl_bench.errors import ClBenchError
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
+SWEEP_FILE = "sweep.json"  # a sweep's summary (cl_bench/sweep.py): JSON beside the records, not one
 Status = Literal["running", "ok", "failed"]
 
 
@@ -247,9 +248,10 @@ def _candidate_files(path: Path) -> list[Path]:
 
     A run directory (it holds ``result.json``) yields just that record. Any other directory is
     searched recursively for ``*.json`` files, skipping hidden names (temporary files of atomic
-    writes, notebook checkpoints); every one of them is expected to be a record, so a stray or
-    corrupt JSON file is reported rather than silently ignored. Files without the ``.json`` suffix
-    inside a directory (reports, CSVs, logs) are not records and are not looked at.
+    writes, notebook checkpoints) and sweep summaries (``sweep.json``); every other one is expected
+    to be a record, so a stray or corrupt JSON file is reported rather than silently ignored. Files
+    without the ``.json`` suffix inside a directory (reports, CSVs, logs) are not records and are
+    not looked at.
     """
     if path.is_dir():
         if (path / RESULT_FILE).is_file():
@@ -257,7 +259,9 @@ def _candidate_files(path: Path) -> list[Path]:
         return sorted(
             p
             for p in path.rglob("*.json")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if p.is_file()
+            and p.name != SWEEP_FILE
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
     return [path]
 
@@ -448,3 +452,92 @@ def load_runs(path: str | Path | Sequence[str | Path]) -> Any:
         warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
     columns = list(run_row({}).keys())
     return pd.DataFrame([run_row(r) for r in records], columns=columns)
+
+
+# Config keys that say where and how a run was stored, not what it computed: not columns of
+# load_results (the row's ``run_id`` and ``path`` already say where it is).
+_STORAGE_CONFIG_KEYS = frozenset({"out", "run_id", "overwrite", "report"})
+
+
+def config_columns(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's resolved config as flat columns named like ``--set`` keys.
+
+    Run keys keep their names (``lr``, ``epochs``); component arguments become
+    ``strategy.<key>``, ``scenario.<key>``, ``backbone.<key>``. Storage keys (``out``,
+    ``run_id``, ``overwrite``, ``report``) are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (record.get("config") or {}).items():
+        if key in _STORAGE_CONFIG_KEYS:
+            continue
+        if key.endswith("_args") and isinstance(value, dict):
+            component = key.removesuffix("_args")
+            out.update({f"{component}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def load_results(path: str | Path | Sequence[str | Path]) -> Any:
+    """Every run record under ``path`` as one tidy pandas DataFrame: one row per run.
+
+    The columns of :func:`run_row` (identity, status, every metric, parameter, memory and time
+    figure) followed by the resolved config of :func:`config_columns` (``lr``, ``strategy.r``,
+    ``scenario.n_experiences``...), so a sweep's axes are columns to group by::
+
+        df = cl_bench.load_results("runs/my-sweep")
+        df.query("status == 'ok'").groupby(["strategy", "lr"]).forgetting.agg(["mean", "std"])
+
+    Where a config key and a :func:`run_row` column share a name (``backbone``, ``seed``,
+    ``device``, ``precision``...), the run_row value is kept: it is what the run actually used.
+    Unreadable files are skipped with a warning, as in :func:`load_runs`.
+    """
+    import warnings
+
+    import pandas as pd
+
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    records, problems = find_records(paths)
+    for problem in problems:
+        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
+    base = list(run_row({}).keys())
+    rows = []
+    extra: dict[str, None] = {}  # config columns in first-seen order
+    for record in records:
+        row = run_row(record)
+        for key, value in config_columns(record).items():
+            if key not in row:
+                row[key] = value
+                extra.setdefault(key)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*base, *extra])
+
+
+def load_matrices(
+    path: str | Path | Sequence[str | Path], *, initial: bool = False, status: str | None = "ok"
+) -> dict[str, Any]:
+    """The accuracy matrix of every run under ``path``, by run id, as numpy arrays.
+
+    ``matrix[i, j]`` is the accuracy on test experience ``j`` after training experience ``i``
+    (future columns included, docs/metrics.md). ``initial=True`` prepends the before-training row
+    b, so row 0 is the untrained model and row ``i + 1`` follows experience ``i``. Only records of
+    ``status`` (default ``ok``; None: every record that has a matrix, partial ones included).
+    """
+    import warnings
+
+    import numpy as np
+
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    records, problems = find_records(paths)
+    for problem in problems:
+        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
+    out: dict[str, Any] = {}
+    for record in records:
+        accuracy = record.get("accuracy") or {}
+        rows = list(accuracy.get("matrix") or [])
+        if (status is not None and record.get("status") != status) or not rows:
+            continue
+        if initial and accuracy.get("initial"):
+            rows = [accuracy["initial"], *rows]
+        out[str(record["run_id"])] = np.array(rows, dtype=float)
+    return out
