@@ -202,8 +202,8 @@ def test_load_results_and_matrices(run_quick: Any, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- Ray, for real
 #
-# One test function holds every check that needs Ray: the default run spreads tests over two
-# pytest-xdist workers, and split tests would start Ray (and the 4-cell sweep) twice on 2 cores.
+# One test function holds every check of the default run that needs Ray: the run spreads tests over two
+# pytest-xdist workers, and split tests would start Ray twice on 2 cores (the benchmark check is slow).
 
 
 def test_a_ray_sweep_end_to_end(
@@ -217,7 +217,18 @@ def test_a_ray_sweep_end_to_end(
         plan, path = _check_a_sweep_retries_a_killed_cell_and_records_a_failing_one(tmp_path / "grid")
         _check_a_rerun_skips_ok_cells_and_keeps_failed_ones(plan, path, capsys)
         _check_ctrl_c_marks_the_running_cell_interrupted(tmp_path / "stop")
-        _check_the_sweep_benchmark_runs_quick_on_the_cpu(tmp_path / "bench", capsys)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_sweep_benchmark_runs_quick_on_the_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # see test_a_ray_sweep_end_to_end
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        _check_the_sweep_benchmark_runs_quick_on_the_cpu(tmp_path, capsys)
     finally:
         ray.shutdown()
 
