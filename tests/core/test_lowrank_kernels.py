@@ -50,8 +50,8 @@ for (d_out, d_in, r), dtype, scale, gate, gate_grad, mask, scaling in itertools.
 print(json.dumps(out))
 """
 
-@pytest.mark.slow
 
+@pytest.mark.slow
 def test_the_kernel_equals_the_torch_twin_in_the_interpreter() -> None:
     """Every combination of row scale, gate (fixed or trained), rank mask and scaling, for bf16 and
     fp32 blocks: grad_A and grad_B bitwise equal (the same products in the same order), the gate's

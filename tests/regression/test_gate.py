@@ -319,8 +319,8 @@ def toy_strategy(monkeypatch) -> str:
     monkeypatch.setitem(STRATEGIES._entries, "toy-probe", Entry("toy-probe", toy, "test strategy"))
     return "toy-probe"
 
-@pytest.mark.slow
 
+@pytest.mark.slow
 def test_new_strategy_fails_with_the_command_and_update_golden_makes_it_pass(
     toy_strategy: str, tmp_path: Path, capsys
 ) -> None:

@@ -245,8 +245,8 @@ def interpret(script: str, *args: str) -> list[dict]:
     result: list[dict] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
-@pytest.mark.slow
 
+@pytest.mark.slow
 def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
     """The kernels' code runs on the CPU in Triton's interpreter (CI has no GPU): bf16, fp16 and
     fp32 scores, random or with many exact ties (and -0.0 next to +0.0). The selection (mask and
@@ -301,8 +301,8 @@ for dtype in (torch.float32, torch.bfloat16):
 print(json.dumps(out))
 """
 
-@pytest.mark.slow
 
+@pytest.mark.slow
 def test_fused_layer_equals_the_reference_layer_in_the_interpreter() -> None:
     """A 160-rank layer through the kernels (run by the interpreter on the CPU), in float32 and
     under bf16 autocast: output, eval output and the gradients of x, A and B equal those through
