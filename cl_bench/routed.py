@@ -145,7 +145,9 @@ class _RoutedLinears(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, layers: tuple[RoutedLayer, ...], *trained: torch.Tensor
     ) -> torch.Tensor:
         y, x2, W, D, gates = _forward(x, layers, grad=True)
-        ctx.save_for_backward(x2, W, D)
+        # x is read back only for the gradients of trained down-projections (not FlyLoRA's frozen A)
+        down_trained = any(t is not None and t.requires_grad for _, _, u in layers for t in (u.A, u.router))
+        ctx.save_for_backward(x2 if down_trained else None, W, D)
         ctx.gates = gates
         ctx.meta = (x.shape, x.dtype, layers)
         return y
@@ -171,13 +173,13 @@ class _RoutedLinears(torch.autograd.Function):
                 raw = torch.autograd.grad(h, inputs, dh, allow_unused=True)
                 d_inputs = [torch.zeros_like(t) if d is None else d for t, d in zip(inputs, raw, strict=True)]
                 d_zl.extend(d_inputs)
-                dzl_i = _concat_cols(d_inputs)
-                dA = dzl_i.t() @ x2  # [width, d_in]: rows of A, then of the router
                 r = u.A.shape[0]
-                if u.A.requires_grad:
-                    grads.append(dA[:r].to(u.A.dtype))
-                if u.router is not None and u.router.requires_grad:
-                    grads.append(dA[r:].to(u.router.dtype))
+                if u.A.requires_grad or (u.router is not None and u.router.requires_grad):
+                    dA = _concat_cols(d_inputs).t() @ x2  # [width, d_in]: rows of A, then of the router
+                    if u.A.requires_grad:
+                        grads.append(dA[:r].to(u.A.dtype))
+                    if u.router is not None and u.router.requires_grad:
+                        grads.append(dA[r:].to(u.router.dtype))
                 if u.B.requires_grad:
                     grads.append((torch.mm(g_i.t(), h.detach()) * u.scaling).to(u.B.dtype))
             grad_x = None

@@ -134,6 +134,19 @@ def test_frozen_a_gets_no_gradient_on_the_fused_path(force_fused: None) -> None:
     assert torch.equal(layer.A, A)  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(("name", "keeps_input"), [("flylora", False), ("smora", True)])
+def test_the_input_is_kept_for_the_backward_only_when_a_down_projection_trains(
+    name: str, keeps_input: bool, force_fused: None
+) -> None:
+    routed.FUSED = True
+    (layer,) = _layers(MAKERS[name], 1)
+    out = layer(torch.randn(4, 16, requires_grad=True))
+    x_saved, W, D = out.grad_fn.saved_tensors  # type: ignore[union-attr]
+    assert (x_saved is not None) == keeps_input  # FlyLoRA's A is frozen: no [tokens, d_in] copy held
+    assert W.shape == (24, 16)
+    assert D.shape[1] == 16
+
+
 def test_bf16_autocast_fused_path_is_close_to_the_reference(force_fused: None) -> None:
     reference = _layers(_smora, 3)
     fused = copy.deepcopy(reference)
