@@ -914,7 +914,10 @@ def _finish(state: CellState, outcome: Mapping[str, Any], attempts: list[dict[st
     if isinstance(record, dict):
         state.setup_s = (record.get("timing") or {}).get("setup_s")
         run_dir = out / state.cell.run_id
-        if results.existing_status(run_dir) != record.get("status"):  # no shared file system
+        retried = len(state.attempts) > 1
+        if retried:  # the record says why it took more than one attempt, not only sweep.json
+            record = {**record, "sweep": {"attempts": state.attempts}}
+        if retried or results.existing_status(run_dir) != record.get("status"):  # or no shared file system
             results.write_json_atomic(run_dir / results.RESULT_FILE, record)
 
 

@@ -206,6 +206,7 @@ def test_load_results_and_matrices(run_quick: Any, tmp_path: Path) -> None:
 # pytest-xdist workers, and split tests would start Ray twice on 2 cores (the benchmark check is slow).
 
 
+@pytest.mark.timeout(900)  # 80 s alone on 2 cores; several times that beside other CPU work
 def test_a_ray_sweep_end_to_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -276,6 +277,10 @@ def _check_a_sweep_retries_a_killed_cell_and_records_a_failing_one(root: Path) -
     entry = {c["run_id"]: c for c in summary["cells"]}[killed.cell.run_id]
     assert entry["n_attempts"] == 2
     assert "died" in entry["attempts"][0]["reason"]
+    retried = results.load(plan.run_dir(killed.cell))
+    assert retried["status"] == "ok"
+    assert [a["outcome"] for a in retried["sweep"]["attempts"]] == ["worker died", "ok"]
+    assert "died" in retried["sweep"]["attempts"][0]["reason"]
     assert entry["status"] == "ok"
     assert entry["wall_s"] > 0
     assert entry["pid"]
