@@ -590,8 +590,7 @@ def fused_projections(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Te
             x, tuple((m.base.weight, m.base.bias, u) for m, u in zip(adapted, updates, strict=True))
         )
     layers = []
-    for m in modules:
-        assert isinstance(m, AdaptedLinear)
+    for m in adapted:
         f = m.low_rank()
         if f is None:
             return None

@@ -264,16 +264,19 @@ def parse_set(items: Sequence[str]) -> SetLayer:
     return out
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a run config file; a missing or malformed file is a one-line ConfigError."""
+def load_toml(
+    path: str | Path, *, what: str = "config file", error: type[ConfigError] = ConfigError
+) -> dict[str, Any]:
+    """Read a TOML file (a run config, or a sweep file: ``what`` names it in the message); a
+    missing, unreadable or malformed file is a one-line ``error``."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+        raise error(f"{what} not found: {p}") from None
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise error(f"{what} {p} is not valid TOML: {err}") from None
 
 
 def _flatten(layer: Mapping[str, Any]) -> dict[str, Any]:

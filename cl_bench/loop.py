@@ -13,7 +13,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     record = RunResult(
         run_id=cfg.run_id,
         status="running",
-        created=_now(),
+        created=results.utc_now(),
         config={
             **to_dict(cfg),
             "strategy_args": to_dict(p.strategy_cfg),
@@ -140,11 +140,11 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
         _train_and_evaluate(p, record, progress)
     except BaseException as err:
         reason = str(err) if isinstance(err, ClBenchError) else f"{type(err).__name__}: {err}"
-        record.status, record.finished = "failed", _now()
+        record.status, record.finished = "failed", results.utc_now()
         record.failure = {"type": type(err).__name__, "reason": reason or type(err).__name__}
         results.save(record, p.run_dir)
         raise
-    record.status, record.finished = "ok", _now()
+    record.status, record.finished = "ok", results.utc_now()
     results.save(record, p.run_dir)
     return record
 
@@ -583,7 +583,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

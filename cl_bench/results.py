@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,11 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC timestamp to the second (records' and sweeps' times)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _finite(value: Any) -> Any:
@@ -428,6 +434,17 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _readable_records(path: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The records under ``path`` for the ``load_*`` functions: unreadable files are skipped with a
+    warning naming them, attributed to the caller of ``load_*``."""
+    import warnings
+
+    records, problems = find_records([path] if isinstance(path, str | Path) else list(path))
+    for problem in problems:
+        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=3)
+    return records
+
+
 def load_runs(path: str | Path | Sequence[str | Path]) -> Any:
     """All run records under ``path`` as a pandas DataFrame, one row per run (see :func:`run_row`).
 
@@ -442,14 +459,9 @@ def load_runs(path: str | Path | Sequence[str | Path]) -> Any:
     statistics (the report's ``report_overview.csv``). ``cl_bench`` never imports the ``reports``
     package (ARCHITECTURE.md), so this function stops at the per-run rows.
     """
-    import warnings
-
     import pandas as pd
 
-    paths = [path] if isinstance(path, str | Path) else list(path)
-    records, problems = find_records(paths)
-    for problem in problems:
-        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
+    records = _readable_records(path)
     columns = list(run_row({}).keys())
     return pd.DataFrame([run_row(r) for r in records], columns=columns)
 
@@ -492,14 +504,9 @@ def load_results(path: str | Path | Sequence[str | Path]) -> Any:
     ``device``, ``precision``...), the run_row value is kept: it is what the run actually used.
     Unreadable files are skipped with a warning, as in :func:`load_runs`.
     """
-    import warnings
-
     import pandas as pd
 
-    paths = [path] if isinstance(path, str | Path) else list(path)
-    records, problems = find_records(paths)
-    for problem in problems:
-        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
+    records = _readable_records(path)
     base = list(run_row({}).keys())
     rows = []
     extra: dict[str, None] = {}  # config columns in first-seen order
@@ -523,14 +530,9 @@ def load_matrices(
     b, so row 0 is the untrained model and row ``i + 1`` follows experience ``i``. Only records of
     ``status`` (default ``ok``; None: every record that has a matrix, partial ones included).
     """
-    import warnings
-
     import numpy as np
 
-    paths = [path] if isinstance(path, str | Path) else list(path)
-    records, problems = find_records(paths)
-    for problem in problems:
-        warnings.warn(f"skipped {problem.path}: {problem.reason}", stacklevel=2)
+    records = _readable_records(path)
     out: dict[str, Any] = {}
     for record in records:
         accuracy = record.get("accuracy") or {}

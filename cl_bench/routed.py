@@ -57,6 +57,11 @@ class RoutedUpdate:
         """``[A; R]`` [width, d_in]."""
         return self.A if self.router is None else torch.cat([self.A, self.router])
 
+    @property
+    def trains_down(self) -> bool:
+        """Whether A or the router is trained: only then does the backward read the input x."""
+        return any(t is not None and t.requires_grad for t in (self.A, self.router))
+
     def trained(self) -> list[torch.Tensor]:
         """The tensors that get gradients, in a fixed order: A (if trained), the router, B."""
         return [t for t in (self.A, self.router, self.B) if t is not None and t.requires_grad]
@@ -146,8 +151,7 @@ class _RoutedLinears(torch.autograd.Function):
     ) -> torch.Tensor:
         y, x2, W, D, gates = _forward(x, layers, grad=True)
         # x is read back only for the gradients of trained down-projections (not FlyLoRA's frozen A)
-        down_trained = any(t is not None and t.requires_grad for _, _, u in layers for t in (u.A, u.router))
-        ctx.save_for_backward(x2 if down_trained else None, W, D)
+        ctx.save_for_backward(x2 if any(u.trains_down for _, _, u in layers) else None, W, D)
         ctx.gates = gates
         ctx.meta = (x.shape, x.dtype, layers)
         return y
@@ -174,7 +178,7 @@ class _RoutedLinears(torch.autograd.Function):
                 d_inputs = [torch.zeros_like(t) if d is None else d for t, d in zip(inputs, raw, strict=True)]
                 d_zl.extend(d_inputs)
                 r = u.A.shape[0]
-                if u.A.requires_grad or (u.router is not None and u.router.requires_grad):
+                if u.trains_down:
                     dA = _concat_cols(d_inputs).t() @ x2  # [width, d_in]: rows of A, then of the router
                     if u.A.requires_grad:
                         grads.append(dA[:r].to(u.A.dtype))

@@ -50,7 +50,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -274,13 +273,7 @@ def load(path: str | Path, *, out: str | Path | None = None) -> Sweep:
     ``sweep.json``, report and ``results.csv`` never mix with another sweep's.
     """
     p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise SweepError(f"sweep file not found: {p}") from None
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise SweepError(f"sweep file {p} is not valid TOML: {err}") from None
+    data = config.load_toml(p, what="sweep file", error=SweepError)
     _check_keys(data, TOP_LEVEL_KEYS, str(p))
     settings = config.build(SweepSettings, _table(data, "sweep", str(p)), f"{p} [sweep]")
     run = _table(data, "run", str(p))
@@ -500,7 +493,8 @@ def run_cell(job: dict[str, Any], board: Any) -> dict[str, Any]:
     run_dir = Path(job["out"]) / job["run_id"]
     outcome: dict[str, Any] = {"run_id": job["run_id"], "attempt": attempt, **where, "failure": None}
     with _output_to(run_dir / CELL_LOG):
-        print(f"--- {_now()} attempt {attempt} of {job['run_id']}: pid {os.getpid()} on {platform.node()}")
+        where_now = f"pid {os.getpid()} on {platform.node()}"
+        print(f"--- {results.utc_now()} attempt {attempt} of {job['run_id']}: {where_now}")
         if attempt == 1 and job.get("kill_first_attempt"):
             threading.Thread(
                 target=_kill_when_running, args=(run_dir / results.RESULT_FILE, entered), daemon=True
@@ -524,15 +518,11 @@ def run_cell(job: dict[str, Any], board: Any) -> dict[str, Any]:
             traceback.print_exc()
             outcome["status"] = "failed"
             outcome["failure"] = {"type": type(err).__name__, "reason": f"{type(err).__name__}: {err}"}
-        print(f"--- {_now()} attempt {attempt}: {outcome['status']}")
+        print(f"--- {results.utc_now()} attempt {attempt}: {outcome['status']}")
     outcome["finished"] = time.time()
     with contextlib.suppress(results.RecordError):
         outcome["record"] = results.load(run_dir)
     return outcome
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ----------------------------------------------------------------------------- the driver side
@@ -760,7 +750,7 @@ def run(
     view = _Progress(states, enabled=progress, tty=sys.stdout.isatty())
     owns_ray, ray_init_s = (False, 0.0)
     interrupted = False
-    meta: dict[str, Any] = {"address": address or "local", "created": _now()}
+    meta: dict[str, Any] = {"address": address or "local", "created": results.utc_now()}
     try:
         if todo:
             owns_ray, ray_init_s = init_ray(address)
@@ -771,7 +761,7 @@ def run(
         view.close()
         if owns_ray:
             ray.shutdown()
-    meta["finished"] = _now()
+    meta["finished"] = results.utc_now()
     wall = time.perf_counter() - started
     sweep_json = out / SWEEP_FILE
     _write_sweep_json(sweep, out, states, meta, wall)
