@@ -1,1 +1,1 @@
-"""The regression gate (``python -m tests.regression.gate``, ``tox -e regression``): docs/regression.md."""
+"""Tests of the regression gate (``regression/gate.py``)."""

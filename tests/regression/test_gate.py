@@ -1,4 +1,4 @@
-"""The regression gate (tests/regression/gate.py) catches a real change and names what moved.
+"""The regression gate (regression/gate.py) catches a real change and names what moved.
 
 In the default unit run: the grid and its committed goldens are consistent, the comparison rules
 hold on edited copies of a golden, one unperturbed run passes against its committed golden, the
@@ -26,7 +26,7 @@ import pytest
 from cl_bench import results
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES, Entry
-from tests.regression import gate
+from regression import gate
 
 SUBSET = ("--strategy", "lora", "--scenario", "synthetic", "--seed", "0")
 REFERENCE = "lora__synthetic__s0"
@@ -248,17 +248,16 @@ def copy_tree(dst: Path) -> Path:
             shutil.copytree(src, dst / name, ignore=ignore)
         else:
             shutil.copy2(src, dst / name)
-    (dst / "tests" / "regression").mkdir(parents=True)
-    shutil.copy2(ROOT / "tests" / "__init__.py", dst / "tests" / "__init__.py")
+    (dst / "regression").mkdir(parents=True)
     for name in GATE_FILES:
-        shutil.copy2(ROOT / "tests" / "regression" / name, dst / "tests" / "regression" / name)
+        shutil.copy2(ROOT / "regression" / name, dst / "regression" / name)
     return dst
 
 
 def gate_in(tree: Path, goldens: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m tests.regression.gate`` on the lora/synthetic/seed-0 run, in ``tree``."""
+    """``python -m regression.gate`` on the lora/synthetic/seed-0 run, in ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "tests.regression.gate", *SUBSET, "--golden-dir", str(goldens)]
+    command = [sys.executable, "-m", "regression.gate", *SUBSET, "--golden-dir", str(goldens)]
     command += ["--runs", str(tree / "runs"), *args]
     return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=300)
 

@@ -1,9 +1,9 @@
 """The regression gate: run the pinned grid and compare every run record with its golden record.
 
-``python -m tests.regression.gate`` (what ``tox -e regression`` runs) trains every registered
-strategy on every scenario and seed of ``tests/regression/grid.toml`` in this one process, on the
+``python -m regression.gate`` (what ``tox -e regression`` runs) trains every registered
+strategy on every scenario and seed of ``regression/grid.toml`` in this one process, on the
 CPU, and compares each new run record with the committed golden record
-``tests/regression/golden/<strategy>__<scenario>__s<seed>.json``:
+``regression/golden/<strategy>__<scenario>__s<seed>.json``:
 
 - accuracy matrix cells, derived metrics, training losses and the strategies' own figures within
   the absolute tolerances of the grid file;
@@ -45,11 +45,12 @@ from reports.build import build_report
 HERE = Path(__file__).resolve().parent
 GRID_FILE = HERE / "grid.toml"
 GOLDEN_DIR = HERE / "golden"
-DEFAULT_RUNS = Path("runs") / "regression"
+DEFAULT_RUNS = Path("build") / "regression"  # not runs/: the user's own records stay apart
 UPDATE_COMMAND = "tox -e regression -- --update-golden"
 
-# Config keys that name where and how a run was stored, not what it computed.
-CONFIG_IGNORED = frozenset({"run_id", "out", "overwrite", "report"})
+# Config keys that name where and how a run was stored or shown, not what it computed (the gate
+# sets the threads of the whole grid itself).
+CONFIG_IGNORED = frozenset({"run_id", "out", "overwrite", "report", "threads", "log"})
 # Figures of the machine: shown next to the golden's, never gated.
 EXPERIENCE_INFO = (
     "train_samples_per_s",
@@ -439,10 +440,6 @@ class Outcome:
     def breaches(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
 
-    @property
-    def passed(self) -> bool:
-        return self.problem is None and not self.breaches
-
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
@@ -607,9 +604,9 @@ def _rate(record: Mapping[str, Any] | None) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.regression.gate",
+        prog="python -m regression.gate",
         description="Run the pinned regression grid and compare it with the committed golden records.",
-        epilog="Goldens: tests/regression/golden/. Rewrite them (after review) with "
+        epilog="Goldens: regression/golden/. Rewrite them (after review) with "
         f"`{UPDATE_COMMAND}`; see docs/regression.md.",
     )
     parser.add_argument(
