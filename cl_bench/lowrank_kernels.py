@@ -1,7 +1,7 @@
 """Triton kernel of the fused low-rank layer's backward: every factor gradient of one layer at once.
 
 Imported only on first CUDA use (importing this module imports Triton). The maths and the torch
-twin are in :func:`cl_bench.adapters.factor_grads`. Per adapted layer the torch code runs four to
+twin are in :func:`cl_bench.lowrank.factor_grads`. Per adapted layer the torch code runs four to
 seven small elementwise kernels and a reduction on the factors (casts to float32, the scaling, the
 row scale, the gate, the rank mask, the gate's gradient); 144 layers make that a thousand launches
 per step whose cost, even replayed from a CUDA graph, is mostly the gap between them. Here one

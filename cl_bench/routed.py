@@ -2,7 +2,7 @@
 
 A routed layer computes ``y = W0 x + b + s B h(z, l)`` with ``z = A x`` [r] (the ranks), optional
 router logits ``l = R x`` and a per-token gate ``h`` (top-k of the ranks, weighted or binary):
-nothing folds into W0, unlike :class:`cl_bench.adapters.LowRank`. Run unfused, as
+nothing folds into W0, unlike :class:`cl_bench.lowrank.LowRank`. Run unfused, as
 ``base(x) + delta(x)``, each layer reads x twice, writes its update beside the base output and
 adds the two (three passes over the [tokens, d_out] activations forwards, three more for the input
 gradient), and q, k, v each repeat it all. :func:`routed_linears` instead does, for the k layers
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cl_bench.adapters import compute_dtype
+from cl_bench.lowrank import compute_dtype
 
 Route = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 

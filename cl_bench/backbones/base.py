@@ -146,13 +146,6 @@ class Backbone(nn.Module):
         """The module currently at ``role`` in ``block`` (an nn.Linear or an adapter wrapping one)."""
         return self.model.get_submodule(f"{block.path}.{block.linears[role]}")
 
-    def tower_parameters(self, tower: Tower) -> list[nn.Parameter]:
-        """Parameters of the blocks of ``tower`` (for the text-feature cache of the CLIP head)."""
-        params: list[nn.Parameter] = []
-        for block in self.blocks_of(tower):
-            params.extend(self.block_module(block).parameters())
-        return params
-
     def text_parameters(self) -> list[nn.Parameter]:
         """Every parameter that influences ``encode_text`` (empty for vision-only backbones)."""
         if not self.text_prefixes:

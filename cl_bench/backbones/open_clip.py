@@ -2,7 +2,7 @@
 
 Models are created by name, with weights from a local file (``.pt``/``.bin``/``.safetensors``) or
 ``local-dir:<dir>``; nothing is downloaded. Every ``nn.MultiheadAttention`` is replaced by an
-equivalent :class:`~cl_bench.adapters.UnfusedAttention` so strategies adapt plain linears, and
+equivalent :class:`~cl_bench.backbones.attention.UnfusedAttention` so strategies adapt plain linears, and
 the patch embedding runs as one GEMM (:class:`PatchConv2d`).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.adapters import UnfusedAttention
+from cl_bench.backbones.attention import UnfusedAttention
 from cl_bench.backbones.base import Backbone, Block, Tower, error_summary
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES

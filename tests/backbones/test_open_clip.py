@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cl_bench import config
-from cl_bench.adapters import UnfusedAttention
+from cl_bench.backbones.attention import UnfusedAttention
 from cl_bench.backbones.open_clip import AutocastLayerNorm, PatchConv2d, unfuse_attention
 from cl_bench.errors import WeightsError
 from cl_bench.registry import BACKBONES

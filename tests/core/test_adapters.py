@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cl_bench.adapters import LoRALinear, LowRank, fused_projections, lora_linear, lora_linears
+from cl_bench.adapters import LoRALinear, fused_projections
+from cl_bench.lowrank import LowRank, lora_linear, lora_linears
 
 D_IN, D_OUT, R, N = 12, 10, 4, 7
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl_bench import adapters
-from cl_bench.adapters import LowRank, factor_grads, lora_linears
+from cl_bench import lowrank as adapters
+from cl_bench.lowrank import LowRank, factor_grads, lora_linears
 
 # (d_out, d_in, r): tiles split unevenly, one rank, ranks that are not a power of two, many tiles
 SHAPES = [(40, 24, 3), (64, 48, 8), (700, 33, 1), (3000, 520, 16)]
 
 INTERPRETED = """
 import itertools, json, sys, torch
-from cl_bench import adapters
+from cl_bench import lowrank as adapters
 
 out = []
 for (d_out, d_in, r), dtype, scale, gate, gate_grad, mask, scaling in itertools.product(
