@@ -7,15 +7,21 @@ The loop (``cl_bench/loop.py``) calls, per experience::
                     -> after_backward(step) -> opt.step() -> after_step(step)
     after_experience(exp)
 
-A strategy owns its state (adapters, extra optimizers, schedules, random generators) and never
-reaches into the loop. It reports its own figures through :meth:`report` (per experience) and
-:meth:`final_report`, and can ask the loop to evaluate the final model under named variants
-(:meth:`final_variants`, e.g. DyLoRA at several ranks or LoRAPrune's sliced model).
+Every strategy is built as ``cls(cfg, backbone, head, ctx)``, its constructor written out as
+``__init__(self, cfg: <its Config>, backbone: Backbone, head: Head, ctx: StrategyContext)``. A
+strategy owns its state (adapters, extra optimizers, schedules, random generators) and never
+reaches into the loop. One that adapts the backbone's linears keeps them in an
+:class:`~cl_bench.adapter_set.AdapterSet` returned by :meth:`adapters`, through which the loop
+counts what it added and stores the frozen weights in bf16. It reports its own figures through
+:meth:`report` (per experience) and :meth:`final_report`, and can ask the loop to evaluate the
+final model under named variants (:meth:`final_variants`, e.g. DyLoRA at several ranks or
+LoRAPrune's sliced model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.adapters import AdaptedLinear, count, nbytes
-from cl_bench.backbones.base import Backbone
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear, check_targets, count
+from cl_bench.backbones.base import ROLES, Backbone
+from cl_bench.errors import ConfigError
 from cl_bench.heads import Head
 from cl_bench.optim import Convention, make_adamw, no_decay_ids
 
@@ -33,6 +41,39 @@ from cl_bench.optim import Convention, make_adamw, no_decay_ids
 @dataclass(frozen=True)
 class StrategyConfig:
     """Base class of strategy configs; each strategy declares its own frozen subclass."""
+
+
+@dataclass(frozen=True)
+class AdapterTargetsConfig(StrategyConfig):
+    """The fields of every method that puts rank-``r`` adapters on the backbone's linears,
+    validated here: rank ``r``, the adapted ``roles`` of the ``towers``, and
+    ``merge_each_experience`` (fold the adapters into W0 after each experience and start fresh
+    ones). ALLoRA, which has no alpha, subclasses this directly."""
+
+    r: int = 8
+    roles: tuple[str, ...] = ROLES
+    towers: tuple[str, ...] = ("vision", "text")
+    merge_each_experience: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        check_targets(self.roles, self.towers)
+
+
+@dataclass(frozen=True)
+class LoRAFamilyConfig(AdapterTargetsConfig):
+    """The fields a LoRA-family config shares (STRATEGIES.md Part A): those of
+    :class:`AdapterTargetsConfig` and the scale ``alpha`` (the update is scaled by alpha over a
+    rank). A subclass adds its own fields, may change a default, and calls
+    ``super().__post_init__()`` first in its own ``__post_init__``."""
+
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -114,20 +155,17 @@ class Strategy:
                     params.append(p)
         return params
 
-    def adapters(self) -> dict[str, AdaptedLinear]:
-        """The adapter modules the method injected, by ``<tower>.<block>.<role>`` (none by default)."""
-        return {}
-
-    def added_parameters(self) -> list[torch.Tensor]:
-        """Tensors the method added to the backbone (adapter weights, gates, banks, masks)."""
-        return [p for a in self.adapters().values() for p in a.adapter_parameters()]
+    def adapters(self) -> AdapterSet[AdaptedLinear]:
+        """The adapters the method injected (:class:`cl_bench.adapter_set.AdapterSet`; none by default)."""
+        return _NO_ADAPTERS
 
     def n_trainable(self) -> int:
-        """Trainable parameters now (LISA overrides: its trainable set changes every K steps)."""
+        """Trainable parameters now (LISA's trainable set changes every K steps)."""
         return count(p for p in self.trainable_parameters() if p.requires_grad)
 
     def n_added(self) -> int:
-        return count(self.added_parameters())
+        """Elements of the tensors the method added to the backbone (adapters, gates, banks, masks)."""
+        return self.adapters().n_added()
 
     def n_active(self) -> int | None:
         """Added parameters used per input, where the method routes or gates (None: all of them)."""
@@ -135,7 +173,7 @@ class Strategy:
 
     def adapter_bytes(self) -> int:
         """Bytes needed to store what the method adds to the backbone."""
-        return nbytes(self.added_parameters())
+        return self.adapters().nbytes()
 
     # -- the step -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
@@ -149,14 +187,15 @@ class Strategy:
         """A fresh optimizer for this experience (rebuilt at every experience by the loop).
 
         AdamW in :meth:`optimizer_convention` over :meth:`trainable_parameters`, with weight decay
-        on all but norms and biases (:meth:`no_decay`, HF Trainer's rule; docs/optimizers.md).
+        on all but the norms and biases of backbone and head (:func:`cl_bench.optim.no_decay_ids`,
+        HF Trainer's rule; docs/optimizers.md).
         """
         return adamw(
             self.trainable_parameters(),
             lr,
             weight_decay,
             convention=self.optimizer_convention(),
-            no_decay=self.no_decay(),
+            no_decay=no_decay_ids((self.backbone, self.head)),
         )
 
     def optimizer_convention(self) -> Convention:
@@ -164,11 +203,6 @@ class Strategy:
         has one (SoRA, DyLoRA: ``hf-adamw`` by default, as their official code), else ``torch-adamw``."""
         convention: Convention = getattr(self.cfg, "optimizer", "torch-adamw")
         return convention
-
-    def no_decay(self) -> set[int]:
-        """``id`` of every backbone and head parameter exempt from weight decay: those of norm layers
-        and those named ``*bias*`` (:func:`cl_bench.optim.no_decay_ids`)."""
-        return no_decay_ids((self.backbone, self.head))
 
     def graph_key(self) -> Hashable | None:
         """The key of this step's forward + loss + backward for CUDA-graph replay; None: run it eagerly.
@@ -223,16 +257,9 @@ class Strategy:
         self.head.to(device)
 
     def store_frozen_weights(self, dtype: torch.dtype) -> None:
-        """Keep the frozen base layers of the adapters in ``dtype`` (bf16 runs).
-
-        Halves their memory and removes autocast's cast of every weight at every use; the math is
-        unchanged, since bf16 autocast casts them to bf16 anyway. Skipped when the method writes
-        into its base weights during training (``merge_each_experience``), which needs fp32.
-        """
-        if getattr(self.cfg, "merge_each_experience", False):
-            return
-        for adapter in self.adapters().values():
-            adapter.base.to(dtype)
+        """Keep the frozen base layers of the adapters in ``dtype`` (bf16 runs; see
+        :meth:`cl_bench.adapter_set.AdapterSet.store_frozen`)."""
+        self.adapters().store_frozen(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What must be saved to restore the trained method: every parameter of backbone and head."""
@@ -259,6 +286,10 @@ class Strategy:
         return {}
 
 
+_NO_ADAPTERS: AdapterSet[AdaptedLinear] = AdapterSet()
+
+
 @contextlib.contextmanager
 def nothing() -> Iterator[None]:
+    """The context of the main evaluation: no variant."""
     yield

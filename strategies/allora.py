@@ -41,19 +41,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cl_bench.adapters import (
-    ROLES,
-    AdaptedLinear,
-    LowRank,
-    available_towers,
-    check_targets,
-    init_lora_pair,
-    inject,
-    merge_into_base,
-)
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear
+from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
+from cl_bench.heads import Head
+from cl_bench.lowrank import LowRank, init_lora_pair
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig
+from cl_bench.strategy import AdapterTargetsConfig, ExperienceInfo, Strategy, StrategyContext
 
 Norm = Literal["l2", "l2_squared"]
 
@@ -120,20 +115,14 @@ class ALLoRALinear(AdaptedLinear):
 
 
 @dataclass(frozen=True)
-class ALLoRAConfig(StrategyConfig):
-    r: int = 8
+class ALLoRAConfig(AdapterTargetsConfig):
     eta: float = 2.0  # c = eta at B = 0; the paper sweeps eta^2 in {1, 2, 4}
     norm: Norm = "l2"
-    roles: tuple[str, ...] = ROLES
-    towers: tuple[str, ...] = ("vision", "text")
-    merge_each_experience: bool = False
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        super().__post_init__()
         if not (self.eta > 0 and math.isfinite(self.eta)):
             raise ConfigError(f"strategy.eta must be a finite number > 0, got {self.eta}")
-        check_targets(self.roles, self.towers)
 
 
 @STRATEGIES.register(
@@ -150,14 +139,14 @@ class ALLoRA(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, cfg: ALLoRAConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self._adapters = inject(
-            self.backbone,
+    def __init__(self, cfg: ALLoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: ALLoRALinear(linear, cfg.r, cfg.eta, cfg.norm),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
+            merge_each_experience=cfg.merge_each_experience,
         )
 
         groups: dict[tuple[int, ...], list[ALLoRALinear]] = {}
@@ -165,7 +154,7 @@ class ALLoRA(Strategy):
             groups.setdefault((*adapter.A.shape, *adapter.B.shape), []).append(adapter)
         self._groups = list(groups.values())
 
-    def adapters(self) -> dict[str, ALLoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[ALLoRALinear]:
         return self._adapters
 
     def forward(self, x: torch.Tensor, exp: ExperienceInfo) -> torch.Tensor:
@@ -197,11 +186,7 @@ class ALLoRA(Strategy):
             adapter.scale_fresh = False
 
     def after_experience(self, exp: ExperienceInfo) -> None:
-        if self.cfg.merge_each_experience:
-            with torch.no_grad():
-                for adapter in self._adapters.values():
-                    merge_into_base(adapter, adapter.delta_weight())
-                    adapter.reset()
+        self._adapters.end_experience()
 
     def report(self) -> dict[str, float | int]:
         """Mean and minimum gradient scale c over all adapted rows (eta at B = 0; smaller as rows grow)."""

@@ -42,7 +42,7 @@ Choices where paper, official code (huawei-noah/Efficient-NLP ``DyLoRA/``) and C
   and biases outside the adapters do not (HF Trainer's groups).
 - B is stored transposed (``Bt`` [r_max, d_out]) so that each rank is a contiguous row for the
   multi-tensor optimizer kernels. Training runs through the fused low-rank linear of
-  :mod:`cl_bench.adapters` over all r_max ranks with per-rank weights ``alpha / b`` on ranks
+  :mod:`cl_bench.lowrank` over all r_max ranks with per-rank weights ``alpha / b`` on ranks
   1..b and 0 above (the same function as the truncation ``(alpha / b) B[:, :b] A[:b]``) and a
   0/1 gradient mask: in frozen mode only rank b gets gradient, the others an exact zero (as with
   the official ``detach``). Weights and mask are device tensors shared by all layers
@@ -67,20 +67,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cl_bench.adapters import (
-    ROLES,
-    AdaptedLinear,
-    LowRank,
-    available_towers,
-    check_targets,
-    init_lora_pair,
-    inject,
-    merge_into_base,
-)
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear, check_targets
+from cl_bench.backbones.base import ROLES, Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.optim import CONVENTIONS, UPDATES, Convention
+from cl_bench.heads import Head
+from cl_bench.lowrank import LowRank, init_lora_pair
+from cl_bench.optim import CONVENTIONS, UPDATES, Convention, no_decay_ids
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext, adamw
 
 Mode = Literal["frozen", "full"]
 
@@ -344,23 +339,23 @@ class DyLoRA(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, cfg: DyLoRAConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        self.backbone.requires_grad_(False)
+    def __init__(self, cfg: DyLoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
         self.rank_state = RankState(cfg.r_max, cfg.alpha, cfg.mode)  # shared by every layer
-        self._adapters = inject(
-            self.backbone,
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: DyLoRALinear(linear, cfg.r_max, cfg.alpha, cfg.mode, self.rank_state),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
+            merge_each_experience=cfg.merge_each_experience,
         )
         self.eval_rank = cfg.eval_rank or cfg.r_max
-        self._generator = self.ctx.generator(salt=2210_07558)
+        self._generator = ctx.generator(salt=2210_07558)
         self._counts = [0] * cfg.r_max  # sampled ranks over the whole stream
         self._experience_ranks: list[int] = []  # sampled ranks of the current experience
         self.last_rank = self.eval_rank
 
-    def adapters(self) -> dict[str, DyLoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[DyLoRALinear]:
         return self._adapters
 
     def set_rank(self, b: int) -> None:
@@ -389,7 +384,7 @@ class DyLoRA(Strategy):
             lr,
             weight_decay,
             convention=self.cfg.optimizer,
-            no_decay=self.no_decay(),
+            no_decay=no_decay_ids((self.backbone, self.head)),
         )
 
     def sample_rank(self) -> int:
@@ -412,11 +407,8 @@ class DyLoRA(Strategy):
         self._experience_ranks.append(b)
 
     def after_experience(self, exp: ExperienceInfo) -> None:
-        if self.cfg.merge_each_experience:
-            with torch.no_grad():
-                for adapter in self._adapters.values():
-                    merge_into_base(adapter, adapter.delta_weight(self.eval_rank))
-                    adapter.reset()
+        """With ``merge_each_experience``: fold the adapters at ``eval_rank`` into W0, start fresh ones."""
+        self._adapters.end_experience(lambda adapter: adapter.delta_weight(self.eval_rank))
 
     @contextlib.contextmanager
     def evaluated_at(self, b: int) -> Iterator[None]:

@@ -9,10 +9,10 @@ parameter named ``*bias*`` (the base :meth:`Strategy.make_optimizer`; docs/optim
 
 from __future__ import annotations
 
-from typing import Any
-
+from cl_bench.backbones.base import Backbone
+from cl_bench.heads import Head
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import Strategy
+from cl_bench.strategy import Strategy, StrategyConfig, StrategyContext
 
 
 @STRATEGIES.register("finetune", description="baseline: full fine-tuning of all backbone parameters")
@@ -23,7 +23,7 @@ class Finetune(Strategy):
     graphs_span_experiences = True
     default_weight_decay = 0.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: StrategyConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
         for name, param in self.backbone.model.named_parameters():
             param.requires_grad_(name != "logit_scale")

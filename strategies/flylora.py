@@ -74,21 +74,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.adapters import (
-    ROLES,
-    AdaptedLinear,
-    RankUsage,
-    RoutingHistory,
-    available_towers,
-    check_targets,
-    inject,
-    merge_into_base,
-    topk_mask,
-)
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear
+from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
+from cl_bench.heads import Head
+from cl_bench.rank_routing import RankUsage, RoutingHistory, topk_mask
 from cl_bench.registry import STRATEGIES
 from cl_bench.routed import RoutedUpdate, use_fused
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext
+from cl_bench.strategy import ExperienceInfo, LoRAFamilyConfig, Strategy, StrategyContext
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +254,7 @@ class FlyLoRALinear(AdaptedLinear):
 
     # -- merge mode ----------------------------------------------------------------------------
     @torch.no_grad()
-    def fresh(self, A: torch.Tensor | None = None) -> None:
+    def reset(self, A: torch.Tensor | None = None) -> None:
         """A fresh adapter in place (B = 0, d = 0, and a new A if given): same tensors, so a captured
         CUDA graph stays valid."""
         self.B.zero_()
@@ -311,10 +305,13 @@ class FlyLoRALinear(AdaptedLinear):
 
 
 @dataclass(frozen=True)
-class FlyLoRAConfig(StrategyConfig):
+class FlyLoRAConfig(LoRAFamilyConfig):
+    """The LoRA-family fields (scaling ``alpha / r``; ``merge_each_experience``: sequential mode at
+    k = r only, fold into W0 and start a fresh B) and those of the routing and the CL mode."""
+
     r: int = 32
+    alpha: float = 64.0
     k: int = 8  # active ranks per token
-    alpha: float = 64.0  # scaling alpha / r
     topk_score: TopkScore = "signed"  # signed: PEFT code; abs: paper text and flylora.py (|z + d|)
     bias_rate: float = 1e-3  # u of the sign rule (0: no balancing)
     detach_branch_input: bool = False  # true: no gradient to x through A (the PEFT no_grad path)
@@ -323,17 +320,11 @@ class FlyLoRAConfig(StrategyConfig):
     a_seed: ASeed = "shared"  # merge mode: one A for all experiences, or one per experience
     merge_rule: MergeRule | None = None  # merge mode; None: params (shared A) or branches (per-experience A)
     reset_balance_bias_each_experience: bool = False
-    merge_each_experience: bool = False  # sequential mode, k = r only: fold into W0, start a fresh B
-    roles: tuple[str, ...] = ROLES
-    towers: tuple[str, ...] = ("vision", "text")
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        super().__post_init__()
         if not 1 <= self.k <= self.r:
             raise ConfigError(f"strategy.k must be in [1, r = {self.r}], got {self.k}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
         if not (self.bias_rate >= 0 and math.isfinite(self.bias_rate)):
             raise ConfigError(f"strategy.bias_rate must be a finite number >= 0, got {self.bias_rate}")
         if not 0 <= self.dropout < 1:
@@ -369,7 +360,6 @@ class FlyLoRAConfig(StrategyConfig):
                 f"strategy.merge_each_experience: FlyLoRA cannot be folded into W0 at k = {self.k} < r = "
                 f"{self.r} (top-k routing per token); set k = r"
             )
-        check_targets(self.roles, self.towers)
 
     @property
     def flagged_merge(self) -> bool:
@@ -394,13 +384,12 @@ class FlyLoRA(Strategy):
     graph_safe = True
     graphs_span_experiences = True  # merge mode resets the same tensors in place
 
-    def __init__(self, cfg: FlyLoRAConfig, backbone: Any, head: Any, ctx: StrategyContext) -> None:
+    def __init__(self, cfg: FlyLoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
         super().__init__(cfg, backbone, head, ctx)
-        self.backbone.requires_grad_(False)
         merge = cfg.cl_mode == "merge"
         per_experience = cfg.a_seed == "per_experience"
-        self._adapters = inject(
-            self.backbone,
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: FlyLoRALinear(
                 linear,
                 cfg.r,
@@ -415,7 +404,8 @@ class FlyLoRA(Strategy):
                 merge_rule=cfg.merge_rule or "params",
             ),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
+            merge_each_experience=cfg.merge_each_experience,
         )
         self.routing = RoutingHistory(self._adapters, cfg.k, "d")
         self._a_events: list[list[Any]] = []  # [experience, a_seed, seed of the first layer, sum A^2]
@@ -430,11 +420,8 @@ class FlyLoRA(Strategy):
         per_experience = self.cfg.a_seed == "per_experience"
         return a_seed(self.ctx.seed, layer, experience if per_experience else None)
 
-    def adapters(self) -> dict[str, FlyLoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[FlyLoRALinear]:
         return self._adapters
-
-    def added_parameters(self) -> list[torch.Tensor]:
-        return [t for a in self._adapters.values() for t in a.added_tensors()]
 
     def n_active(self) -> int:
         return sum(a.n_active() for a in self._adapters.values())
@@ -453,7 +440,7 @@ class FlyLoRA(Strategy):
                     seed = self.seed_of(name, exp.index)
                     A = sparse_projection(adapter.r, adapter.in_features, adapter.p, seed)
                     redrawn = True
-                adapter.fresh(A)
+                adapter.reset(A)
             elif self.cfg.reset_balance_bias_each_experience and exp.index > 0:
                 with torch.no_grad():
                     adapter.d.zero_()
@@ -472,10 +459,8 @@ class FlyLoRA(Strategy):
         if self.cfg.cl_mode == "merge":
             for adapter in self._adapters.values():
                 adapter.push()
-        elif self.cfg.merge_each_experience:  # k = r (checked by the config): exact
-            for adapter in self._adapters.values():
-                merge_into_base(adapter, adapter.delta_weight())
-                adapter.fresh()
+        else:  # merge_each_experience needs k = r (checked by the config): exact
+            self._adapters.end_experience()
 
     # -- figures --------------------------------------------------------------------------------
     def report(self) -> dict[str, float | int]:

@@ -6,10 +6,10 @@ final norms and projections of both towers (the backbone's ``head_names``).
 
 from __future__ import annotations
 
-from typing import Any
-
+from cl_bench.backbones.base import Backbone
+from cl_bench.heads import Head
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import Strategy
+from cl_bench.strategy import Strategy, StrategyConfig, StrategyContext
 
 
 @STRATEGIES.register(
@@ -21,7 +21,7 @@ class LinearProbe(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: StrategyConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
         for name, param in self.backbone.model.named_parameters():
             param.requires_grad_(name.startswith(self.backbone.head_names))

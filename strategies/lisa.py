@@ -53,9 +53,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
+from cl_bench.heads import Head
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import Strategy, StrategyConfig
+from cl_bench.strategy import Strategy, StrategyConfig, StrategyContext
 
 _SALT = 5  # generator salt of LISA's block sampling
 
@@ -114,8 +116,8 @@ class LISA(Strategy):
     )
     default_lr = 1e-5  # full-parameter training, as the finetune baseline
 
-    def __init__(self, cfg: LISAConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: LISAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
         self.towers = [t for t in self.backbone.towers() if t in cfg.towers]  # available_towers, typed
         if not self.towers:
             raise ConfigError(

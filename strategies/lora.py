@@ -10,28 +10,18 @@ folds the adapter into the backbone after each experience and starts a fresh one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from cl_bench.adapters import ROLES, LoRALinear, available_towers, check_targets, inject, merge_into_base
-from cl_bench.errors import ConfigError
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import LoRALinear
+from cl_bench.backbones.base import Backbone
+from cl_bench.heads import Head
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig
+from cl_bench.strategy import ExperienceInfo, LoRAFamilyConfig, Strategy, StrategyContext
 
 
 @dataclass(frozen=True)
-class LoRAConfig(StrategyConfig):
-    r: int = 8
-    alpha: float = 16.0
-    roles: tuple[str, ...] = ROLES
-    towers: tuple[str, ...] = ("vision", "text")
-    merge_each_experience: bool = False
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
-        check_targets(self.roles, self.towers)
+class LoRAConfig(LoRAFamilyConfig):
+    """The shared LoRA-family fields only: r = 8, alpha = 16, q/k/v/out/fc1/fc2 of both towers."""
 
 
 @STRATEGIES.register(
@@ -44,21 +34,18 @@ class LoRA(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, cfg: LoRAConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self._adapters = inject(
-            self.backbone,
+    def __init__(self, cfg: LoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: LoRALinear(linear, cfg.r, cfg.alpha),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
+            merge_each_experience=cfg.merge_each_experience,
         )
 
-    def adapters(self) -> dict[str, LoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[LoRALinear]:
         return self._adapters
 
     def after_experience(self, exp: ExperienceInfo) -> None:
-        if self.cfg.merge_each_experience:
-            for adapter in self._adapters.values():
-                merge_into_base(adapter, adapter.delta_weight())
-                adapter.reset()
+        self._adapters.end_experience()

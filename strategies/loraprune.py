@@ -36,7 +36,7 @@ design. The first ``floor(0.1 L)`` blocks and the last block of each tower are n
 After the stream the model is physically sliced (``final_variants()["sliced"]``): LoRA and masks
 are folded into plain ``nn.Linear`` layers, q/k/v rows and out columns of the pruned heads and
 fc1 rows and fc2 columns of the pruned channels are removed. Attention of open_clip
-(:class:`~cl_bench.adapters.UnfusedAttention`) and of transformers CLIP/ViT reshape with ``-1``
+(:class:`~cl_bench.backbones.attention.UnfusedAttention`) and of transformers CLIP/ViT reshape with ``-1``
 heads, so the sliced blocks run unchanged. ``final_variants()["merged"]`` is the same dense
 model before slicing, the speed reference without LoRA overhead.
 
@@ -67,11 +67,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_bench.adapters import ROLES, LoRALinear, LowRank, base_linear, check_targets, inject
-from cl_bench.backbones.base import Backbone, Block
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import LoRALinear, base_linear, check_targets
+from cl_bench.backbones.base import ROLES, Backbone, Block
 from cl_bench.errors import ConfigError
+from cl_bench.heads import Head
+from cl_bench.lowrank import LowRank
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig
+from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext
 
 log = logging.getLogger(__name__)
 _GROUPS = {"attn": (("q", "k", "v"), "out"), "mlp": (("fc1",), "fc2")}
@@ -107,6 +110,10 @@ class MaskedLoRALinear(LoRALinear):
     def low_rank(self) -> LowRank:
         """LoRA with the mask on whole output rows (base, update and bias), folded into the fused layer."""
         return LowRank(self.A, self.B, self.scaling, out_mask=self.mask)
+
+    def added_tensors(self) -> list[torch.Tensor]:
+        """The LoRA factors and the mask buffer."""
+        return super().added_tensors() + ([] if self.mask is None else [self.mask])
 
     def importance(self) -> torch.Tensor | None:
         """``|G_hat * (W0 + s B A)|`` (Eq. 1-2) from the current gradients; None without gradients."""
@@ -266,26 +273,23 @@ class LoRAPrune(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, cfg: LoRAPruneConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self.n_backbone = sum(p.numel() for p in self.backbone.model.parameters())  # before LoRA
-        towers = [t for t in self.backbone.towers() if t in cfg.towers]  # available_towers, typed
+    def __init__(self, cfg: LoRAPruneConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        self.n_backbone = sum(p.numel() for p in backbone.model.parameters())  # before LoRA
+        towers = [t for t in backbone.towers() if t in cfg.towers]  # available_towers, typed
         if not towers:
             raise ConfigError(
-                f"strategy.towers {list(cfg.towers)} names no tower of backbone {self.backbone.name}"
+                f"strategy.towers {list(cfg.towers)} names no tower of backbone {backbone.name}"
             )
-        prunable = {
-            (tower, i) for tower in towers for i in prunable_blocks(len(self.backbone.blocks_of(tower)))
-        }
+        prunable = {(tower, i) for tower in towers for i in prunable_blocks(len(backbone.blocks_of(tower)))}
         masked_roles = {r for fan_out, _ in _GROUPS.values() for r in fan_out}
 
         def factory(linear: nn.Linear, block: Block, role: str) -> MaskedLoRALinear:
             masked = (block.tower, block.index) in prunable and role in masked_roles
             return MaskedLoRALinear(linear, cfg.r, cfg.alpha, masked)
 
-        self._adapters: dict[str, MaskedLoRALinear] = inject(
-            self.backbone, factory, roles=ROLES, towers=towers
+        self._adapters = AdapterSet.inject(
+            backbone, factory, roles=ROLES, towers=towers, merge_each_experience=cfg.merge_each_experience
         )
         self.groups: list[PruneGroup] = []
         for block in self.backbone.blocks:
@@ -315,7 +319,7 @@ class LoRAPrune(Strategy):
                     )
                 )
         self.towers = towers
-        self.total_steps = self.ctx.total_steps
+        self.total_steps = ctx.total_steps
         self.prune_events: list[list[float]] = []  # [step, ratio]
         self.last_target = 0.0  # scheduled sparsity at the last step trained
         self._state = "masked"  # -> "merged" -> "sliced" (final variants, in place)
@@ -328,13 +332,8 @@ class LoRAPrune(Strategy):
                 cfg.prune_every,
             )
 
-    def adapters(self) -> dict[str, MaskedLoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[MaskedLoRALinear]:
         return self._adapters
-
-    def added_parameters(self) -> list[torch.Tensor]:
-        """LoRA factors and the mask buffers."""
-        masks = [m.mask for m in self._adapters.values() if m.mask is not None]
-        return [*super().added_parameters(), *masks]
 
     def to(self, device: torch.device) -> None:
         super().to(device)
@@ -378,11 +377,7 @@ class LoRAPrune(Strategy):
             self.prune_events.append([step, ratio])
 
     def after_experience(self, exp: ExperienceInfo) -> None:
-        if self.cfg.merge_each_experience:
-            with torch.no_grad():
-                for adapter in self._adapters.values():
-                    adapter.base.weight.add_(adapter.delta_weight().to(adapter.base.weight.dtype))
-                    adapter.reset()
+        self._adapters.end_experience()
 
     # -- the pruned model ---------------------------------------------------------------------
     def merge(self) -> None:

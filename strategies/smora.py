@@ -65,21 +65,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.adapters import (
-    ROLES,
-    AdaptedLinear,
-    RankUsage,
-    RoutingHistory,
-    available_towers,
-    check_targets,
-    init_lora_pair,
-    inject,
-    topk_mask,
-)
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear
+from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
+from cl_bench.heads import Head
+from cl_bench.lowrank import init_lora_pair
+from cl_bench.rank_routing import RankUsage, RoutingHistory, topk_mask
 from cl_bench.registry import STRATEGIES
 from cl_bench.routed import RoutedUpdate, use_fused
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig
+from cl_bench.strategy import ExperienceInfo, LoRAFamilyConfig, Strategy, StrategyContext
 
 GateBias = Literal["include", "exclude"]
 
@@ -173,22 +168,20 @@ class SMoRALinear(AdaptedLinear):
 
 
 @dataclass(frozen=True)
-class SMoRAConfig(StrategyConfig):
-    r: int = 64  # rank-1 experts per layer
+class SMoRAConfig(LoRAFamilyConfig):
+    """The LoRA-family fields (``r``: rank-1 experts per layer, scaling ``alpha / k``;
+    ``merge_each_experience`` is refused: SMoRA never folds into W0) and the router's."""
+
+    r: int = 64
     k: int = 8  # active ranks per token (the official activate_r)
     rank_partition: int = 1  # P: ranks per router output (P > 1: block experts)
-    alpha: float = 16.0  # scaling alpha / k
     gate_bias: GateBias = "include"  # include: gates from s + beta (code); exclude: beta only selects
     bias_rate: float = 1e-5  # u of the sign rule (0: no balancing)
     dropout: float = 0.0
     reset_balance_bias_each_experience: bool = False
-    merge_each_experience: bool = False  # refused: SMoRA never folds into W0
-    roles: tuple[str, ...] = ROLES
-    towers: tuple[str, ...] = ("vision", "text")
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
+        super().__post_init__()
         if not 1 <= self.k <= self.r:
             raise ConfigError(f"strategy.k must be in [1, r = {self.r}], got {self.k}")
         if self.rank_partition < 1 or self.r % self.rank_partition or self.k % self.rank_partition:
@@ -196,8 +189,6 @@ class SMoRAConfig(StrategyConfig):
                 f"strategy.rank_partition must be >= 1 and divide r = {self.r} and k = {self.k}, "
                 f"got {self.rank_partition}"
             )
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
         if self.gate_bias not in ("include", "exclude"):
             raise ConfigError(f"strategy.gate_bias must be one of include, exclude, got {self.gate_bias!r}")
         if not (self.bias_rate >= 0 and math.isfinite(self.bias_rate)):
@@ -206,7 +197,6 @@ class SMoRAConfig(StrategyConfig):
             raise ConfigError(f"strategy.dropout must be in [0, 1), got {self.dropout}")
         if self.merge_each_experience:
             raise ConfigError(f"strategy.merge_each_experience: {not_foldable(self.k, self.r)}")
-        check_targets(self.roles, self.towers)
 
 
 @STRATEGIES.register(
@@ -226,11 +216,10 @@ class SMoRA(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, cfg: SMoRAConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self._adapters = inject(
-            self.backbone,
+    def __init__(self, cfg: SMoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: SMoRALinear(
                 linear,
                 cfg.r,
@@ -241,15 +230,12 @@ class SMoRA(Strategy):
                 dropout=cfg.dropout,
             ),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
         )
         self.routing = RoutingHistory(self._adapters, cfg.k, "balance_bias")
 
-    def adapters(self) -> dict[str, SMoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[SMoRALinear]:
         return self._adapters
-
-    def added_parameters(self) -> list[torch.Tensor]:
-        return [t for a in self._adapters.values() for t in a.added_tensors()]
 
     def n_active(self) -> int:
         return sum(a.n_active() for a in self._adapters.values())

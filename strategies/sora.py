@@ -76,20 +76,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.adapters import (
-    ROLES,
-    AdaptedLinear,
-    LowRank,
-    available_towers,
-    check_targets,
-    init_lora_pair,
-    inject,
-    merge_into_base,
-)
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear
+from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.optim import CONVENTIONS, SPARSE_ADAMW_EPS, Convention, SparseAdamW
+from cl_bench.heads import Head
+from cl_bench.lowrank import LowRank, init_lora_pair
+from cl_bench.optim import CONVENTIONS, SPARSE_ADAMW_EPS, Convention, SparseAdamW, no_decay_ids
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, adamw
+from cl_bench.strategy import ExperienceInfo, LoRAFamilyConfig, Strategy, StrategyContext, adamw
 
 Threshold = Literal["paper", "code"]
 XiSchedule = Literal["linear", "log_linear", "exp_linear"]
@@ -176,9 +171,9 @@ class SoRALinear(AdaptedLinear):
 
 
 @dataclass(frozen=True)
-class SoRAConfig(StrategyConfig):
-    r: int = 8  # r_max of the paper
-    alpha: float = 16.0
+class SoRAConfig(LoRAFamilyConfig):
+    """The LoRA-family fields (``r`` is the paper's r_max) and those of the gates and their schedule."""
+
     threshold: Threshold = "paper"
     xi: tuple[float, ...] = ()  # explicit xi per stage (overrides xi_schedule); the last one repeats
     xi_schedule: XiSchedule = "linear"
@@ -187,20 +182,14 @@ class SoRAConfig(StrategyConfig):
     experiences_per_stage: int = 1
     gate_lr: float = 0.0  # 0: the run's learning rate
     l1: float = 0.0  # the official code's sparse_lambda (L1 on the gates); not in the paper
-    roles: tuple[str, ...] = ROLES
-    towers: tuple[str, ...] = ("vision", "text")
-    merge_each_experience: bool = False
     optimizer: Convention = "hf-adamw"  # the main AdamW: transformers' (official) or torch's
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.optimizer not in CONVENTIONS:
             raise ConfigError(
                 f"strategy.optimizer must be one of {', '.join(CONVENTIONS)}, got {self.optimizer!r}"
             )
-        if self.r < 1:
-            raise ConfigError(f"strategy.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"strategy.alpha must be > 0, got {self.alpha}")
         if self.threshold not in XI_END:  # config.build checks the Literal; direct construction too
             raise ConfigError(f"strategy.threshold must be one of paper, code, got {self.threshold!r}")
         if self.xi_end is None:  # resolved here, so the run record holds the value used
@@ -217,7 +206,6 @@ class SoRAConfig(StrategyConfig):
             raise ConfigError(
                 f"strategy.experiences_per_stage must be >= 1, got {self.experiences_per_stage}"
             )
-        check_targets(self.roles, self.towers)
 
 
 @STRATEGIES.register(
@@ -230,16 +218,16 @@ class SoRA(Strategy):
     graph_safe = True
     graphs_span_experiences = True
 
-    def __init__(self, cfg: SoRAConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self._adapters = inject(
-            self.backbone,
+    def __init__(self, cfg: SoRAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: SoRALinear(linear, cfg.r, cfg.alpha),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
+            merge_each_experience=cfg.merge_each_experience,
         )
-        self.stages = xi_stages(cfg, self.ctx.n_experiences)
+        self.stages = xi_stages(cfg, ctx.n_experiences)
         self.xi = self.stages[0]
         self.threshold = 0.0  # the last lambda applied
         self.gate_optimizer: torch.optim.Optimizer | None = None
@@ -248,7 +236,7 @@ class SoRA(Strategy):
         self._lr_factor = 1.0
         self._history: list[dict[str, int]] = []  # live gates per layer after each experience
 
-    def adapters(self) -> dict[str, SoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[SoRALinear]:
         return self._adapters
 
     def gates(self) -> list[torch.Tensor]:
@@ -264,7 +252,7 @@ class SoRA(Strategy):
             lr,
             weight_decay,
             convention=self.cfg.optimizer,
-            no_decay=self.no_decay(),
+            no_decay=no_decay_ids((self.backbone, self.head)),
         )
         self._base_lr = lr
         gates = [g for g in self.gates() if g.requires_grad]
@@ -335,11 +323,7 @@ class SoRA(Strategy):
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         self._history.append(self.live_per_layer())
-        if self.cfg.merge_each_experience:
-            with torch.no_grad():
-                for adapter in self._adapters.values():
-                    merge_into_base(adapter, adapter.delta_weight())
-                    adapter.reset()
+        self._adapters.end_experience()
 
     # -- figures ------------------------------------------------------------------------------
     def live_per_layer(self) -> dict[str, int]:

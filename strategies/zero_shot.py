@@ -3,10 +3,10 @@ that row's label space (the b row repeated up to the label-space rule)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from cl_bench.backbones.base import Backbone
+from cl_bench.heads import Head
 from cl_bench.registry import STRATEGIES
-from cl_bench.strategy import Strategy
+from cl_bench.strategy import Strategy, StrategyConfig, StrategyContext
 
 
 @STRATEGIES.register(
@@ -16,7 +16,7 @@ class ZeroShot(Strategy):
     paper = "Radford et al. 2021, CLIP (zero-shot classification with class-name prompts)"
     trains = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: StrategyConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
         self.backbone.requires_grad_(False)
         self.head.requires_grad_(False)

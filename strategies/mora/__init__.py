@@ -84,18 +84,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_bench.adapters import (
-    ROLES,
-    AdaptedLinear,
-    available_towers,
-    check_targets,
-    compute_dtype,
-    init_lora_pair,
-    inject,
-)
-from cl_bench.backbones.base import Backbone
+from cl_bench.adapter_set import AdapterSet
+from cl_bench.adapters import AdaptedLinear, check_targets
+from cl_bench.backbones.base import ROLES, Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.heads import Head
+from cl_bench.lowrank import compute_dtype, init_lora_pair
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyConfig, StrategyContext, adamw
 from strategies.mora.routing import dense_weights, route, route_backward, route_reference
@@ -435,29 +429,25 @@ class MoRA(Strategy):
             raise ConfigError(
                 f"strategy.use_image_to_text=false needs a CLIP backbone; {backbone.name} has no text term"
             )
-        self.backbone.requires_grad_(False)
         capacity = cfg.r * max(1, ctx.n_experiences)
-        self._adapters: dict[str, MoRALinear] = inject(
-            self.backbone,
+        self._adapters = AdapterSet.inject(
+            backbone,
             lambda linear, block, role: MoRALinear(
                 linear, cfg.r, cfg.topk, cfg.tau, cfg.delta, capacity, fused=cfg.fused_routing
             ),
             roles=cfg.roles,
-            towers=available_towers(self.backbone, cfg.towers),
+            towers=cfg.towers,
         )
         self.n_blocks = 1  # the first block exists from construction on
         self._masks: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def adapters(self) -> dict[str, MoRALinear]:  # type: ignore[override]
+    def adapters(self) -> AdapterSet[MoRALinear]:
         return self._adapters
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly the current block of every layer (plus a linear head, on non-CLIP backbones)."""
         params = [p for a in self._adapters.values() for p in (a.A, a.B)]
         return params + [p for p in self.head.parameters() if p.requires_grad]
-
-    def added_parameters(self) -> list[torch.Tensor]:
-        return [t for a in self._adapters.values() for t in a.added_tensors()]
 
     def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return adamw(
@@ -537,10 +527,6 @@ class MoRA(Strategy):
                 if not math.isnan(v)
             )
         )
-
-    def _block_parameters(self) -> int:
-        """Parameters of one experience's block over all layers (what each experience adds)."""
-        return sum(a.r * (a.in_features + a.out_features) for a in self._adapters.values())
 
     def report(self) -> dict[str, float | int]:
         """Ranks per layer, mean active ranks per token (train, eval: layer means) and the block size."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from cl_bench import config
@@ -12,32 +11,9 @@ from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
 from strategies.allora import ALLoRA, ALLoRAConfig, ALLoRALinear, row_scale
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
+from tests.peft_oracle import PeftLoRA
 
 D_IN, D_OUT, R = 12, 10, 4
-
-
-class OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.lin = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def peft_lora(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float) -> nn.Module:
-    """HF peft's LoRA layer (``peft.tuners.lora.Linear``) on a copy of ``base`` with the given A, B."""
-    copy = nn.Linear(base.in_features, base.out_features).to(base.weight.dtype)
-    copy.load_state_dict(base.state_dict())
-    cfg = LoraConfig(
-        r=A.shape[0], lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, init_lora_weights=False
-    )
-    model = get_peft_model(OneLinear(copy), cfg)
-    layer = model.base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    return layer
 
 
 def make_layer(eta: float = 2.0, norm: str = "l2", seed: int = 0, zero_b: bool = False) -> ALLoRALinear:
@@ -112,10 +88,10 @@ def test_forward_is_w0x_plus_ba_x_without_scaling_or_dropout() -> None:
 
 def test_forward_and_input_gradient_equal_peft_lora_with_unit_scaling() -> None:
     layer = make_layer()
-    ref = peft_lora(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)  # alpha / r = 1
+    ref = PeftLoRA(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)  # alpha / r = 1
     x, w = inputs()
     out, dx, _ = grads(layer, [layer.A, layer.B], x, w)
-    ref_out, ref_dx, _ = grads(ref, [ref.lora_A["default"].weight], x, w)
+    ref_out, ref_dx, _ = grads(ref, [ref.A], x, w)
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dx, ref_dx, rtol=0, atol=1e-6)
 
@@ -138,13 +114,11 @@ def test_ab_gradients_equal_peft_with_the_output_rescaling_trick_but_input_gradi
     but it also rescales the input gradient, which ALLoRA must not do."""
     layer = make_layer()
     c = layer.row_scale()
-    ref = peft_lora(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)
-    ref.lora_B["default"].register_forward_hook(lambda m, i, y: c * y + ((1 - c) * y).detach())
+    ref = PeftLoRA(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)
+    ref.up.register_forward_hook(lambda m, i, y: c * y + ((1 - c) * y).detach())
     x, w = inputs()
     _, dx, (dA, dB) = grads(layer, [layer.A, layer.B], x, w)
-    _, ref_dx, (ref_dA, ref_dB) = grads(
-        ref, [ref.lora_A["default"].weight, ref.lora_B["default"].weight], x, w
-    )
+    _, ref_dx, (ref_dA, ref_dB) = grads(ref, [ref.A, ref.B], x, w)
     torch.testing.assert_close(dA, ref_dA, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dB, ref_dB, rtol=1e-5, atol=1e-6)
     assert (dx - ref_dx).abs().max() > 1e-3
@@ -152,10 +126,10 @@ def test_ab_gradients_equal_peft_with_the_output_rescaling_trick_but_input_gradi
 
 def test_at_zero_b_grad_b_is_eta_times_plain_lora_and_grad_a_is_zero() -> None:
     layer = make_layer(eta=2.0, zero_b=True)
-    ref = peft_lora(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)
+    ref = PeftLoRA(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)
     x, w = inputs()
     _, _, (dA, dB) = grads(layer, [layer.A, layer.B], x, w)
-    _, _, (ref_dB,) = grads(ref, [ref.lora_B["default"].weight], x, w)
+    _, _, (ref_dB,) = grads(ref, [ref.B], x, w)
     assert torch.count_nonzero(dA) == 0
     assert torch.count_nonzero(dB) > 0
     torch.testing.assert_close(dB, 2.0 * ref_dB, rtol=1e-6, atol=1e-6)
@@ -164,8 +138,8 @@ def test_at_zero_b_grad_b_is_eta_times_plain_lora_and_grad_a_is_zero() -> None:
 def test_degenerate_eta_one_at_zero_b_equals_peft_lora() -> None:
     """eta = 1 and B = 0 give c = 1: forward, input and A/B gradients are plain LoRA's (alpha/r = 1)."""
     layer = make_layer(eta=1.0, zero_b=True)
-    ref = peft_lora(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)
-    ref_params = [ref.lora_A["default"].weight, ref.lora_B["default"].weight]
+    ref = PeftLoRA(layer.base, layer.A.detach(), layer.B.detach(), alpha=R)
+    ref_params = [ref.A, ref.B]
     x, w = inputs()
     out, dx, (dA, dB) = grads(layer, [layer.A, layer.B], x, w)
     ref_out, ref_dx, (ref_dA, ref_dB) = grads(ref, ref_params, x, w)

@@ -3,42 +3,22 @@ AdamW, per-step shared rank sampling, evaluation ranks and the accuracy-vs-rank 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from cl_bench import config
+from cl_bench import config, loop
 from cl_bench.errors import ConfigError
 from cl_bench.optim import HFAdamW
 from cl_bench.registry import STRATEGIES
 from strategies.dylora import DyLoRA, DyLoRAConfig, DyLoRALinear, RankwiseAdamW
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
+from tests.peft_oracle import PeftLoRA
 
 D_IN, D_OUT, R_MAX, ALPHA = 12, 10, 8, 16.0
-
-
-class OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.lin = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def peft_lora(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float) -> nn.Module:
-    """HF peft's LoRA layer (``peft.tuners.lora.Linear``) on a copy of ``base`` with the given A, B."""
-    copy = nn.Linear(base.in_features, base.out_features).to(base.weight.dtype)
-    copy.load_state_dict(base.state_dict())
-    cfg = LoraConfig(
-        r=A.shape[0], lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, init_lora_weights=False
-    )
-    layer = get_peft_model(OneLinear(copy), cfg).base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    return layer
+CPU = torch.device("cpu")
 
 
 def make_layer(mode: str = "frozen", seed: int = 0, zero_b: bool = False) -> DyLoRALinear:
@@ -154,7 +134,7 @@ def test_full_mode_at_r_max_equals_peft_lora() -> None:
     layer = make_layer("full")
     layer.set_rank(R_MAX)
     A, B = (t.detach() for t in layer.weights())
-    ref = peft_lora(layer.base, A, B, ALPHA)
+    ref = PeftLoRA(layer.base, A, B, ALPHA)
     x, w = x_and_w()
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out, ref_out = layer(xa), ref(xb)
@@ -162,23 +142,23 @@ def test_full_mode_at_r_max_equals_peft_lora() -> None:
     (ref_out * w).sum().backward()
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(layer.A.grad, ref.lora_A["default"].weight.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(layer.Bt.grad.t(), ref.lora_B["default"].weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.A.grad, ref.A.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.Bt.grad.t(), ref.B.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_frozen_mode_at_rank_one_equals_peft_lora_of_rank_one() -> None:
     layer = make_layer("frozen")
     layer.set_rank(1)
     A, B = (t.detach() for t in layer.weights())
-    ref = peft_lora(layer.base, A[:1], B[:, :1], ALPHA)  # scaling alpha / 1
+    ref = PeftLoRA(layer.base, A[:1], B[:, :1], ALPHA)  # scaling alpha / 1
     x, w = x_and_w()
     out, ref_out = layer(x), ref(x)
     (out * w).sum().backward()
     (ref_out * w).sum().backward()
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     # fp32, different summation orders (the rank weight alpha / b multiplies B before the GEMMs)
-    torch.testing.assert_close(layer.A.grad[:1], ref.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.Bt.grad[:1].t(), ref.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.A.grad[:1], ref.A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.Bt.grad[:1].t(), ref.B.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_computes_in_bf16_with_fp32_parameter_gradients() -> None:
@@ -290,13 +270,22 @@ def build(backbone: str = "tiny-clip", **args: object) -> DyLoRA:
     return DyLoRA(cfg, model, head_for(model, 4), tiny_context())
 
 
-def train_step(strategy: DyLoRA, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One step in the loop's order, at the rank already set."""
+def train_step(
+    strategy: DyLoRA,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step: int = 0,
+    *,
+    rank: int | None = None,
+    scheduler: Any = None,
+) -> None:
+    """The loop's own step (``cl_bench.loop.train_step``, every hook); with ``rank``, the rank its
+    ``before_step`` samples is ``rank``."""
+    if rank is not None:
+        strategy.sample_rank = lambda: rank  # type: ignore[method-assign]
     info = experience_info(0, (0, 1), 4)
-    loss = strategy.loss(strategy.forward(x, info), y, info)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loop.train_step(strategy, optimizer, scheduler, x, y, info, step, device=CPU, precision="fp32")
 
 
 def test_frozen_ranks_stay_bitwise_unchanged_through_adamw_with_momentum_and_weight_decay() -> None:
@@ -308,16 +297,15 @@ def test_frozen_ranks_stay_bitwise_unchanged_through_adamw_with_momentum_and_wei
     optimizer = strategy.make_optimizer(lr=1e-2, weight_decay=0.1)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 3])
-    for b in (8, 7, 6, 5, 4, 3, 2, 1):  # every rank trains once: momentum everywhere
-        strategy.set_rank(b)
-        train_step(strategy, optimizer, x, y)
+    for step, b in enumerate((8, 7, 6, 5, 4, 3, 2, 1)):  # every rank trains once: momentum everywhere
+        train_step(strategy, optimizer, x, y, step, rank=b)
+        assert strategy.rank == b
     for a in strategy.adapters().values():
         for p in (a.A, a.Bt):
             assert all(torch.count_nonzero(optimizer.state[p]["exp_avg"][i]) > 0 for i in range(R_MAX))
     before = {name: (a.A.detach().clone(), a.Bt.detach().clone()) for name, a in strategy.adapters().items()}
     b = 4
-    strategy.set_rank(b)
-    train_step(strategy, optimizer, x, y)
+    train_step(strategy, optimizer, x, y, 8, rank=b)
     for name, a in strategy.adapters().items():
         for kind, p, old in (("A", a.A, before[name][0]), ("Bt", a.Bt, before[name][1])):
             for i in range(R_MAX):
@@ -329,9 +317,8 @@ def test_frozen_ranks_stay_bitwise_unchanged_through_adamw_with_momentum_and_wei
     a = strategy.adapters()["vision.1.fc1"]
     plain = torch.optim.AdamW([a.A], lr=1e-2, weight_decay=0.1)
     old = a.A.detach().clone()
-    for _ in range(2):
-        strategy.set_rank(8)
-        train_step(strategy, plain, x, y)
+    for step in (9, 10):
+        train_step(strategy, plain, x, y, step, rank=8)
     assert not torch.equal(a.A[0], old[0])
 
 
@@ -342,15 +329,14 @@ def test_parameters_outside_the_adapters_are_stepped_with_the_scheduled_lr() -> 
     assert isinstance(optimizer, RankwiseAdamW)
     assert optimizer.inner is not None
     head = strategy.head.linear.weight
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    scheduler = loop.make_scheduler(optimizer, config.resolve([{"lr_schedule": "cosine"}]), 4)
     old = head.detach().clone()
-    strategy.before_step(0)
-    train_step(strategy, optimizer, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    scheduler.step()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    train_step(strategy, optimizer, x, y, 0, scheduler=scheduler)
     assert not torch.equal(head, old)
-    strategy.before_step(1)
-    train_step(strategy, optimizer, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    assert optimizer.inner.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"] < 1e-2
+    scheduled = optimizer.param_groups[1]["lr"]  # the cosine's lr for step 1
+    train_step(strategy, optimizer, x, y, 1, scheduler=scheduler)
+    assert optimizer.inner.param_groups[0]["lr"] == scheduled < 1e-2
 
 
 def test_rank_is_sampled_uniformly_once_per_step_and_shared_by_all_layers() -> None:

@@ -17,8 +17,9 @@ from scipy.stats import kstest
 from torch import nn
 
 from cl_bench import config, loop
-from cl_bench.adapters import LoRALinear, balance_biases
+from cl_bench.adapters import LoRALinear
 from cl_bench.errors import ConfigError
+from cl_bench.rank_routing import balance_biases
 from cl_bench.registry import STRATEGIES
 from strategies.flylora import FlyLoRA, FlyLoRAConfig, FlyLoRALinear, a_seed, sparse_projection
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context

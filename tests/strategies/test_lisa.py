@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from cl_bench import config
+from cl_bench import config, loop
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
 from strategies.lisa import LISA
@@ -53,19 +53,16 @@ def trainable_blocks(strategy: LISA) -> dict[str, list[int]]:
 
 
 def train_steps(strategy: LISA, optimizer: torch.optim.Optimizer, steps: range) -> None:
-    """The loop's step order (cl_bench/loop.py), on a fixed batch."""
+    """The loop's own step (:func:`cl_bench.loop.train_step`) on a fixed batch."""
     info = experience_info(0, (0, 1), N_CLASSES)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=g)
     y = torch.tensor([0, 1, 0, 1])
     strategy.train()
     for step in steps:
-        strategy.before_step(step)
-        strategy.loss(strategy.forward(x, info), y, info).backward()
-        strategy.after_backward(step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        strategy.after_step(step)
+        loop.train_step(
+            strategy, optimizer, None, x, y, info, step, device=torch.device("cpu"), precision="fp32"
+        )
 
 
 def test_registered_with_the_paper() -> None:

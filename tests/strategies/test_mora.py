@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cl_bench import config
+from cl_bench import config, loop
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
 from cl_bench.strategy import ExperienceInfo
@@ -416,10 +416,8 @@ def test_every_linear_of_both_towers_is_adapted_and_only_the_new_block_trains() 
     exp = info(1, (2, 3), (0, 1, 2, 3), (2, 3))
     strategy.train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([2, 3, 3, 2])
-    for _ in range(2):
-        strategy.loss(strategy.forward(x, exp), y, exp).backward()
-        opt.step()
-        opt.zero_grad()
+    for step in range(2):
+        loop.train_step(strategy, opt, None, x, y, exp, step, device=torch.device("cpu"), precision="fp32")
     for name, adapter in strategy.adapters().items():
         assert torch.equal(adapter.bank_a, bank[name][0])
         assert torch.equal(adapter.bank_b, bank[name][1])

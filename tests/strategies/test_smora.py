@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from cl_bench import config, loop
-from cl_bench.adapters import (
-    LoRALinear,
-    RankUsage,
-    RoutingHistory,
-    balance_biases,
-    jaccard,
-    most_used,
-    usage_figures,
-)
+from cl_bench.adapters import LoRALinear
 from cl_bench.errors import ConfigError
+from cl_bench.rank_routing import RankUsage, RoutingHistory, balance_biases, jaccard, most_used, usage_figures
 from cl_bench.registry import STRATEGIES
 from strategies.smora import SMoRA, SMoRAConfig, SMoRALinear
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context

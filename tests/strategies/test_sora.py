@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from cl_bench import config
+from cl_bench import config, loop
 from cl_bench.errors import ConfigError
 from cl_bench.optim import HFAdamW, SparseAdamW
 from cl_bench.registry import STRATEGIES
@@ -27,31 +27,9 @@ from strategies.sora import (
 )
 from tests.core.test_cli import error_line, run_cli
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
+from tests.peft_oracle import PeftLoRA
 
 D_IN, D_OUT, R, ALPHA = 12, 10, 4, 8.0
-
-
-class OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.lin = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def peft_lora(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float) -> nn.Module:
-    """HF peft's LoRA layer (``peft.tuners.lora.Linear``) on a copy of ``base`` with the given A, B."""
-    copy = nn.Linear(base.in_features, base.out_features).to(base.weight.dtype)
-    copy.load_state_dict(base.state_dict())
-    cfg = LoraConfig(
-        r=A.shape[0], lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, init_lora_weights=False
-    )
-    layer = get_peft_model(OneLinear(copy), cfg).base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    return layer
 
 
 def make_layer(seed: int = 0) -> SoRALinear:
@@ -128,13 +106,13 @@ def test_gate_fixed_to_one_and_frozen_is_peft_lora() -> None:
     with torch.no_grad():
         layer.gate.fill_(1.0)
     layer.gate.requires_grad_(False)
-    ref = peft_lora(layer.base, layer.A.detach(), layer.B.detach(), ALPHA)
+    ref = PeftLoRA(layer.base, layer.A.detach(), layer.B.detach(), ALPHA)
     x, w = x_and_w()
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out, ref_out = layer(xa), ref(xb)
     dA, dB = torch.autograd.grad((out * w).sum(), [layer.A, layer.B], retain_graph=True)
     (dx,) = torch.autograd.grad((out * w).sum(), [xa])
-    ref_params = [ref.lora_A["default"].weight, ref.lora_B["default"].weight, xb]
+    ref_params = [ref.A, ref.B, xb]
     ref_dA, ref_dB, ref_dx = torch.autograd.grad((ref_out * w).sum(), ref_params)
     for got, expected in ((out, ref_out), (dx, ref_dx), (dA, ref_dA), (dB, ref_dB)):
         # fp32, 1e-6 relative and absolute: the fused layer sums in another order than peft (ulps)
@@ -225,17 +203,20 @@ def test_a_gate_step_is_adam_then_the_threshold_and_zeroes_every_small_gate(thre
     strategy.before_experience(info)
     main = strategy.make_optimizer(lr, 0.0)
     x, y = batch()
-    strategy.before_step(0)
-    strategy.loss(strategy.forward(x, info), y, info).backward()
-    strategy.after_backward(0)
-    main.step()
-    main.zero_grad(set_to_none=True)
-    gates = [g.detach().clone().requires_grad_(True) for g in strategy.gates()]
-    for clone, g in zip(gates, strategy.gates(), strict=True):
-        clone.grad = g.grad.clone()
-    reference = SparseAdamW(gates, lr=lr)  # the official gate optimizer's Adam step (eps 1e-6)
-    reference.step()
-    strategy.after_step(0)
+    gates: list[torch.Tensor] = []
+    gate_step = strategy.after_step
+
+    def after_step(step: int) -> None:
+        """The official gate optimizer's Adam step (eps 1e-6) on copies, then the strategy's own."""
+        gates.extend(g.detach().clone().requires_grad_(True) for g in strategy.gates())
+        for clone, g in zip(gates, strategy.gates(), strict=True):
+            clone.grad = g.grad.clone()
+        SparseAdamW(gates, lr=lr).step()
+        gate_step(step)
+
+    strategy.after_step = after_step  # type: ignore[method-assign]
+    loop.train_step(strategy, main, None, x, y, info, 0, device=torch.device("cpu"), precision="fp32")
+    assert len(gates) == len(strategy.gates())
     assert strategy.threshold == 1.0
     u = torch.cat([g.detach() for g in gates])
     got = torch.cat([g.detach() for g in strategy.gates()])
@@ -249,9 +230,9 @@ def test_a_gate_step_is_adam_then_the_threshold_and_zeroes_every_small_gate(thre
 
 
 def loop_steps(
-    strategy: SoRA, main: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, n_steps: int
+    strategy: SoRA, main: torch.optim.Optimizer, scheduler: Any, n_steps: int
 ) -> list[tuple[float, float, float]]:
-    """The loop's step order (cl_bench/loop.py ``train_step``) on a fixed batch. Per step: the main
+    """The loop's own step (``cl_bench.loop.train_step``) on a fixed batch. Per step: the main
     learning rate its ``step()`` used, then the gate optimizer's lr and ``strategy.threshold``
     after ``after_step`` (the gate step)."""
     info = experience_info(0, (0, 1), 4)
@@ -259,14 +240,10 @@ def loop_steps(
     strategy.train()
     seen = []
     for step in range(n_steps):
-        strategy.before_step(step)
-        strategy.loss(strategy.forward(x, info), y, info).backward()
-        strategy.after_backward(step)
-        lr_t = main.param_groups[0]["lr"]
-        main.step()
-        scheduler.step()
-        main.zero_grad(set_to_none=True)
-        strategy.after_step(step)
+        lr_t = main.param_groups[0]["lr"]  # the scheduler steps after the main optimizer
+        loop.train_step(
+            strategy, main, scheduler, x, y, info, step, device=torch.device("cpu"), precision="fp32"
+        )
         assert strategy.gate_optimizer is not None
         seen.append((lr_t, strategy.gate_optimizer.param_groups[0]["lr"], strategy.threshold))
     return seen
@@ -284,15 +261,8 @@ def test_gate_learning_rate_and_threshold_follow_the_main_schedule(
     strategy = build(threshold=threshold, xi=[xi], gate_lr=gate_lr)
     strategy.before_experience(experience_info(0, (0, 1), 4))
     main = strategy.make_optimizer(lr, 0.0)
-    sched = torch.optim.lr_scheduler
-    scheduler: sched.LRScheduler
-    if schedule == "cosine":
-        scheduler = sched.CosineAnnealingLR(main, T_max=n_steps)
-    else:  # as the loop builds it with warmup_steps = 2: linear warm-up, then cosine
-        warm = sched.LinearLR(main, start_factor=1 / 3, total_iters=2)
-        cosine = sched.CosineAnnealingLR(main, T_max=n_steps - 2)
-        scheduler = sched.SequentialLR(main, [warm, cosine], milestones=[2])
-    seen = loop_steps(strategy, main, scheduler, n_steps)
+    run = config.resolve([{"lr_schedule": "cosine", "warmup_steps": 0 if schedule == "cosine" else 2}])
+    seen = loop_steps(strategy, main, loop.make_scheduler(main, run, n_steps), n_steps)
     assert len({lr_t for lr_t, _, _ in seen}) == n_steps  # the schedule changes the lr at every step
     for lr_t, gate_lr_t, lam in seen:
         eta_t = (gate_lr or lr) * lr_t / lr
