@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cl_bench.errors import DataError
+from cl_bench.errors import DataError, MissingDataError
 
 SCENARIO_VARIANTS = {"split-cifar": "cifar100", "split-cifar100": "cifar100", "split-cifar10": "cifar10"}
 """Registered CIFAR scenario names (aliases included) and the variant each reads."""
@@ -32,6 +32,7 @@ class CifarLayout:
     label_key: str
     names_key: str
     n_classes: int
+    url: str  # the archive torchvision downloads (https://www.cs.toronto.edu/~kriz/cifar.html)
 
 
 # torchvision.datasets.CIFAR10 / CIFAR100 (base_folder, train_list, test_list, meta), copied so that
@@ -52,6 +53,7 @@ LAYOUTS = {
         label_key="labels",
         names_key="label_names",
         n_classes=10,
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     ),
     "cifar100": CifarLayout(
         title="CIFAR-100",
@@ -62,6 +64,7 @@ LAYOUTS = {
         label_key="fine_labels",
         names_key="fine_label_names",
         n_classes=100,
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     ),
 }
 
@@ -69,6 +72,22 @@ LAYOUTS = {
 def layout(variant: str) -> CifarLayout:
     """The folder, file names and md5s of ``cifar10`` or ``cifar100`` (torchvision's)."""
     return LAYOUTS[variant]
+
+
+def no_root(scenario: str, variant: str) -> MissingDataError:
+    """The error of a CIFAR scenario run without ``scenario.root``."""
+    lay = layout(variant)
+    return MissingDataError(
+        f"{scenario} reads {lay.title} from disk and nothing is downloaded: set scenario.root=DIR, "
+        f"the directory that holds {lay.folder}/",
+        variant=variant,
+        root="",
+    )
+
+
+def download_command(variant: str, root: str) -> str:
+    """A shell command that puts ``variant`` under ``root`` in torchvision's on-disk layout."""
+    return f"mkdir -p {root} && curl -L {layout(variant).url} | tar xz -C {root}"
 
 
 def md5(path: Path, chunk: int = 1 << 20) -> str:
@@ -95,10 +114,12 @@ def check_root(root: str | Path, variant: str, *, verify_checksums: bool = True)
     expected = [*lay.train_files, *lay.test_files, lay.meta_file]
     missing = [name for name, _ in expected if not (folder / name).is_file()]
     if missing:
-        raise DataError(
+        raise MissingDataError(
             f"{lay.title} not found: expected {folder}/ with {', '.join(n for n, _ in expected)} "
             f"(torchvision's on-disk format; missing: {', '.join(missing)}). Nothing is downloaded: "
-            f"copy the extracted archive there"
+            f"copy the extracted archive there",
+            variant=variant,
+            root=str(root),
         )
     if verify_checksums:
         stats = tuple((st.st_size, st.st_mtime_ns) for st in ((folder / n).stat() for n, _ in expected))
@@ -115,11 +136,13 @@ def check_root(root: str | Path, variant: str, *, verify_checksums: bool = True)
 
 
 def precheck(scenario: object, args: Mapping[str, Any]) -> None:
-    """Check the root of a CIFAR scenario before anything heavy is imported (other scenarios, or
-    no root given: nothing to do here, the scenario's own build reports it)."""
+    """Check the root of a CIFAR scenario before anything heavy is imported: no root or a missing
+    folder raise :class:`MissingDataError` (other scenarios: nothing to do here)."""
     variant = SCENARIO_VARIANTS.get(scenario) if isinstance(scenario, str) else None
     root = args.get("root")
-    if variant is None or not isinstance(root, str) or not root:
+    if variant is None or not isinstance(root, str):
         return
+    if not root:
+        raise no_root(str(scenario), variant)
     verify = args.get("verify_checksums", True)
     check_root(root, variant, verify_checksums=verify if isinstance(verify, bool) else True)

@@ -12,12 +12,13 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cl_bench.errors import ClBenchError
+from cl_bench.errors import ClBenchError, MissingDataError
 
 log = logging.getLogger("cl_bench")
 
@@ -31,9 +32,12 @@ COMPONENT_MODULES = (
 )
 
 
-REGISTRY_COMMANDS = frozenset({"run", "list", "bench", "sweep"})
+COMMANDS = ("run", "list", "report", "bench", "sweep")
+
+REGISTRY_COMMANDS = frozenset({"run", "bench", "sweep"})
 """Commands that look components up in the registries; ``report`` reads JSON only and must not
-import the component packages (they pull in torch, avalanche and open_clip)."""
+import the component packages (they pull in torch, avalanche and open_clip), and ``list`` reads
+the registrations from the source files (:mod:`cl_bench.catalog`)."""
 
 
 def load_components() -> None:
@@ -53,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Examples: cl-bench run --strategy lora --scenario split-digits | cl-bench list strategies | "
         "cl-bench report runs/ -o report.html | cl-bench sweep sweep.toml --dry-run",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,report,bench,sweep}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     run = sub.add_parser("run", help="train one strategy through one scenario and write a run record")
     run.add_argument("--strategy", help="registered strategy name (cl-bench list strategies)")
@@ -82,7 +86,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--order-seed", type=int, help="class-order seed (separate from the training seed)")
     run.add_argument("--overwrite", action="store_true", help="replace a completed run with the same id")
     run.add_argument("--report", action="store_true", help="also write report.html next to the record")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress (default: a bar on a terminal, a plain line every 30 s otherwise)",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: the CPUs this process may use: its affinity mask within the "
+        "cgroup CPU quota, so a shared machine is not oversubscribed)",
+    )
+    run.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        metavar="TRACKER",
+        help="also log to tensorboard, mlflow or wandb (offline); repeatable or comma-separated "
+        "(docs/logging.md)",
+    )
 
     lst = sub.add_parser("list", help="show registered strategies, scenarios and backbones")
     lst.add_argument("kind", nargs="?", choices=("strategies", "scenarios", "backbones"))
@@ -118,9 +141,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from cl_bench import config
+    from cl_bench import config, threads
 
-    layers: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = [{"threads": threads.available_cpus()}]  # under the file and flags
     if args.config:
         layers.append(config.load_toml(args.config))
     flags = {
@@ -132,6 +155,8 @@ def _run_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
         "device": args.device,
         "seed": args.seed,
         "order_seed": args.order_seed,
+        "threads": args.threads,
+        "log": [name.strip() for value in args.log for name in value.split(",") if name.strip()] or None,
     }
     layers.append({k: v for k, v in flags.items() if v is not None})
     if args.overwrite:
@@ -189,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cl_bench import config, loop
 
     cfg = config.resolve(_run_layers(args))
-    record = loop.run(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    record = loop.run(cfg, progress=not args.no_progress)
     run_dir = Path(record.config["out"]) / record.run_id
     print(_summary(record, run_dir / "result.json"))
     if record.config["report"]:
@@ -201,17 +226,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
+    from cl_bench import catalog
 
-    kinds = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "backbones": BACKBONES}
-    for kind, registry in kinds.items():
+    try:  # the registrations as the source files state them: no torch import (< 0.5 s)
+        kinds = catalog.read(COMPONENT_MODULES)
+    except catalog.CatalogError as err:
+        log.debug("reading the registrations from source failed (%s); importing the components", err)
+        load_components()
+        from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
+
+        registries = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "backbones": BACKBONES}
+        kinds = {
+            kind: [catalog.Listing(e.name, e.description, e.aliases) for e in registry]
+            for kind, registry in registries.items()
+        }
+    for kind, entries in kinds.items():
         if args.kind and args.kind != kind:
             continue
         print(f"{kind}:")
-        entries = list(registry)
-        width = max(len(e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "")) for e in entries)
-        for e in entries:
-            label = e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "")
+        labels = [e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "") for e in entries]
+        width = max(map(len, labels))
+        for label, e in zip(labels, entries, strict=True):
             print(f"  {label:<{width}}  {e.description}")
     return 0
 
@@ -283,9 +318,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def unknown_command(argv: Sequence[str]) -> str | None:
+    """The error line for a first argument that is no command (``rnu`` -> did you mean 'run'?)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None or first in COMMANDS or argv[0].startswith("-"):
+        return None
+    from cl_bench.registry import closest
+
+    return f"unknown command '{first}'{closest(first, list(COMMANDS))}; commands: {', '.join(COMMANDS)}"
+
+
+def data_hint(err: MissingDataError, argv: Sequence[str]) -> str:
+    """Where the missing data comes from and the user's own command with ``scenario.root`` set."""
+    from cl_bench import cifar_layout
+
+    root = err.root or "data"
+    kept: list[str] = []
+    for arg in argv:  # the user's own scenario.root is replaced by the one at the end
+        if arg.startswith("--set=scenario.root="):
+            continue
+        if arg.startswith("scenario.root=") and kept and kept[-1] == "--set":
+            kept.pop()
+            continue
+        kept.append(arg)
+    command = shlex.join(["cl-bench", *kept, "--set", f"scenario.root={root}"])
+    lines = [
+        "  get the data (on any machine with internet; copy the folder over if this one has none):",
+        f"    {cifar_layout.download_command(err.variant, shlex.quote(root))}",
+        "  then run:",
+        f"    {command}",
+        "  no data at hand? scikit-learn's bundled digits run offline in about a minute:",
+        "    cl-bench run --strategy lora --scenario split-digits",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
     os.environ.setdefault("WANDB_MODE", "disabled")  # avalanche imports wandb at module level
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (problem := unknown_command(argv)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":  # REMAINDER leaves leading options (--quick, --help) unparsed
@@ -308,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except ClBenchError as err:
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, MissingDataError) and args.command == "run":
+            print(data_hint(err, argv), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -68,6 +68,10 @@ class RunConfig:
     run_id: str = ""  # empty: <timestamp>-<strategy>-<scenario>-s<seed>
     overwrite: bool = False
     report: bool = False
+    threads: int = (
+        0  # CPU threads of torch; 0: leave the process's setting (the CLI passes the CPUs it may use)
+    )
+    log: tuple[str, ...] = ()  # experiment trackers: tensorboard, mlflow, wandb (docs/logging.md)
     strategy_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     scenario_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     backbone_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
@@ -77,7 +81,7 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps_per_experience", "warmup_steps"):
+        for name in ("steps_per_experience", "warmup_steps", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:

@@ -17,6 +17,15 @@ class DataError(ClBenchError):
     """A dataset root that is missing, incomplete or corrupt."""
 
 
+class MissingDataError(DataError):
+    """A dataset that is not on disk. ``variant`` and ``root`` let the CLI print where the data
+    comes from and the user's own command with ``scenario.root`` set (:func:`cl_bench.cli.data_hint`)."""
+
+    def __init__(self, message: str, *, variant: str, root: str) -> None:
+        super().__init__(message)
+        self.variant, self.root = variant, root
+
+
 class WeightsError(ClBenchError):
     """A weights file that is missing, unreadable or does not match the model."""
 

@@ -10,7 +10,7 @@ then an argmax over the classes its label space allows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -34,12 +34,16 @@ def test_logits(
     preprocess: Preprocess,
     batch_size: int,
     precision: str,
+    on_batch: Callable[[int], None] | None = None,  # noqa: PT028 (not a pytest test)
 ) -> torch.Tensor:
-    """Float32 logits [N, n_classes] of the model in eval mode on every sample of ``data``."""
+    """Float32 logits [N, n_classes] of the model in eval mode on every sample of ``data``;
+    ``on_batch(n)`` is called after each batch of ``n`` samples (progress)."""
     chunks = []
     with autocast(data.device, precision):
         for images, _ in data.batches(batch_size, shuffle=False):
             chunks.append(strategy.forward(preprocess(images, train=False), info).float())
+            if on_batch is not None:
+                on_batch(len(images))
     return torch.cat(chunks)
 
 

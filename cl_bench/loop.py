@@ -12,7 +12,9 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.profiler import record_function
-from tqdm.auto import tqdm
 
-from cl_bench import memory, metrics, results
+from cl_bench import cpu_time, memory, metrics, results, threads, tracking
+from cl_bench import progress as progress_
 from cl_bench.config import RunConfig, build, to_dict
 from cl_bench.data import ExperienceData, Preprocess, sample_ids
 from cl_bench.errors import ClBenchError, ConfigError, DivergenceError
@@ -116,40 +118,118 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
-    """Train ``cfg.strategy`` through ``cfg.scenario`` and write ``<out>/<run_id>/result.json``."""
+def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True) -> RunResult:
+    """Train ``cfg.strategy`` through ``cfg.scenario`` and write ``<out>/<run_id>/result.json``.
+
+    The data-flow of ARCHITECTURE.md, one named step each: plan, build the session, evaluate row b,
+    train and evaluate every experience, finish the record. A run that fails before it started
+    (unknown name, missing data, a backbone that does not load) leaves no record; once started, the
+    record says ``running`` after every row and ``ok`` or ``failed`` (with the reason) at the end.
+    ``progress``: True shows a bar on a terminal and plain lines otherwise; False nothing.
+    """
     p = plan(cfg)
-    cfg, device, precision = p.cfg, p.device, p.precision
-    record = RunResult(
-        run_id=cfg.run_id,
-        status="running",
-        created=results.utc_now(),
-        config={
-            **to_dict(cfg),
-            "strategy_args": to_dict(p.strategy_cfg),
-            "scenario_args": to_dict(p.scenario_cfg),
-            "backbone_args": to_dict(p.backbone_cfg),
-        },
-        strategy={"name": cfg.strategy, "class": p.strategy_cls.__name__, "paper": p.strategy_cls.paper},
-        scenario={"name": cfg.scenario},
-        backbone={"name": cfg.backbone},
-        environment=results.environment(device.type, _device_name(device), precision),
+    tracking.check(p.cfg.log)
+    mode = progress_.choose(progress)
+    with threads.using(p.cfg.threads):
+        session = build_session(p)
+        record = start_record(session)
+        with recorded(record, p.run_dir) as tracker:
+            initial = evaluate_row(session, -1, mode)
+            record_initial_row(session, record, initial, tracker)
+            train_all_experiences(session, record, initial, mode, tracker)
+            finish_record(session, record, initial, tracker)
+    return record
+
+
+@contextmanager
+def recorded(record: RunResult, run_dir: Path) -> Iterator[tracking.Tracker]:
+    """The started run's trackers (``cfg.log``); the record ends ``ok``, or ``failed`` with the
+    reason of whatever escaped (saved either way, trackers closed with the same status)."""
+    tracker = tracking.open_trackers(
+        record.config["log"], run_dir=run_dir, run_id=record.run_id, config=record.config
     )
-    results.save(record, p.run_dir)
     try:
-        _train_and_evaluate(p, record, progress)
+        yield tracker
     except BaseException as err:
         reason = str(err) if isinstance(err, ClBenchError) else f"{type(err).__name__}: {err}"
         record.status, record.finished = "failed", results.utc_now()
         record.failure = {"type": type(err).__name__, "reason": reason or type(err).__name__}
-        results.save(record, p.run_dir)
+        results.save(record, run_dir)
+        tracker.close("failed")
         raise
     record.status, record.finished = "ok", results.utc_now()
-    results.save(record, p.run_dir)
-    return record
+    results.save(record, run_dir)
+    tracker.close("ok")
 
 
-def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
+def train_all_experiences(
+    session: Session, record: RunResult, initial: Row, mode: progress_.Mode, tracker: tracking.Tracker
+) -> None:
+    """Train experience ``i`` and evaluate row ``i``, for every experience, recording each."""
+    n = session.scenario.n_experiences
+    bar = progress_.Phase(mode, total=sum(session.steps), desc="train", unit="step")
+    try:
+        for i in range(n):
+            trained = train_experience(session, i, bar, tracker)
+            row = evaluate_row(session, i, mode, cached=None if session.strategy.trains else initial)
+            record_experience(session, record, trained, row, tracker)
+            bar.write(
+                f"exp {i + 1}/{n}: acc on seen {record.accuracy['seen'][-1]:.3f}, "
+                f"train {trained.seconds:.1f}s, eval {row.seconds:.1f}s"
+            )
+    finally:
+        bar.close()
+        session.release_graphs()
+
+
+@dataclass
+class Session:
+    """Everything a run builds once (data on the device, the model) and the loop's running state."""
+
+    plan: Plan
+    scenario: Scenario
+    backbone_info: dict[str, Any]  # of the backbone before any adapter
+    head: Any
+    strategy: Strategy
+    preprocess: Preprocess
+    generator: torch.Generator
+    train_data: list[ExperienceData]
+    test_data: list[ExperienceData]
+    steps: tuple[int, ...]  # optimizer steps of each experience
+    started: float  # perf_counter at the start of the build
+    step: int = 0  # global optimizer step
+    graphs: StepGraphs | None = None  # kept across experiences where valid (step_graphs)
+    logit_buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # one per class count
+
+    @property
+    def n_test(self) -> list[int]:
+        return [len(d) for d in self.test_data]
+
+    def info(self, index: int, logit_classes: torch.Tensor, training: bool) -> ExperienceInfo:
+        """The :class:`ExperienceInfo` of experience ``index`` (train or test side)."""
+        data = self.train_data[index] if training else self.test_data[index]
+        return _info(
+            index,
+            self.scenario.classes_per_experience,
+            logit_classes,
+            len(data),
+            self.steps[index] if training else 0,
+            training,
+            self.scenario,
+        )
+
+    def release_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
+
+def build_session(p: Plan) -> Session:
+    """Seed, then build scenario, backbone, head and strategy and put the data on the device.
+
+    The order is part of the numbers: every random draw (class order, init, adapters) happens
+    here in the same sequence on every run of the same config.
+    """
     cfg, device, precision = p.cfg, p.device, p.precision
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -182,212 +262,309 @@ def _train_and_evaluate(p: Plan, record: RunResult, progress: bool) -> None:
         steps_per_experience=steps,
         batch_size=cfg.batch_size,
     )
-    backbone_info = {**vars(backbone.info()), "n_classes": scenario.n_classes}  # before any adapter
+    backbone_info = {**vars(backbone.info()), "n_classes": scenario.n_classes}
+    cpu_time.warn_if_long(
+        backbone,
+        name=backbone.name,
+        image_size=backbone.image_size,
+        n_parameters=backbone_info["n_parameters"],
+        device=device,
+        eval_images=sum(len(d) for d in test_data) * (scenario.n_experiences + 1),
+        train_images=sum(steps) * cfg.batch_size if p.strategy_cls.trains else 0,
+    )
     strategy = p.strategy_cls(p.strategy_cfg, backbone, head, ctx)
     place(strategy, device, precision, compile_towers=cfg.compile)
     augment = scenario.augmentations if cfg.augment else ()
     preprocess = Preprocess(backbone.image_size, backbone.mean, backbone.std, device, augment)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    record.scenario = scenario.describe()
-    record.backbone = backbone_info
-    T, C = scenario.n_experiences, scenario.n_classes
-    all_classes = torch.arange(C, device=device)
-    per_exp = scenario.classes_per_experience
+    return Session(
+        p,
+        scenario,
+        backbone_info,
+        head,
+        strategy,
+        preprocess,
+        generator,
+        train_data,
+        test_data,
+        steps,
+        started,
+    )
 
-    def evaluate_row(
-        row: int, cached: list[torch.Tensor] | None
-    ) -> tuple[list[int], list[torch.Tensor], float]:
-        """Correct counts per test experience for accuracy-matrix row ``row`` (-1: row b)."""
-        strategy.eval()
-        head.invalidate()
-        tic = time.perf_counter()
-        logits = cached or [
-            test_logits(
-                strategy,
-                data,
-                _info(j, per_exp, all_classes, len(data), 0, False, scenario),
-                preprocess,
-                cfg.eval_batch_size,
-                precision,
-            )
-            for j, data in enumerate(test_data)
-        ]
-        if cached is None and bool(torch.stack([(t.isnan() | t.isposinf()).any() for t in logits]).any()):
+
+def start_record(session: Session) -> RunResult:
+    """The ``running`` record of a run that has started, written to disk."""
+    p = session.plan
+    cfg = p.cfg
+    record = RunResult(
+        run_id=cfg.run_id,
+        status="running",
+        created=results.utc_now(),
+        config={
+            **to_dict(cfg),
+            "strategy_args": to_dict(p.strategy_cfg),
+            "scenario_args": to_dict(p.scenario_cfg),
+            "backbone_args": to_dict(p.backbone_cfg),
+        },
+        strategy={"name": cfg.strategy, "class": p.strategy_cls.__name__, "paper": p.strategy_cls.paper},
+        scenario=session.scenario.describe(),
+        backbone=session.backbone_info,
+        environment=results.environment(p.device.type, _device_name(p.device), p.precision),
+    )
+    results.save(record, p.run_dir)
+    return record
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated row of the accuracy matrix: correct counts per test experience."""
+
+    index: int  # -1: row b, before training
+    correct: list[int]
+    logits: list[torch.Tensor]
+    seconds: float
+    peak_bytes: int
+
+
+def evaluate_row(session: Session, row: int, mode: progress_.Mode = "off", cached: Row | None = None) -> Row:
+    """Row ``row`` of the accuracy matrix (-1: row b): every test experience, future ones included.
+
+    ``cached``: a row whose logits are reused (a strategy that never trains has one model).
+    """
+    cfg, device, precision = session.plan.cfg, session.plan.device, session.plan.precision
+    strategy, scenario = session.strategy, session.scenario
+    strategy.eval()
+    session.head.invalidate()
+    memory.reset_peak(device)
+    tic = time.perf_counter()
+    all_classes = torch.arange(scenario.n_classes, device=device)
+    if cached is not None:
+        logits = cached.logits
+    else:
+        desc = "eval before training" if row < 0 else f"eval after exp {row + 1}/{scenario.n_experiences}"
+        shown = progress_.Phase(mode, total=sum(session.n_test), desc=desc, unit="image", leave=False)
+        try:
+            logits = [
+                test_logits(
+                    strategy,
+                    data,
+                    session.info(j, all_classes, training=False),
+                    session.preprocess,
+                    cfg.eval_batch_size,
+                    precision,
+                    on_batch=shown.update,
+                )
+                for j, data in enumerate(session.test_data)
+            ]
+        finally:
+            shown.close()
+        if bool(torch.stack([(t.isnan() | t.isposinf()).any() for t in logits]).any()):
             after = "before training" if row < 0 else f"after experience {row}"
             raise DivergenceError(
                 f"non-finite logits (NaN or +inf) in the evaluation {after}: the weights diverged; "
                 "lower lr, enable max_grad_norm, or use precision=fp32"
             )
-        correct = [
-            n_correct(
-                logits[j],
-                data.targets,
-                allowed_classes(
-                    C, per_exp, row, j, label_space=cfg.label_space, protocol=scenario.protocol, device=device
-                ),
-            )
-            for j, data in enumerate(test_data)
-        ]
-        return correct, logits, time.perf_counter() - tic
+    correct = [
+        n_correct(
+            logits[j],
+            data.targets,
+            allowed_classes(
+                scenario.n_classes,
+                scenario.classes_per_experience,
+                row,
+                j,
+                label_space=cfg.label_space,
+                protocol=scenario.protocol,
+                device=device,
+            ),
+        )
+        for j, data in enumerate(session.test_data)
+    ]
+    return Row(row, correct, logits, time.perf_counter() - tic, memory.peak_bytes(device))
 
-    n_test = [len(d) for d in test_data]
-    memory.reset_peak(device)
-    b_correct, b_logits, b_time = evaluate_row(-1, None)
-    accuracy: dict[str, Any] = {
+
+def record_initial_row(session: Session, record: RunResult, initial: Row, tracker: tracking.Tracker) -> None:
+    """Row b and the setup time into the record (saved: a reader sees the run has started)."""
+    cfg, n_test = session.plan.cfg, session.n_test
+    record.accuracy = {
         "label_space": cfg.label_space,
-        "protocol": scenario.protocol,
+        "protocol": session.scenario.protocol,
         "n_test": n_test,
-        "initial": [c / n for c, n in zip(b_correct, n_test, strict=True)],
-        "initial_correct": b_correct,
+        "initial": [c / n for c, n in zip(initial.correct, n_test, strict=True)],
+        "initial_correct": initial.correct,
         "matrix": [],
         "correct": [],
         "seen": [],
     }
-    record.accuracy = accuracy
-    record.timing = {"setup_s": time.perf_counter() - started - b_time, "initial_eval_s": b_time}
-    results.save(record, p.run_dir)
+    record.timing = {
+        "setup_s": time.perf_counter() - session.started - initial.seconds,
+        "initial_eval_s": initial.seconds,
+    }
+    results.save(record, session.plan.run_dir)
+    tracker.log_row(-1, record.accuracy["initial"], None, 0)
 
-    bar = tqdm(total=sum(steps), disable=not progress, unit="step", dynamic_ncols=True, leave=True)
-    step = 0
-    graphs: StepGraphs | None = None  # kept across experiences where valid (step_graphs)
-    logit_buffers: dict[int, torch.Tensor] = {}  # training logit classes, one buffer per length
-    for i, data in enumerate(train_data):
-        train_classes = (
-            per_exp[i]
-            if (cfg.train_classes == "current" or scenario.protocol == "task")
-            else [c for exp in per_exp[: i + 1] for c in exp]
-        )
-        info = _info(
-            i,
-            per_exp,
-            static_classes(logit_buffers, sorted(train_classes), device),
-            len(data),
-            steps[i],
-            True,
-            scenario,
-        )
-        bar.set_description(f"exp {i + 1}/{T}")
-        memory.reset_peak(device)
-        tic = time.perf_counter()
-        losses: list[float] = []
-        if strategy.trains:
-            strategy.train()
-            strategy.before_experience(info)
-            head.invalidate()
-            optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
-            scheduler = _scheduler(optimizer, cfg, steps[i])
-            if cfg.cuda_graphs:
-                graphs = step_graphs(strategy, info, device=device, precision=precision, previous=graphs)
-            window = torch.zeros((), device=device)
-            window_start, window_tic = step, time.perf_counter()
-            for x, y in data.batches(cfg.batch_size, shuffle=True, generator=generator, n_steps=steps[i]):
-                images = preprocess(x, train=True, generator=generator)
-                loss = train_step(
-                    strategy,
-                    optimizer,
-                    scheduler,
-                    images,
-                    y,
-                    info,
-                    step,
-                    device=device,
-                    precision=precision,
-                    max_grad_norm=cfg.max_grad_norm,
-                    graphs=graphs,
-                )
-                window += loss.float()
-                step += 1
-                bar.update(1)
-                if step - window_start == cfg.log_every or step == sum(steps[: i + 1]):
-                    mean = _check_finite(window.item() / (step - window_start), i, window_start, step)
-                    losses.append(mean)
-                    rate = (step - window_start) * cfg.batch_size / (time.perf_counter() - window_tic)
-                    bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
-                    window.zero_()
-                    window_start, window_tic = step, time.perf_counter()
-            strategy.after_experience(info)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time = time.perf_counter() - tic
-        peak_train = memory.peak_bytes(device)
 
-        memory.reset_peak(device)
-        correct, _, eval_time = evaluate_row(i, None if strategy.trains else b_logits)
-        peak_eval = memory.peak_bytes(device)
-        accuracy["correct"].append(correct)
-        accuracy["matrix"].append([c / n for c, n in zip(correct, n_test, strict=True)])
-        accuracy["seen"].append(sum(correct[: i + 1]) / sum(n_test[: i + 1]))
-        n_samples = _samples(steps[i], cfg.batch_size, len(data)) if strategy.trains else 0
-        record.experiences.append(
-            ExperienceRecord(
-                index=i,
-                classes=list(per_exp[i]),
-                n_train=len(data),
-                steps=steps[i] if strategy.trains else 0,
-                train_time_s=train_time,
-                eval_time_s=eval_time,
-                train_samples_per_s=n_samples / train_time if n_samples else 0.0,
-                eval_samples_per_s=sum(n_test) / eval_time if eval_time > 0 else 0.0,
-                peak_memory_train_bytes=peak_train,
-                peak_memory_eval_bytes=peak_eval,
-                memory_kind=memory.kind(device),
-                n_trainable=strategy.n_trainable() if strategy.trains else 0,
-                n_added=strategy.n_added(),
-                n_active=strategy.n_active(),
-                adapter_bytes=strategy.adapter_bytes(),
-                loss_first=losses[0] if losses else None,
-                loss_last=losses[-1] if losses else None,
-                loss_mean=float(np.mean(losses)) if losses else None,
-                strategy=strategy.report(),
+@dataclass(frozen=True)
+class TrainedExperience:
+    """What training one experience left behind for its record."""
+
+    index: int
+    losses: list[float]  # mean loss of each window of log_every steps
+    seconds: float
+    peak_bytes: int
+
+
+def train_experience(
+    session: Session, i: int, bar: progress_.Phase, tracker: tracking.Tracker
+) -> TrainedExperience:
+    """The strategy's hooks around ``steps[i]`` optimizer steps on experience ``i``."""
+    p, strategy, scenario = session.plan, session.strategy, session.scenario
+    cfg, device, precision = p.cfg, p.device, p.precision
+    per_exp = scenario.classes_per_experience
+    train_classes = (
+        per_exp[i]
+        if (cfg.train_classes == "current" or scenario.protocol == "task")
+        else [c for exp in per_exp[: i + 1] for c in exp]
+    )
+    info = session.info(
+        i, static_classes(session.logit_buffers, sorted(train_classes), device), training=True
+    )
+    bar.describe(f"exp {i + 1}/{scenario.n_experiences}")
+    memory.reset_peak(device)
+    tic = time.perf_counter()
+    losses: list[float] = []
+    if strategy.trains:
+        strategy.train()
+        strategy.before_experience(info)
+        session.head.invalidate()
+        optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg, session.steps[i])
+        if cfg.cuda_graphs:
+            session.graphs = step_graphs(
+                strategy, info, device=device, precision=precision, previous=session.graphs
             )
+        last_step = sum(session.steps[: i + 1])
+        window = torch.zeros((), device=device)
+        window_start, window_tic = session.step, time.perf_counter()
+        batches = session.train_data[i].batches(
+            cfg.batch_size, shuffle=True, generator=session.generator, n_steps=session.steps[i]
         )
-        results.save(record, p.run_dir)
-        bar.write(
-            f"exp {i + 1}/{T}: acc on seen {accuracy['seen'][-1]:.3f}, train {train_time:.1f}s, "
-            f"eval {eval_time:.1f}s"
-        )
-    bar.close()
-    if graphs is not None:
-        graphs.release()
-        graphs = None
+        for x, y in batches:
+            images = session.preprocess(x, train=True, generator=session.generator)
+            loss = train_step(
+                strategy,
+                optimizer,
+                scheduler,
+                images,
+                y,
+                info,
+                session.step,
+                device=device,
+                precision=precision,
+                max_grad_norm=cfg.max_grad_norm,
+                graphs=session.graphs,
+            )
+            window += loss.float()
+            session.step += 1
+            n = session.step - window_start
+            if n < cfg.log_every and session.step < last_step:
+                bar.update(1)
+                continue
+            mean = _check_finite(window.item() / n, i, window_start, session.step)
+            losses.append(mean)
+            rate = n * cfg.batch_size / (time.perf_counter() - window_tic)
+            bar.update(1, loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
+            tracker.log_losses(session.step, i, mean, rate)
+            window.zero_()
+            window_start, window_tic = session.step, time.perf_counter()
+        strategy.after_experience(info)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TrainedExperience(i, losses, time.perf_counter() - tic, memory.peak_bytes(device))
 
+
+def record_experience(
+    session: Session, record: RunResult, trained: TrainedExperience, row: Row, tracker: tracking.Tracker
+) -> None:
+    """Row ``i`` of the accuracy matrix and experience ``i``'s figures into the record (saved)."""
+    cfg, strategy, i = session.plan.cfg, session.strategy, trained.index
+    n_test, accuracy = session.n_test, record.accuracy
+    accuracy["correct"].append(row.correct)
+    accuracy["matrix"].append([c / n for c, n in zip(row.correct, n_test, strict=True)])
+    accuracy["seen"].append(sum(row.correct[: i + 1]) / sum(n_test[: i + 1]))
+    n_train, steps = len(session.train_data[i]), session.steps[i]
+    n_samples = _samples(steps, cfg.batch_size, n_train) if strategy.trains else 0
+    losses = trained.losses
+    record.experiences.append(
+        ExperienceRecord(
+            index=i,
+            classes=list(session.scenario.classes_per_experience[i]),
+            n_train=n_train,
+            steps=steps if strategy.trains else 0,
+            train_time_s=trained.seconds,
+            eval_time_s=row.seconds,
+            train_samples_per_s=n_samples / trained.seconds if n_samples else 0.0,
+            eval_samples_per_s=sum(n_test) / row.seconds if row.seconds > 0 else 0.0,
+            peak_memory_train_bytes=trained.peak_bytes,
+            peak_memory_eval_bytes=row.peak_bytes,
+            memory_kind=memory.kind(session.plan.device),
+            n_trainable=strategy.n_trainable() if strategy.trains else 0,
+            n_added=strategy.n_added(),
+            n_active=strategy.n_active(),
+            adapter_bytes=strategy.adapter_bytes(),
+            loss_first=losses[0] if losses else None,
+            loss_last=losses[-1] if losses else None,
+            loss_mean=float(np.mean(losses)) if losses else None,
+            strategy=strategy.report(),
+        )
+    )
+    results.save(record, session.plan.run_dir)
+    tracker.log_row(i, accuracy["matrix"][-1], accuracy["seen"][-1], session.step)
+
+
+def finish_record(session: Session, record: RunResult, initial: Row, tracker: tracking.Tracker) -> None:
+    """The strategy's final variants, derived metrics, parameters and timing into the record."""
+    strategy, n_test = session.strategy, session.n_test
+    last_row = session.scenario.n_experiences - 1
+    accuracy = record.accuracy
     variants: dict[str, Any] = {}
     final_variants = strategy.final_variants()
     if final_variants:  # the unchanged model again, first: the speed baseline of the variants
         final_variants = {"main": nothing, **final_variants}
     for label, make_context in final_variants.items():
         with make_context():
-            memory.reset_peak(device)
-            correct, _, seconds = evaluate_row(T - 1, None)
-            row = [c / n for c, n in zip(correct, n_test, strict=True)]
+            row = evaluate_row(session, last_row)
+            cells = [c / n for c, n in zip(row.correct, n_test, strict=True)]
             variants[label] = {
-                "row": row,
-                "acc_final": float(np.mean(row)),
-                "eval_samples_per_s": sum(n_test) / seconds if seconds > 0 else 0.0,
-                "peak_memory_eval_bytes": memory.peak_bytes(device),
+                "row": cells,
+                "acc_final": float(np.mean(cells)),
+                "eval_samples_per_s": sum(n_test) / row.seconds if row.seconds > 0 else 0.0,
+                "peak_memory_eval_bytes": row.peak_bytes,
             }
     accuracy["variants"] = variants
     record.metrics = metrics.derive(accuracy["matrix"], accuracy["initial"], accuracy["seen"])
     n_backbone = record.backbone["n_parameters"]
-    last = record.experiences[-1]
+    experiences = record.experiences
+    trainable = max(e.n_trainable for e in experiences)
     record.parameters = {
         "backbone": n_backbone,
-        "trainable": max(e.n_trainable for e in record.experiences),
-        "added": last.n_added,
-        "active": last.n_active,
-        "adapter_bytes": last.adapter_bytes,
-        "trainable_fraction": max(e.n_trainable for e in record.experiences) / n_backbone,
+        "trainable": trainable,
+        "added": experiences[-1].n_added,
+        "active": experiences[-1].n_active,
+        "adapter_bytes": experiences[-1].adapter_bytes,
+        "trainable_fraction": trainable / n_backbone,
     }
     record.timing.update(
         {
-            "train_s": sum(e.train_time_s for e in record.experiences),
-            "eval_s": b_time + sum(e.eval_time_s for e in record.experiences),
-            "total_s": time.perf_counter() - started,
-            "peak_memory_train_bytes": max(e.peak_memory_train_bytes for e in record.experiences),
-            "peak_memory_eval_bytes": max(e.peak_memory_eval_bytes for e in record.experiences),
+            "train_s": sum(e.train_time_s for e in experiences),
+            "eval_s": initial.seconds + sum(e.eval_time_s for e in experiences),
+            "total_s": time.perf_counter() - session.started,
+            "peak_memory_train_bytes": max(e.peak_memory_train_bytes for e in experiences),
+            "peak_memory_eval_bytes": max(e.peak_memory_eval_bytes for e in experiences),
         }
     )
     record.strategy_report = strategy.final_report()
+    tracker.log_final(record.metrics, record.parameters, record.timing)
 
 
 def place(strategy: Strategy, device: torch.device, precision: str, *, compile_towers: bool = False) -> None:
@@ -553,7 +730,8 @@ def _samples(n_steps: int, batch_size: int, n: int) -> int:
     return full * n + min(rest * batch_size, n)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_steps: int) -> Any:
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, n_steps: int) -> Any:
+    """The per-experience learning-rate schedule of ``cfg`` (None: constant, no warm-up)."""
     if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
         return None
     sched = torch.optim.lr_scheduler

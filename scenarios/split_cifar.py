@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from cl_bench.cifar_layout import CifarLayout, check_root, layout
-from cl_bench.errors import ConfigError, DataError
+from cl_bench.cifar_layout import CifarLayout, check_root, layout, no_root
+from cl_bench.errors import DataError
 from cl_bench.registry import SCENARIOS
 from cl_bench.scenario import ImageSource, Scenario
 from scenarios.common import StreamConfig, make_scenario
@@ -117,11 +117,10 @@ class _SplitCifar(StreamConfig):
 
     def build(self, order_seed: int) -> Scenario:
         """Check and read ``root`` (DataError naming the path and files) and stream it by ``order_seed``."""
-        if not self.root:
-            folder = layout(self.variant).folder
-            raise ConfigError(f"set scenario.root=DIR, the directory containing {folder}/")
-        train, test, names = load_cifar(self.root, self.variant, verify_checksums=self.verify_checksums)
         name = "split-cifar100" if self.variant == "cifar100" else "split-cifar10"
+        if not self.root:
+            raise no_root(name, self.variant)
+        train, test, names = load_cifar(self.root, self.variant, verify_checksums=self.verify_checksums)
         return make_scenario(
             name,
             train=train,

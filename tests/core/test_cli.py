@@ -64,8 +64,9 @@ def test_bad_input_gives_one_error_line_and_a_non_zero_exit(capsys, tmp_path, ar
     assert expected in error_line(err)
 
 
-def test_failed_data_load_leaves_a_failed_record(capsys, tmp_path) -> None:
-    """Files that pass the early check but cannot be read fail the run: a failed record remains."""
+def test_unreadable_data_fails_before_the_run_starts_and_leaves_no_record(capsys, tmp_path) -> None:
+    """Files that pass the early check but cannot be read fail while the session is built: one
+    error line, exit 2, and no record at all (a run that never started has nothing to report)."""
     folder = tmp_path / "data" / "cifar-100-python"
     folder.mkdir(parents=True)
     for name in ("train", "test", "meta"):
@@ -73,13 +74,10 @@ def test_failed_data_load_leaves_a_failed_record(capsys, tmp_path) -> None:
     args = ["run", "--no-progress", "--out", str(tmp_path / "runs"), "--run-id", "x", "--strategy", "lora"]
     args += ["--scenario", "split-cifar", "--set", f"scenario.root={tmp_path / 'data'}"]
     args += ["--set", "scenario.verify_checksums=false"]
-    code, _, _ = run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 2
-    from cl_bench import results
-
-    record = results.load(tmp_path / "runs" / "x")
-    assert record["status"] == "failed"
-    assert record["failure"]["type"] == "DataError"
+    assert err.startswith(f"error: {folder / 'meta'}: not a readable CIFAR pickle")
+    assert not (tmp_path / "runs" / "x").exists()
 
 
 def test_a_missing_data_root_fails_before_any_record(capsys, tmp_path) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cl_bench import config, loop
+from cl_bench.registry import STRATEGIES
 from scenarios.cifar_files import write_cifar
 
 pytestmark = [
@@ -68,19 +69,30 @@ def test_graphs_and_eager_runs_give_the_same_accuracy_matrix(tmp_path: Path) -> 
     assert matrices[0] == matrices[1]
 
 
-# Strategies whose graphs may span experiences (graphs_span_experiences): set here, so the test
-# holds whatever the strategy files declare. finetune trains the token embedding, whose backward
-# accumulates with atomics (not bitwise reproducible): it is checked for reuse, not for equality.
-SPANNING = ["lora", "allora", "dylora", "sora", "loraprune", "linear-probe", "smora", "flylora"]
+# Strategies that declare graphs_span_experiences but are checked for reuse, not for equality with
+# the eager run (test_finetune_spans_experiences), and why.
+NOT_BITWISE = {
+    "finetune": "trains the token embedding, whose backward accumulates with atomics (not reproducible)"
+}
+SPANNING = [
+    n for n in STRATEGIES.names() if STRATEGIES.get(n).graphs_span_experiences and n not in NOT_BITWISE
+]
 STEP_GRAPHS = loop.step_graphs
+
+
+def test_every_spanning_strategy_is_checked_against_eager_or_says_why_not() -> None:
+    declared = {n for n in STRATEGIES.names() if STRATEGIES.get(n).graphs_span_experiences}
+    assert set(NOT_BITWISE) <= declared
+    assert set(SPANNING) == declared - set(NOT_BITWISE)
+    assert "lora" in SPANNING
 
 
 def _spanning_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, run_id: str, strategy_args=None, **run
 ) -> tuple[loop.RunResult, list]:
-    """Three experiences of 5 full batches and a short one (88 images, batch 16), fp32; returns
-    the record and the runner each experience trained with."""
-    monkeypatch.setattr(loop.STRATEGIES.get(name), "graphs_span_experiences", True)
+    """Three experiences of 5 full batches and a short one (88 images, batch 16), fp32, with the
+    strategy's own ``graphs_span_experiences``; returns the record and the runner each experience
+    trained with."""
     runners: list = []
 
     def recorded(*args, **kwargs):

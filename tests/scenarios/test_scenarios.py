@@ -15,7 +15,7 @@ import torch
 from cl_bench import config
 from cl_bench.cifar_layout import LAYOUTS, layout
 from cl_bench.data import sample_ids
-from cl_bench.errors import ConfigError, DataError
+from cl_bench.errors import ConfigError, DataError, MissingDataError
 from cl_bench.registry import SCENARIOS
 from scenarios.cifar_files import write_cifar
 from scenarios.split_cifar import load_cifar
@@ -95,7 +95,7 @@ def test_missing_cifar_root_fails_fast_naming_path_and_files(tmp_path) -> None:
     message = str(err.value)
     assert str(tmp_path / "nowhere" / "cifar-100-python") in message
     assert "train, test, meta" in message
-    with pytest.raises(ConfigError, match="set scenario.root=DIR"):
+    with pytest.raises(MissingDataError, match="set scenario.root=DIR, the directory that holds cifar-10"):
         build("split-cifar10")
 
 
@@ -189,11 +189,13 @@ def test_cli_fails_on_a_missing_or_corrupt_cifar_root_within_2_seconds(tmp_path,
         seconds.append(time.perf_counter() - start)
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1, out.stderr
         assert lines[0].startswith("error: ")
-        if root == "missing":
+        if root == "missing":  # the one error line, then where the data comes from and the command
             assert f"expected {data / 'cifar-100-python'}/ with train, test, meta" in lines[0]
+            rerun = "cl-bench run --strategy lora --scenario split-cifar --no-progress --out "
+            assert f"    {rerun}{tmp_path / 'runs'} --set scenario.root={data}" in lines, out.stderr
         else:
+            assert len(lines) == 1, out.stderr
             assert f"{data / 'cifar-100-python' / 'train'}: md5 mismatch" in lines[0]
         if seconds[-1] < 2.0:
             break
