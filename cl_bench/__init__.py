@@ -8,9 +8,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# The results API for notebooks (``cl_bench.load_results("runs/")``), imported on first use so
-# that ``import cl_bench`` stays free of pandas, numpy and torch.
+# The Python API for notebooks (``cl_bench.run(strategy="lora", scenario="split-digits")``,
+# ``cl_bench.load_results("runs/")``), imported on first use so that ``import cl_bench`` stays free
+# of pandas, numpy and torch.
 _LAZY = {
+    "run": "cl_bench.api",
     "load_results": "cl_bench.results",
     "load_matrices": "cl_bench.results",
     "load_runs": "cl_bench.results",
