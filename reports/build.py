@@ -1,8 +1,13 @@
 """``build_report``: run records in, one self-contained HTML report and its CSV tables out.
 
-The page opens offline: CSS is inline, figures are embedded SVG data URIs, there is no script and
-no external resource. It reads JSON only (``cl_bench.results`` and ``cl_bench.metrics``, which
-need numpy alone), so it never imports torch, avalanche, open_clip or transformers.
+The page opens offline: CSS is inline, figures are embedded SVG data URIs, there is no external
+resource. It spans the window's width (wide tables scroll in their own box, the group or run column
+and the header staying in view), and each run's details are a section collapsed to one line; the one
+inline script adds expand-all/collapse-all buttons, opens a section its link points to and opens them
+all to print (without it the page is the same, each section opening on a click).
+
+It reads JSON only (``cl_bench.results`` and ``cl_bench.metrics``, which need numpy alone), so it
+never imports torch, avalanche, open_clip or transformers.
 
 Strategy-specific figures are drawn generically from the record conventions of
 ``docs/run-record.md``, so a new strategy needs no reporter code: per-experience
@@ -120,14 +125,6 @@ def stat_parts(
     spread = f"± {fmt(std)}" if _is_num(std) and (always_std or std > 0) else ""
     note = f"(n={int(n)})" if _is_num(n) and int(n) < n_runs else ""
     return {"value": fmt(mean), "spread": spread, "note": note}
-
-
-def fmt_stat(
-    mean: Any, std: Any, n: Any, n_runs: int, fmt: Callable[[Any], str], always_std: bool = True
-) -> str:
-    """:func:`stat_parts` on one line: ``0.600 ± 0.141``, ``0.600 ± 0.141 (n=2)``, ``0.600``."""
-    parts = stat_parts(mean, std, n, n_runs, fmt, always_std)
-    return " ".join(v for v in (parts["value"], parts["spread"], parts["note"]) if v)
 
 
 # ----------------------------------------------------------------------------- view models

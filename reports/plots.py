@@ -15,6 +15,7 @@ import base64
 import contextlib
 import io
 import math
+import textwrap
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, cast
 
 import matplotlib as mpl
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
@@ -86,6 +88,63 @@ def _style() -> Iterator[None]:
 
 def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
+
+
+LEGEND_MIN_LINE = 24
+"""The fewest characters a legend line is wrapped to, however narrow the figure."""
+
+LEGEND_GAP = 0.1
+"""Inches added below the axes with a legend, besides the legend's own height (the layout's padding)."""
+
+
+def _legend_width(
+    fig: Figure, handles: Sequence[Any], labels: Sequence[str], ncols: int, renderer: Any
+) -> float:
+    """The width in pixels of a figure legend of these entries in ``ncols`` columns."""
+    probe = fig.legend(handles, labels, ncols=ncols)
+    width = float(probe.get_window_extent(renderer).width)
+    probe.remove()
+    return width
+
+
+def _fitted_labels(fig: Figure, handles: Sequence[Any], labels: Sequence[str], renderer: Any) -> list[str]:
+    """The labels on one line each if the widest fits the figure's width, else wrapped at spaces to
+    ever shorter lines (15 % at a time, down to :data:`LEGEND_MIN_LINE` characters) until it does."""
+    line = max(len(label) for label in labels)
+    while True:
+        texts = ["\n".join(textwrap.wrap(label, line, break_on_hyphens=False)) or label for label in labels]
+        if line <= LEGEND_MIN_LINE or _legend_width(fig, handles, texts, 1, renderer) <= fig.bbox.width:
+            return texts
+        line = max(LEGEND_MIN_LINE, int(line * 0.85))
+
+
+def _legend_columns(fig: Figure, handles: Sequence[Any], labels: Sequence[str], renderer: Any) -> int:
+    """The most legend columns that fit the figure's width (at least one)."""
+    entry = _legend_width(fig, handles, labels, 1, renderer)
+    ncols = max(1, min(len(labels), int(fig.bbox.width // max(entry, 1.0))))
+    while ncols > 1 and _legend_width(fig, handles, labels, ncols, renderer) > fig.bbox.width:
+        ncols -= 1
+    return ncols
+
+
+def legend_below(fig: Figure, handles: Sequence[Any], labels: Sequence[str]) -> None:
+    """A figure legend under the axes, as wide as the figure at most, and the figure grown by the
+    legend's height.
+
+    Constrained layout makes room for a legend outside the axes by shrinking the axes; growing the
+    figure by the legend's own height instead keeps the axes the size they have without a legend,
+    however many entries there are and however long their labels (40 runs of 60-character labels
+    draw axes as wide as 2 runs do). Entries fill as many columns as fit; a label wider than the
+    figure wraps at spaces instead of running off its edge.
+    """
+    if not handles:
+        return
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    texts = _fitted_labels(fig, handles, [str(label) for label in labels], renderer)
+    ncols = _legend_columns(fig, handles, texts, renderer)
+    legend = fig.legend(handles, texts, loc="outside lower left", ncols=ncols)
+    height = legend.get_window_extent(renderer).height / fig.dpi
+    fig.set_figheight(fig.get_figheight() + height + LEGEND_GAP)
 
 
 def to_data_uri(fig: Figure) -> str:
@@ -238,7 +297,8 @@ def scenario_curves(groups: Mapping[str, Sequence[dict[str, Any]]], colors: Mapp
 
     Left: ``A_seen[i]`` (accuracy on all classes seen so far). Right: the mean over every test
     experience of row i (before training as ``b``), which includes zero-shot accuracy on the
-    future experiences.
+    future experiences. The legend is below both axes (:func:`legend_below`): many groups or long
+    labels make the figure taller, never the axes smaller.
     """
     with _style():
         fig = _figure(10.5, 3.2)
@@ -279,8 +339,7 @@ def scenario_curves(groups: Mapping[str, Sequence[dict[str, Any]]], colors: Mapp
             ax.set_xlabel("after training experience i")
             ax.set_ylim(0, 1.02)
         left.set_ylabel("accuracy")
-        if groups:
-            fig.legend(*left.get_legend_handles_labels(), loc="outside right upper")
+        legend_below(fig, *left.get_legend_handles_labels())
         return to_data_uri(fig)
 
 
@@ -445,14 +504,14 @@ def tradeoff_plot(
     seeds). Groups that are not eligible for a best mark (``TradeoffPoint.note``) are hollow and
     their legend entry says why. On a log axis a group of cost 0 (zero-shot: no trainable
     parameters) cannot be placed: it is a dashed horizontal line at its forgetting, its legend
-    entry ending in ``zero_label``. The legend sits below the axes, one entry a line, so it never
-    narrows them. None when no point has a defined forgetting (T = 1).
+    entry ending in ``zero_label``. The legend sits below the axes (:func:`legend_below`), so it
+    never narrows them. None when no point has a defined forgetting (T = 1).
     """
     drawable = [p for p in points if math.isfinite(p.forgetting)]
     if not drawable:
         return None
     with _style():
-        fig = _figure(5.8, 3.3 + 0.17 * len(drawable))
+        fig = _figure(5.8, 3.3)
         ax = fig.add_subplot()
         nth: dict[Color, int] = {}
         low, high = 0.0, 0.0
@@ -514,5 +573,5 @@ def tradeoff_plot(
         ax.set_xlabel(x_label)
         ax.set_ylabel("forgetting (lower is better)")
         ax.set_title(title, loc="left")
-        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower left", ncols=1)
+        legend_below(fig, *ax.get_legend_handles_labels())
         return to_data_uri(fig)

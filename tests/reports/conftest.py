@@ -1,4 +1,5 @@
-"""Fixtures of the reporter tests: a directory of hand-made records, and one with broken files."""
+"""Fixtures of the reporter tests: a directory of hand-made records, one with broken files, and
+the report of a large comparison (44 runs) for the layout tests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reports.build import build_report
-from tests.reports.records import make_record, standard_set, write_record
+from tests.reports.records import make_record, many_runs_set, standard_set, write_record
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,15 @@ def broken_dir(runs_dir: Path) -> Path:
     newer["schema_version"] = 99
     write_record(runs_dir, newer)
     return runs_dir
+
+
+@pytest.fixture(scope="session")
+def many_report(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """A report of :func:`many_runs_set` (44 runs, group labels over 60 characters), built once."""
+    root = tmp_path_factory.mktemp("many")
+    many_runs_set(root / "runs")
+    out = root / "report.html"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        build_report([root / "runs"], out)
+    return Built(root / "runs", out, out.read_text(encoding="utf-8"), stderr.getvalue())

@@ -295,3 +295,46 @@ def marks_set(root: Path) -> dict[str, Path]:
         ),
     ]
     return {r["run_id"]: write_record(root, r) for r in records}
+
+
+MANY_STRATEGIES = ("dylora", "finetune", "lora", "mora", "sora")
+MANY_INITS = ("orthogonal-scaled-kaiming-uniform", "gaussian-with-fan-in-scaling-v2")
+
+
+def many_runs_set(root: Path, seeds: int = 2) -> dict[str, Path]:
+    """A large comparison for layout tests (issue 22): 40 runs + 4 of a second scenario.
+
+    On ``synthetic``, 5 strategies x 2 ranks x 2 initialisations x ``seeds`` seeds, four experiences;
+    the configurations differ in ``strategy_args.r`` and ``strategy_args.initialisation``, so every
+    group label is longer than 60 characters (``lora [strategy_args.initialisation=..., strategy_args.r=4]``).
+    ``split-digits`` holds 4 lora runs of one configuration (short labels). Accuracies vary with the
+    run's position so that no two curves coincide.
+    """
+    records = []
+    for s, strategy in enumerate(MANY_STRATEGIES):
+        for r, rank in enumerate((4, 16)):
+            for i, init in enumerate(MANY_INITS):
+                for seed in range(seeds):
+                    shift = 0.02 * (4 * s + 2 * r + i) + 0.01 * seed
+                    records.append(
+                        make_record(
+                            f"many-{strategy}-r{rank}-i{i}-s{seed}",
+                            strategy,
+                            "synthetic",
+                            seed,
+                            matrix=_staircase(4, 0.55 + shift, 0.02 + 0.01 * s),
+                            n_trainable=250 * rank * (s + 1),
+                            train_time_s=1.0 + 0.5 * s + 0.1 * i,
+                            config_extra={"strategy_args": {"r": rank, "initialisation": init}},
+                        )
+                    )
+    for seed in range(4):
+        records.append(
+            make_record(f"many-digits-s{seed}", "lora", "split-digits", seed, matrix=last_row(0.8))
+        )
+    return {r["run_id"]: write_record(root, r) for r in records}
+
+
+def _staircase(T: int, learned: float, decay: float) -> list[list[float]]:
+    """A T x T matrix: ``learned`` on the experience just trained, ``decay`` less per later one."""
+    return [[max(0.0, learned - decay * (i - j)) if j <= i else 0.1 for j in range(T)] for i in range(T)]

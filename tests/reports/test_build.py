@@ -12,6 +12,7 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ from cl_bench.errors import ClBenchError
 from cl_bench.metrics import FORMULAS
 from cl_bench.results import find_records
 from reports import tables
-from reports.build import build_report, fmt_bytes, fmt_stat, fmt_time
+from reports.build import build_report, fmt_bytes, fmt_time, stat_parts
 from tests.reports.conftest import Built
 from tests.reports.records import last_row, make_record, strategy_figures_record, write_record
 
@@ -418,14 +419,14 @@ def test_the_heatmap_diagonal_is_outlined_in_red(tmp_path: Path) -> None:
     assert all(float(w) == 1.5 for w in outlines)  # 1.5 pt = 2 px
 
 
-def test_every_run_section_is_open_and_print_keeps_figures_whole(tmp_path: Path) -> None:
+def test_run_sections_are_collapsed_and_print_keeps_figures_whole(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for seed in range(9):
         write_record(runs, make_record(f"run-{seed}", seed=seed))
     page = _build([runs], tmp_path / "report.html")
     sections = re.findall(r'<details class="run"[^>]*>', page)
     assert len(sections) == 9
-    assert all(s.endswith(" open>") for s in sections)
+    assert not any(" open" in s for s in sections)  # the script opens them all to print
     css = page[: page.index("</style>")]
     print_css = css[css.index("@media print") :].splitlines()[0]
     assert "figure { break-inside: avoid; }" in print_css
@@ -445,8 +446,9 @@ def test_the_provenance_table_leaves_versions_to_its_own_list(standard_report: B
 
 
 def assert_self_contained(page: str) -> None:
-    """No script, no stylesheet link, every image an embedded SVG, links only to anchors or the CSVs."""
-    assert "<script" not in page
+    """One inline script and no other, no stylesheet link, every image an embedded SVG, links only to
+    anchors or the CSVs."""
+    assert re.findall(r"<script[^>]*>", page) == ["<script>"]
     assert "<link" not in page
     assert "@import" not in page
     sources = re.findall(r'\ssrc="([^"]*)"', page)
@@ -477,11 +479,16 @@ def test_a_single_run_report_next_to_its_record(runs_dir: Path, capsys: pytest.C
 def test_formatting_helpers() -> None:
     from reports.build import fmt_float
 
-    assert fmt_stat(0.6, math.sqrt(0.02), 2, 2, fmt_float) == "0.600 ± 0.141"
-    assert fmt_stat(0.6, math.nan, 1, 1, fmt_float) == "0.600"
-    assert fmt_stat(0.6, 0.1, 1, 2, fmt_float) == "0.600 ± 0.100 (n=1)"
-    assert fmt_stat(None, None, 0, 2, fmt_float) == "—"
-    assert fmt_stat(5.0, 0.0, 2, 2, fmt_float, always_std=False) == "5.000"
+    def parts(*args: Any, **kw: Any) -> tuple[str, str, str]:
+        p = stat_parts(*args, fmt=fmt_float, **kw)
+        return p["value"], p["spread"], p["note"]
+
+    assert parts(0.6, math.sqrt(0.02), 2, 2) == ("0.600", "± 0.141", "")
+    assert parts(0.6, math.nan, 1, 1) == ("0.600", "", "")
+    assert parts(0.6, 0.1, 1, 2) == ("0.600", "± 0.100", "(n=1)")
+    assert parts(None, None, 0, 2) == ("—", "", "")
+    assert parts(5.0, 0.0, 2, 2, always_std=False) == ("5.000", "", "")
+    assert parts(5.0, 0.0, 2, 2) == ("5.000", "± 0.000", "")
     assert fmt_bytes(2**30) == "1.0 GiB"
     assert fmt_bytes(512) == "512 B"
     assert fmt_time("2026-01-01T09:30:59+02:00") == "2026-01-01 07:30"  # shown in UTC
