@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from cl_bench import config, loop
-from cl_bench.adapters import ROLES
+from cl_bench.backbones.base import ROLES, Backbone
 from cl_bench.evaluate import autocast
-from cl_bench.heads import make_head
+from cl_bench.heads import Head, make_head
 from cl_bench.registry import BACKBONES, STRATEGIES
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyContext
 
@@ -90,8 +90,8 @@ class PeftLoRA(Strategy):
 
     graph_safe = True  # its forward reads parameters only: the graph runner applies as to ours
 
-    def __init__(self, cfg: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: Any, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
         from peft import LoraConfig, inject_adapter_in_model
 
         self.backbone.requires_grad_(False)
@@ -519,24 +519,25 @@ def _guard(rows: list[Row], name: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the run
 
 
-STRATEGY_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
-    # (row name, strategy, args, experiences before timing)
-    ("lora", "lora", {}, 1),
-    ("dylora", "dylora", {}, 1),
-    ("sora", "sora", {}, 1),
-    ("allora", "allora", {}, 1),
-    ("mora (1 exp, 16 ranks)", "mora", {}, 1),
-    ("mora (10 exps, 160 ranks)", "mora", {}, 10),
-    ("smora", "smora", {}, 1),
-    ("flylora", "flylora", {}, 1),
-    ("finetune", "finetune", {}, 1),
-    ("lisa", "lisa", {}, 1),
-    ("loraprune", "loraprune", {}, 1),
-    ("linear-probe", "linear-probe", {}, 1),
-)
+RowSpec = tuple[str, str, dict[str, Any], int]  # (row name, strategy, args, experiences before timing)
+# The rows that differ from a registered training strategy's default one (named as registered,
+# timed after one experience), by strategy; every other strategy gets its default row.
+SPECIAL_ROWS: dict[str, tuple[RowSpec, ...]] = {
+    "mora": (("mora (1 exp, 16 ranks)", "mora", {}, 1), ("mora (10 exps, 160 ranks)", "mora", {}, 10)),
+}
+
+
+def strategy_rows() -> list[RowSpec]:
+    """A row per registered strategy that trains (``Strategy.trains``), ``SPECIAL_ROWS`` where they
+    are declared: ``lora`` first (the reference of the others), then in registry order."""
+    names = [entry.name for entry in STRATEGIES if entry.obj.trains]
+    names.sort(key=lambda name: name != "lora")
+    return [row for name in names for row in SPECIAL_ROWS.get(name, ((name, name, {}, 1),))]
+
+
 EAGER_REFERENCES = {"peft-lora", "lora", "finetune"}  # measured eagerly too even without --eager-rows
 # The same rows with ``--set compile=true`` (skipped by --quick: inductor needs minutes on a CPU).
-COMPILED_ROWS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
+COMPILED_ROWS: tuple[RowSpec, ...] = (
     ("lora (compiled)", "lora", {}, 1),
     ("mora (10 exps, compiled)", "mora", {}, 10),
 )
@@ -579,8 +580,9 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
         with _guard(rows, "forward-only"):
             rows.append(measure_forward_only(s))
         emit(rows[-1:])
+    rows_of_strategies = strategy_rows()
     reference: Reference | None = None
-    if "lora" in STRATEGIES and (wanted("peft-lora") or any(wanted(r[0]) for r in STRATEGY_ROWS)):
+    if "lora" in STRATEGIES and (wanted("peft-lora") or any(wanted(r[0]) for r in rows_of_strategies)):
         with _guard(rows, "lora (interleaved reference)"):
             reference = make_reference(s)
     if wanted("peft-lora"):
@@ -589,8 +591,8 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             measured = measure(build("peft-lora", s, cls=PeftLoRA), s, modes=modes, reference=reference)
             rows.extend(_named(measured, "peft-lora", "peft-lora", "HF peft LoRA r=8 on the same layers"))
         emit(rows[before:])
-    for name, strategy, args, experiences in STRATEGY_ROWS:
-        if not wanted(name) or strategy not in STRATEGIES:
+    for name, strategy, args, experiences in rows_of_strategies:
+        if not wanted(name):
             continue
         before = len(rows)
         with _guard(rows, name):

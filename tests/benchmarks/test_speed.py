@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
-from benchmarks.speed import Row, Setting, run, table
+import pytest
+
+from benchmarks import speed
+from benchmarks.speed import COMPILED_ROWS, SPECIAL_ROWS, Row, Setting, run, strategy_rows, table
+from cl_bench.registry import STRATEGIES, Registry
+from strategies.lora import LoRA
 
 QUICK = Setting(
     backbone="tiny-clip", batch=4, eval_batch=8, warmup=1, steps=1, windows=1, device="cpu", precision="fp32"
 )
 
 
-def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
+@pytest.fixture
+def throwaway(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A strategy registered for one test only (a copy of the registry with one more entry)."""
+    registry: Registry = Registry("strategy")
+    for entry in STRATEGIES:
+        registry.register(entry.name, description=entry.description, aliases=entry.aliases)(entry.obj)
+    registry.register("throwaway", description="a LoRA registered by a test")(type("Throwaway", (LoRA,), {}))
+    monkeypatch.setattr(speed, "STRATEGIES", registry)
+    return "throwaway"
+
+
+def test_every_registered_strategy_that_trains_has_a_row_and_special_rows_name_registered_ones() -> None:
+    rows = strategy_rows()
+    trains = {name for name in STRATEGIES.names() if STRATEGIES.get(name).trains}
+    assert {strategy for _, strategy, _, _ in rows} == trains
+    assert "zero-shot" not in trains
+    assert rows[0][:2] == ("lora", "lora")  # the reference first
+    assert len({name for name, _, _, _ in rows}) == len(rows)
+    assert set(SPECIAL_ROWS) <= trains
+    assert all(strategy == name for name, specials in SPECIAL_ROWS.items() for _, strategy, _, _ in specials)
+    assert {strategy for _, strategy, _, _ in COMPILED_ROWS} <= trains
+    assert [row for row in rows if row[1] == "mora"] == list(SPECIAL_ROWS["mora"])
+
+
+def test_a_newly_registered_strategy_gets_a_row_with_no_edit_to_the_bench(throwaway: str) -> None:
+    assert (throwaway, throwaway, {}, 1) in strategy_rows()
+
+
+def test_rows_run_with_the_loop_step_and_the_peft_reference(throwaway: str) -> None:
     rows = {
         r.name: r
         for r in run(
@@ -22,13 +55,15 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
                 "loraprune sliced 50%",
                 "forward-only",
                 "lora (repeat)",
+                throwaway,
             },
         )
     }
     assert not [r.error for r in rows.values() if r.error]
-    for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)"):
+    for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)", throwaway):
         assert rows[name].train_samples_per_s > 0
         assert rows[name].eval_samples_per_s > 0
+    assert rows[throwaway].strategy == throwaway
     assert rows["forward-only"].eval_samples_per_s > 0
     assert rows["loraprune sliced 50%"].extra["sparsity"] > 0.4
     for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)"):  # timed beside the lora reference
@@ -38,6 +73,15 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference() -> None:
     drift = repeat.extra["drift_vs_first"]
     assert drift == repeat.train_samples_per_s / rows["lora"].train_samples_per_s
     assert f"{drift:.3f}x the first" in repeat.note
+
+
+def test_the_peft_reference_trains_what_lora_trains() -> None:
+    """HF peft's LoRA (r=8) on the layers of PEFT_TARGETS: as many trained parameters as our lora."""
+    peft = speed.build("peft-lora", QUICK, cls=speed.PeftLoRA)
+    lora = speed.build("lora", QUICK)
+    n_peft_layers = sum(1 for name, _ in peft.backbone.model.named_modules() if name.endswith("lora_A"))
+    assert n_peft_layers == len(lora.adapters())
+    assert peft.n_trainable() == lora.n_trainable() > 0
 
 
 def test_table_gives_ratios_within_a_mode_and_to_eager_peft_and_shows_errors() -> None:
