@@ -1,7 +1,7 @@
 """``cl-bench sweep``: a strategy x scenario x seed x override grid, executed by Ray.
 
 A sweep file (TOML, ``docs/sweeps.md``) reuses the run config's keys and the regression grid's
-layout (``tests/regression/grid.toml``)::
+layout (``regression/grid.toml``)::
 
     [sweep]                      # what to cross, and how to run it
     strategies = ["lora", "mora"]
@@ -811,6 +811,8 @@ def _execute(
         f"sweep: {len(states)} cells, {len(todo)} to run ({len(states) - len(todo)} skipped or not retried), "
         f"{s.cpus_per_cell:g} CPU + {gpus:g} GPU per cell, on {meta['address']}"
     )
+    caught: list[str] = []  # the signals received while the loop runs
+    restore = _defer_interrupts(caught)
     try:
         while queue or inflight:
             while queue and (not limit or len(inflight) < limit):  # Ray's pattern to bound pending tasks
@@ -828,6 +830,8 @@ def _execute(
                     state
                 )
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            if caught:
+                raise KeyboardInterrupt
             attempts = ray.get(board.snapshot.remote())
             for state in inflight.values():
                 seen = attempts.get(state.cell.run_id, [])
@@ -866,12 +870,35 @@ def _execute(
                 state.status = "ok"
             elif state.status == "running":
                 state.status = "interrupted"
-                state.failure = {"type": "KeyboardInterrupt", "reason": "sweep interrupted (Ctrl-C)"}
+                why = "Ctrl-C" if not caught or caught[0] == "SIGINT" else caught[0]
+                state.failure = {"type": "KeyboardInterrupt", "reason": f"sweep interrupted ({why})"}
             if state.status != "pending":
                 state.finished = time.time()
         view.line(f"interrupted: {len(inflight)} cells stopped, {len(queue)} never started")
         return True
+    finally:
+        restore()
     return False
+
+
+def _defer_interrupts(caught: list[str]) -> Callable[[], None]:
+    """Turn Ctrl-C (and SIGTERM) into a name appended to ``caught``; return what puts the old handlers back.
+
+    A KeyboardInterrupt raised inside ``ray.wait`` (compiled code) can be lost or come back as a
+    SystemError, and the driver would then wait for the cell to end; instead the loop raises it
+    itself between two waits, at most a second later. Outside the main thread nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: caught.append(signal.Signals(signum).name))
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _with_deaths(attempts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -44,10 +44,18 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def write_sweep(path: Path, *, sweep_table: dict[str, Any], extra: str = "", axes: str = "") -> Path:
-    """A sweep file of tiny synthetic cells: ``sweep_table`` as [sweep], then ``axes`` and ``extra``."""
+def write_sweep(
+    path: Path,
+    *,
+    sweep_table: dict[str, Any],
+    extra: str = "",
+    axes: str = "",
+    run: dict[str, Any] | None = None,
+) -> Path:
+    """A sweep file of tiny synthetic cells: ``sweep_table`` as [sweep], ``RUN | run`` as [run], then
+    ``axes`` and ``extra``."""
     lines = ["[sweep]", *(f"{k} = {_toml_value(v)}" for k, v in sweep_table.items())]
-    lines += ["[run]", *(f"{k} = {_toml_value(v)}" for k, v in RUN.items())]
+    lines += ["[run]", *(f"{k} = {_toml_value(v)}" for k, v in (RUN | (run or {})).items())]
     lines += ["[scenarios.synthetic]", *(f"{k} = {v}" for k, v in QUICK_SCENARIO.items())]
     path.write_text("\n".join(lines) + "\n" + axes + "\n" + extra, encoding="utf-8")
     return path
@@ -319,6 +327,7 @@ def _check_ctrl_c_marks_the_running_cell_interrupted(root: Path) -> None:
     path = write_sweep(
         root / "stop.toml",
         sweep_table={"strategies": ["lora"], "scenarios": ["synthetic"], "seeds": [5], "gpus_per_cell": 0},
+        run={"steps_per_experience": 100_000},  # minutes of work: it cannot finish before Ctrl-C lands
     )
     plan = sweep.load(path, out=root / "runs")
     record = plan.run_dir(plan.cells[0]) / results.RESULT_FILE
