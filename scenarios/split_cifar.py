@@ -6,11 +6,14 @@ test_batch,batches.meta}``: the pickles torchvision downloads. Nothing is ever d
 own checksums (copied in :mod:`cl_bench.cifar_layout`, a test keeps them equal to torchvision's
 lists) unless ``verify_checksums=false`` (for generated test data in the same format), then read
 directly and wrapped into an Avalanche benchmark. ``cl-bench run`` checks the root before anything
-heavy is imported (:func:`cl_bench.cifar_layout.precheck`).
+heavy is imported (:func:`cl_bench.cifar_layout.precheck`). The pickles are read by a restricted
+unpickler that resolves only the few numpy globals an array needs, so a crafted file (checksums
+off, or a tampered copy) is refused with a DataError and can never run code while it loads.
 """
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +29,73 @@ from cl_bench.scenario import ImageSource, Scenario
 from scenarios.common import StreamConfig, make_scenario
 
 
+def _multiarray() -> Any:
+    """numpy's ``multiarray`` module under its numpy 2 name, or its numpy 1 one (no deprecation warning)."""
+    try:
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy < 2
+        return importlib.import_module("numpy.core.multiarray")
+
+
+class _Latin1Bytes:
+    """``_codecs.encode`` as Python 3 uses it for bytes in a protocol-2 pickle (the files that
+    ``scenarios/cifar_files.py`` writes): latin-1 text to bytes, no other codec. Slotted, so a
+    pickle's BUILD cannot set attributes on it."""
+
+    __slots__ = ()
+
+    def __call__(self, text: object, encoding: object) -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("_codecs.encode is only allowed to turn latin-1 text into bytes")
+        return text.encode("latin1")
+
+
+_MULTIARRAY = _multiarray()
+# Every global a CIFAR pickle may name, as (module, name) exactly as the file spells it, mapped to
+# what it loads as; dicts, lists, str, bytes and ints need none. A numpy array pickles as
+# ``_reconstruct(ndarray, (0,), b"b")`` plus its state (shape, a ``dtype``, the raw bytes), under
+# numpy 1's module name in torchvision's files (Python 2 cPickle) and numpy 2's in files written
+# today; a numpy scalar pickles through ``scalar``; Python 3 writes the array's bytes into a
+# protocol-2 pickle as ``_codecs.encode(text, "latin1")``.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _MULTIARRAY._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _MULTIARRAY._reconstruct,
+    ("numpy.core.multiarray", "scalar"): _MULTIARRAY.scalar,
+    ("numpy._core.multiarray", "scalar"): _MULTIARRAY.scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _Latin1Bytes(),
+}
+
+
+class _RefusedGlobalError(Exception):
+    """A pickle named a global outside :data:`_ALLOWED_GLOBALS` (carries the name, as printable text)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`_ALLOWED_GLOBALS`: nothing is imported and no other
+    callable is reachable, so loading a file can build data but never run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            pass
+        wanted = f"{module}.{name}"
+        if not wanted.isprintable() or len(wanted) > 120:  # keep the error to one short line
+            wanted = repr(wanted[:120])
+        raise _RefusedGlobalError(wanted)
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+            entry = _CifarUnpickler(fh, encoding="latin1").load()
+    except _RefusedGlobalError as err:
+        raise DataError(
+            f"{path}: refused to load: the pickle asks for {err}, which a CIFAR file never holds "
+            "(loading data never runs code)"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err})") from None
     if not isinstance(entry, dict):
