@@ -41,6 +41,8 @@ from cl_bench.errors import ClBenchError
 from cl_bench.metrics import FORMULAS, SOURCES
 from cl_bench.results import METRIC_COLUMNS, RecordProblem, find_records, write_text_atomic
 from reports import plots, tables
+from reports.output import output_refusal, remove_stale_temps
+from reports.validate import record_problem
 
 TEMPLATES = Path(__file__).parent / "templates"
 MIB = 2**20
@@ -494,7 +496,7 @@ def _strategy_view(record: dict[str, Any], color: str) -> dict[str, Any]:
                 y_label="acc_final",
                 title="accuracy vs rank (final model)",
                 color=color,
-                reference=("main model", float(main_acc)) if isinstance(main_acc, int | float) else None,
+                reference=("main model", float(main_acc)) if _is_num(main_acc) else None,
                 log2_x=True,
             )
     view["present"] = any(view.values())
@@ -537,6 +539,7 @@ def _run_view(record: dict[str, Any], color: str, config_label: str, margin: flo
     return {
         "id": run_id,
         "anchor": _anchor(run_id),
+        "error": None,
         "strategy": config.get("strategy"),
         "label": group_label(config.get("strategy"), config_label),
         "strategy_class": (record.get("strategy") or {}).get("class"),
@@ -574,6 +577,34 @@ def _run_view(record: dict[str, Any], color: str, config_label: str, margin: flo
             "config": json.dumps(config, indent=1, sort_keys=False),
         },
     }
+
+
+def _run_section(record: dict[str, Any], color: str, config_label: str, margin: float) -> dict[str, Any]:
+    """:func:`_run_view`, or where building it raises, a section saying so (with a warning).
+
+    The records are checked beforehand (:mod:`reports.validate`), but a run's section draws many
+    figures from strategy-specific data: a failure nobody foresaw there must cost that section, not
+    the page of every other run. Its overview numbers, computed apart, stay in the page.
+    """
+    try:
+        return _run_view(record, color, config_label, margin)
+    except Exception as err:  # any failure of one section: the warning names it
+        error = " ".join(f"{type(err).__name__}: {err}".split())
+        _warn(
+            f"run {record['run_id']}: its section could not be drawn ({error}); "
+            "the page shows its overview figures only"
+        )
+        config = record.get("config") or {}
+        return {
+            "id": str(record["run_id"]),
+            "anchor": _anchor(str(record["run_id"])),
+            "error": error,
+            "label": group_label(config.get("strategy"), config_label),
+            "scenario": config.get("scenario"),
+            "seed": config.get("seed"),
+            "color": color,
+            "path": record.get("_path"),
+        }
 
 
 def _provenance_rows(records: Iterable[dict[str, Any]], colors: dict[str, str]) -> list[dict[str, Any]]:
@@ -644,9 +675,14 @@ def build_report(paths: list[Path], output: Path, *, margin: float = tables.LEAR
     """Write the HTML report of every run record under ``paths`` to ``output``; return its path.
 
     Next to it go the tables as CSV (``<stem>_overview.csv``, ``_runs.csv``, ``_parameters.csv``,
-    ``_resources.csv``, ``_variants.csv``, ``_excluded.csv``). Unreadable files are named on stderr
-    and in the report, failed or incomplete runs are listed apart and never averaged. Raises
-    ClBenchError when no completed run record is found, so an empty report never looks good.
+    ``_resources.csv``, ``_variants.csv``, ``_excluded.csv``). Unreadable files, and records whose
+    contents the report cannot read (:func:`reports.validate.record_problem`), are named on stderr
+    and in the report; failed or incomplete runs are listed apart and never averaged. Raises
+    ClBenchError when no completed run record is found, so an empty report never looks good, and
+    before writing anything when ``output`` is no place for a report
+    (:func:`reports.output.output_refusal`: a ``.json`` path, an input record, a file that is not a
+    cl-bench report). Temp files a killed report left for these files are removed first
+    (:func:`reports.output.remove_stale_temps`).
 
     ``margin`` sets when a group counts as having learned, and so may hold a best mark: mean
     plasticity >= chance + margin x (1 - chance) (:func:`reports.tables.learned_threshold`); the
@@ -656,6 +692,12 @@ def build_report(paths: list[Path], output: Path, *, margin: float = tables.LEAR
         raise ValueError(f"margin must be a share of the gap to perfect accuracy in [0, 1], got {margin}")
     output = Path(output)
     records, problems = find_records(paths)
+    read = [Path(p) for p in paths if Path(p).is_file()]
+    read += [Path(r["_path"]) for r in records] + [p.path for p in problems]
+    if (refusal := output_refusal(output, read)) is not None:
+        raise ClBenchError(refusal)
+    records, hostile = _usable(records)
+    problems = [*problems, *hostile]
     for problem in problems:
         _warn(f"skipped {problem.path}: {problem.reason}")
     ok = [r for r in records if r["status"] == "ok"]
@@ -680,10 +722,24 @@ def build_report(paths: list[Path], output: Path, *, margin: float = tables.LEAR
         "variants": _variants_all(ok),
         "excluded": tables.problems_frame(excluded, problems, _labels(runs)),
     }
+    remove_stale_temps([*csvs.values(), output])
     for name, frame in frames.items():
         write_text_atomic(csvs[name], frame.to_csv(index=False))
     write_text_atomic(output, html)
     return output
+
+
+def _usable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[RecordProblem]]:
+    """The records the report can read, and a :class:`RecordProblem` for each of the others
+    (:func:`reports.validate.record_problem`): they are skipped like unreadable files."""
+    usable, problems = [], []
+    for record in records:
+        why = record_problem(record)
+        if why is None:
+            usable.append(record)
+        else:
+            problems.append(RecordProblem(Path(record["_path"]), why))
+    return usable, problems
 
 
 def _labels(runs: pd.DataFrame) -> dict[str, str]:
@@ -759,7 +815,8 @@ def render(
         "memory_kinds": sorted({str(k) for k in runs["memory_kind"].dropna()}),
         "scenarios": scenarios,
         "runs": [
-            _run_view(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])], margin) for r in ok
+            _run_section(r, colors[str(r["config"]["strategy"])], labels[str(r["run_id"])], margin)
+            for r in ok
         ],
         "excluded": excluded_rows,
         "problems": [{"path": str(p.path), "reason": p.reason} for p in problems],

@@ -392,7 +392,7 @@ def overview_frame(runs: pd.DataFrame, margin: float = LEARNED_MARGIN) -> pd.Dat
     counts = (
         runs.assign(
             n_failed=(runs["status"] == "failed").astype(int),
-            n_incomplete=(runs["status"] == "running").astype(int),
+            n_incomplete=runs["status"].isin(["running", "interrupted"]).astype(int),
         )
         .groupby(OVERVIEW_KEYS, sort=True, dropna=False)[["n_failed", "n_incomplete"]]
         .sum()
@@ -497,7 +497,7 @@ def problems_frame(
 
 def failure_reason(record: dict[str, Any]) -> str:
     """One line saying why a run is not in the averages."""
-    if record.get("status") == "failed":
+    if record.get("status") in ("failed", "interrupted"):
         failure = record.get("failure") or {}
         kind, reason = failure.get("type"), failure.get("reason")
         if kind and reason:

@@ -494,3 +494,22 @@ def test_formatting_helpers() -> None:
     assert fmt_time("2026-01-01T09:30:59+02:00") == "2026-01-01 07:30"  # shown in UTC
     assert fmt_time(None) == "—"
     assert fmt_time("yesterday") == "yesterday"
+
+
+def test_an_interrupted_run_is_listed_as_incomplete_with_its_signal(tmp_path: Path) -> None:
+    stopped = make_record("lora-s1-stopped", seed=1, status="running")
+    stopped["status"] = "interrupted"
+    stopped["failure"] = {"type": "SIGTERM", "reason": "interrupted by SIGTERM"}
+    paths = [write_record(tmp_path, make_record("lora-s0")), write_record(tmp_path, stopped)]
+    out = tmp_path / "site" / "report.html"
+    page = _build(paths, out)
+    assert "SIGTERM: interrupted by SIGTERM" in page[page.index('id="excluded"') :]
+    excluded = pd.read_csv(out.with_name("report_excluded.csv"))
+    assert excluded[["run_id", "kind", "status"]].values.tolist() == [
+        ["lora-s1-stopped", "incomplete", "interrupted"]
+    ]
+    assert _overview(out).loc[("synthetic", "lora"), ["n_runs", "n_failed", "n_incomplete"]].tolist() == [
+        1,
+        0,
+        1,
+    ]
