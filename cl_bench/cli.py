@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cl_bench.errors import ClBenchError, MissingDataError
+from cl_bench.errors import ClBenchError, MissingDataError, RunInterrupted
 
 log = logging.getLogger("cl_bench")
 
@@ -214,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cl_bench import config, loop
 
     cfg = config.resolve(_run_layers(args))
-    record = loop.run(cfg, progress=not args.no_progress)
+    record = loop.run(cfg, progress=not args.no_progress, handle_signals=True)
     run_dir = Path(record.config["out"]) / record.run_id
     print(_summary(record, run_dir / "result.json"))
     if record.config["report"]:
@@ -385,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, MissingDataError) and args.command == "run":
             print(data_hint(err, argv), file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"error: {err.reason}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -32,3 +32,27 @@ class WeightsError(ClBenchError):
 
 class DivergenceError(ClBenchError):
     """A non-finite loss during training."""
+
+
+class RecordWriteError(ClBenchError):
+    """The run record could not be written (a full disk, a read-only or vanished directory)."""
+
+
+class RunLockedError(ClBenchError):
+    """Another live process is writing the same run (same ``--out`` and ``--run-id``)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by a signal: SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption) or SIGHUP.
+
+    A :class:`KeyboardInterrupt`, so a notebook's Ctrl-C and ``except KeyboardInterrupt`` behave
+    as usual; ``exit_code`` is the shell's 128 + signal number (130, 143, 129)."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(signal_name)
+        self.signal_name, self.exit_code = signal_name, exit_code
+
+    @property
+    def reason(self) -> str:
+        how = " (Ctrl-C)" if self.signal_name == "SIGINT" else ""
+        return f"interrupted by {self.signal_name}{how}"

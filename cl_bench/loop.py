@@ -3,7 +3,7 @@
 Read top to bottom in :func:`run`: build the components, evaluate the untrained model (row b),
 then for every experience train with the strategy's hooks and evaluate a full row of the
 accuracy matrix (future experiences included). The run record is written when the run starts
-(``running``) and when it ends (``ok``, or ``failed`` with the reason).
+(``running``) and when it ends (``ok``; ``failed`` or ``interrupted`` with the reason).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from cl_bench import cpu_time, memory, metrics, results, threads, tracking
+from cl_bench import cpu_time, interrupts, memory, metrics, results, run_lock, threads, tracking
 from cl_bench import progress as progress_
 from cl_bench.config import RunConfig, build, to_dict
 from cl_bench.data import ExperienceData, Preprocess, sample_ids
-from cl_bench.errors import ClBenchError, ConfigError, DivergenceError
+from cl_bench.errors import ClBenchError, ConfigError, DivergenceError, RecordWriteError, RunInterrupted
 from cl_bench.evaluate import allowed_classes, autocast, n_correct, test_logits
 from cl_bench.graphs import StepGraphs
 from cl_bench.heads import make_head
@@ -53,6 +53,7 @@ class Plan:
     run_dir: Path
     lr: float
     weight_decay: float
+    record_file: str = results.RESULT_FILE  # PARTIAL_FILE while an --overwrite run is unfinished
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -95,9 +96,7 @@ def plan(cfg: RunConfig) -> Plan:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot use --out {resolved.out} as the runs directory: {err.strerror}") from None
-    status = results.existing_status(run_dir)
-    if status == "ok" and not cfg.overwrite:
-        raise ConfigError(f"{run_dir} already holds a completed run; pass --overwrite to replace it")
+    _refuse_completed(run_dir, cfg.overwrite)
     return Plan(
         resolved,
         strategy_cls,
@@ -112,13 +111,43 @@ def plan(cfg: RunConfig) -> Plan:
     )
 
 
+def _refuse_completed(run_dir: Path, overwrite: bool) -> str | None:
+    """The status of the record already in ``run_dir``; a ConfigError if it is complete and
+    ``overwrite`` is off."""
+    status = results.existing_status(run_dir)
+    if status == "ok" and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a completed run; pass --overwrite to replace it")
+    return status
+
+
+def claim(p: Plan, held: run_lock.Held) -> Plan:
+    """Decide, holding the run's lock, where this run writes its record.
+
+    The record's status is read again under the lock (a concurrent run may have completed since
+    :func:`plan`). A ``running`` record whose owner is gone (the lock was free) is a dead run and
+    is started over, saying whose it was; stale temporary files of killed writes are removed. An
+    ``--overwrite`` of a completed record writes ``result.json.partial`` until the new run is
+    ``ok``, so a new run that fails or is killed never loses the completed one.
+    """
+    status = _refuse_completed(p.run_dir, p.cfg.overwrite)
+    if status == "running":
+        log.warning(
+            "%s: the previous run (%s) died without finishing; starting it over",
+            p.run_dir,
+            run_lock.describe(held.previous_owner),
+        )
+    for tmp in results.remove_stale_temporaries(p.run_dir):
+        log.info("removed %s, left by a killed write", tmp)
+    return replace(p, record_file=results.PARTIAL_FILE if status == "ok" else results.RESULT_FILE)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True) -> RunResult:
+def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True, handle_signals: bool = False) -> RunResult:
     """Train ``cfg.strategy`` through ``cfg.scenario`` and write ``<out>/<run_id>/result.json``.
 
     The data-flow of ARCHITECTURE.md, one named step each: plan, build the session, evaluate row b,
@@ -126,14 +155,21 @@ def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True) -> RunResult:
     (unknown name, missing data, a backbone that does not load) leaves no record; once started, the
     record says ``running`` after every row and ``ok`` or ``failed`` (with the reason) at the end.
     ``progress``: True shows a bar on a terminal and plain lines otherwise; False nothing.
+    One process writes a run at a time (:mod:`cl_bench.run_lock`). ``handle_signals`` (the CLI):
+    SIGTERM and SIGHUP, like Ctrl-C, end the run ``interrupted`` (:mod:`cl_bench.interrupts`).
     """
     p = plan(cfg)
     tracking.check(p.cfg.log)
     mode = progress_.choose(progress)
-    with threads.using(p.cfg.threads):
+    with (
+        interrupts.raising(handle_signals),
+        run_lock.hold(p.run_dir, results.utc_now()) as held,
+        threads.using(p.cfg.threads),
+    ):
+        p = claim(p, held)
         session = build_session(p)
         record = start_record(session)
-        with recorded(record, p.run_dir) as tracker:
+        with recorded(record, p) as tracker:
             initial = evaluate_row(session, -1, mode)
             record_initial_row(session, record, initial, tracker)
             train_all_experiences(session, record, initial, mode, tracker)
@@ -142,24 +178,53 @@ def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True) -> RunResult:
 
 
 @contextmanager
-def recorded(record: RunResult, run_dir: Path) -> Iterator[tracking.Tracker]:
-    """The started run's trackers (``cfg.log``); the record ends ``ok``, or ``failed`` with the
-    reason of whatever escaped (saved either way, trackers closed with the same status)."""
+def recorded(record: RunResult, p: Plan) -> Iterator[tracking.Tracker]:
+    """The started run's trackers (``cfg.log``); the record ends ``ok``, or ``failed`` (an error)
+    or ``interrupted`` (a signal) with the reason of whatever escaped, saved either way, trackers
+    closed with the same status. A record that cannot be saved any more (the disk is full) is
+    logged and the original error is the one that propagates."""
     tracker = tracking.open_trackers(
-        record.config["log"], run_dir=run_dir, run_id=record.run_id, config=record.config
+        record.config["log"], run_dir=p.run_dir, run_id=record.run_id, config=record.config
     )
     try:
         yield tracker
     except BaseException as err:
-        reason = str(err) if isinstance(err, ClBenchError) else f"{type(err).__name__}: {err}"
-        record.status, record.finished = "failed", results.utc_now()
-        record.failure = {"type": type(err).__name__, "reason": reason or type(err).__name__}
-        results.save(record, run_dir)
-        tracker.close("failed")
+        _end(record, p, tracker, err)
         raise
     record.status, record.finished = "ok", results.utc_now()
-    results.save(record, run_dir)
+    try:
+        results.save(record, p.run_dir, p.record_file)
+        results.promote(p.run_dir, p.record_file)
+    except RecordWriteError:
+        tracker.close("failed")
+        raise
     tracker.close("ok")
+
+
+def _end(record: RunResult, p: Plan, tracker: tracking.Tracker, err: BaseException) -> None:
+    """Save the record of a run that ``err`` stopped: ``interrupted`` or ``failed``, with why."""
+    if isinstance(err, KeyboardInterrupt):
+        interrupted = err if isinstance(err, RunInterrupted) else RunInterrupted("SIGINT", 130)
+        record.status = "interrupted"
+        record.failure = {"type": interrupted.signal_name, "reason": interrupted.reason}
+    else:
+        reason = str(err) if isinstance(err, ClBenchError) else f"{type(err).__name__}: {err}"
+        record.status = "failed"
+        record.failure = {"type": type(err).__name__, "reason": reason or type(err).__name__}
+    record.finished = results.utc_now()
+    try:
+        path = results.save(record, p.run_dir, p.record_file)
+    except RecordWriteError as save_err:
+        log.error("%s (the record on disk still says running)", save_err)
+    else:
+        if p.record_file != results.RESULT_FILE:
+            log.warning(
+                "the completed run in %s is kept; this attempt's record, %s, is %s",
+                p.run_dir / results.RESULT_FILE,
+                record.status,
+                path,
+            )
+    tracker.close(record.status)
 
 
 def train_all_experiences(
@@ -311,7 +376,7 @@ def start_record(session: Session) -> RunResult:
         backbone=session.backbone_info,
         environment=results.environment(p.device.type, _device_name(p.device), p.precision),
     )
-    results.save(record, p.run_dir)
+    results.save(record, p.run_dir, p.record_file)
     return record
 
 
@@ -400,7 +465,7 @@ def record_initial_row(session: Session, record: RunResult, initial: Row, tracke
         "setup_s": time.perf_counter() - session.started - initial.seconds,
         "initial_eval_s": initial.seconds,
     }
-    results.save(record, session.plan.run_dir)
+    results.save(record, session.plan.run_dir, session.plan.record_file)
     tracker.log_row(-1, record.accuracy["initial"], None, 0)
 
 
@@ -518,7 +583,7 @@ def record_experience(
             strategy=strategy.report(),
         )
     )
-    results.save(record, session.plan.run_dir)
+    results.save(record, session.plan.run_dir, session.plan.record_file)
     tracker.log_row(i, accuracy["matrix"][-1], accuracy["seen"][-1], session.step)
 
 

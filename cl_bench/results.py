@@ -2,8 +2,9 @@
 
 A run record is the only thing reports read. It is written atomically (temporary file, fsync,
 rename), first with ``status: "running"`` when the run starts, then once more at the end with
-``"ok"`` or ``"failed"`` and the reason, so a crashed or killed run is never mistaken for a good
-one. The schema is documented field by field in ``docs/run-record.md``.
+``"ok"``, ``"failed"`` (an error) or ``"interrupted"`` (a signal) and the reason, so a crashed or
+killed run is never mistaken for a good one. The schema is documented field by field in
+``docs/run-record.md``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from cl_bench.errors import ClBenchError
+from cl_bench.errors import ClBenchError, RecordWriteError
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # a sweep's summary (cl_bench/sweep.py): JSON beside the records, not one
-Status = Literal["running", "ok", "failed"]
+Status = Literal["running", "ok", "failed", "interrupted"]
+STATUSES: tuple[str, ...] = ("running", "ok", "failed", "interrupted")
+PARTIAL_FILE = "result.json.partial"  # an --overwrite run's record until it completes (see save)
 
 
 class RecordError(ClBenchError):
@@ -108,11 +111,42 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(_finite(data), indent=1, allow_nan=False))
 
 
-def save(result: RunResult, run_dir: Path) -> Path:
-    """Write ``run_dir/result.json`` atomically and return its path."""
-    path = run_dir / RESULT_FILE
-    write_json_atomic(path, result.to_dict())
+def save(result: RunResult, run_dir: Path, name: str = RESULT_FILE) -> Path:
+    """Write ``run_dir/<name>`` atomically and return its path; an OS error (a full disk, a
+    read-only or vanished directory) becomes one :class:`RecordWriteError` line.
+
+    ``name`` is ``result.json``, or :data:`PARTIAL_FILE` for an ``--overwrite`` run of a completed
+    record: the completed one stays in place until the new run completes (:func:`promote`)."""
+    path = run_dir / name
+    try:
+        write_json_atomic(path, result.to_dict())
+    except OSError as err:
+        raise RecordWriteError(f"cannot write the run record {path}: {err.strerror or err}") from None
     return path
+
+
+def promote(run_dir: Path, name: str) -> Path:
+    """Make ``run_dir/<name>`` the run's ``result.json`` (one atomic rename; nothing if it is)."""
+    path = run_dir / RESULT_FILE
+    if name == RESULT_FILE:
+        return path
+    try:
+        os.replace(run_dir / name, path)
+        _fsync_dir(run_dir)
+    except OSError as err:
+        raise RecordWriteError(f"cannot replace the run record {path}: {err.strerror or err}") from None
+    return path
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes that a killed process left in ``run_dir``
+    (``.<name>.<random>.tmp``); call it only while holding the run's lock, so none is live."""
+    removed = []
+    for tmp in run_dir.glob(".*.tmp") if run_dir.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -124,7 +158,7 @@ def load(path: str | Path) -> dict[str, Any]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecordError(f"{p}: no such run record") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError; an int past Python's digit limit
         raise RecordError(f"{p}: not a readable JSON record (truncated or corrupt: {err})") from None
     if not isinstance(data, dict) or "schema_version" not in data:
         raise RecordError(f"{p}: not a cl-bench run record (no schema_version)")
@@ -234,7 +268,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename in ``directory`` (its entry), not only the file's bytes."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -326,8 +365,8 @@ def find_records(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], lis
                 continue
             status = data.get("status")
             why = (
-                f"unknown status {status!r} (expected running, ok or failed)"
-                if status not in ("running", "ok", "failed")
+                f"unknown status {status!r} (expected {', '.join(STATUSES)})"
+                if status not in STATUSES
                 else _incomplete_ok_record(data)
             )
             if why is None and str(data["run_id"]) in seen_ids:

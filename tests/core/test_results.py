@@ -6,6 +6,7 @@ import os
 import pytest
 
 from cl_bench import results
+from cl_bench.errors import RecordWriteError
 from cl_bench.results import RecordError, RunResult
 
 
@@ -40,7 +41,7 @@ def test_failed_write_leaves_the_previous_record_intact(tmp_path, monkeypatch) -
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RecordWriteError, match=r"^cannot write the run record .*result\.json: disk full$"):
         results.save(record("failed"), tmp_path)
     assert (tmp_path / "result.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
