@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a completed run with the same id")
     run.add_argument("--report", action="store_true", help="also write report.html next to the record")
     run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the stopped run in RUN_DIR from its checkpoint, with the config of its record "
+        "(re-running the same command with the same --out/--run-id does the same)",
+    )
+    run.add_argument("--restart", action="store_true", help="discard the run's checkpoint and start it over")
+    run.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress (default: a bar on a terminal, a plain line every 30 s otherwise)",
@@ -144,6 +151,8 @@ def _run_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
     from cl_bench import config, threads
 
     layers: list[dict[str, Any]] = [{"threads": threads.available_cpus()}]  # under the file and flags
+    if args.resume:
+        layers.append(_resume_layer(Path(args.resume)))
     if args.config:
         layers.append(config.load_toml(args.config))
     flags = {
@@ -161,10 +170,32 @@ def _run_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
     layers.append({k: v for k, v in flags.items() if v is not None})
     if args.overwrite:
         layers.append({"overwrite": True})
+    if args.restart:
+        layers.append({"restart": True})
     if args.report:
         layers.append({"report": True})
     layers.append(config.parse_set(args.overrides))
     return layers
+
+
+def _resume_layer(run_dir: Path) -> dict[str, Any]:
+    """The config layer of ``--resume RUN_DIR``: the run's own config, from its record, in
+    ``RUN_DIR``'s parent under its name (later flags and ``--set`` still apply on top)."""
+    from cl_bench import results
+    from cl_bench.errors import ConfigError
+
+    try:
+        saved = results.load(run_dir)["config"]
+    except results.RecordError as err:
+        raise ConfigError(f"--resume {run_dir}: {err}") from None
+    layer: dict[str, Any] = {k: v for k, v in saved.items() if not k.endswith("_args")}
+    for component in ("strategy", "scenario", "backbone"):
+        layer[component] = {"name": saved.get(component, ""), **saved.get(f"{component}_args", {})}
+    layer.pop("threads", None)  # this machine's CPUs, not the stopped run's
+    layer.update(
+        out=str(run_dir.resolve().parent), run_id=run_dir.resolve().name, restart=False, overwrite=False
+    )
+    return layer
 
 
 def _check_data_early(args: argparse.Namespace) -> None:

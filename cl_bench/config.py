@@ -10,6 +10,7 @@ the closest match) and wrong types. No Hydra, no dotted import strings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -72,6 +73,10 @@ class RunConfig:
         0  # CPU threads of torch; 0: leave the process's setting (the CLI passes the CPUs it may use)
     )
     log: tuple[str, ...] = ()  # experiment trackers: tensorboard, mlflow, wandb (docs/logging.md)
+    checkpoint_every: int = 0  # > 0: also checkpoint every this many optimizer steps
+    checkpoint_minutes: float = 10.0  # > 0: also checkpoint when this much time passed since the last
+    keep_checkpoints: bool = False  # keep checkpoint.pt (the final weights) when the run ends ok
+    restart: bool = False  # discard the run's checkpoint and start it over
     strategy_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     scenario_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     backbone_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
@@ -81,13 +86,15 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps_per_experience", "warmup_steps", "threads"):
+        for name in ("steps_per_experience", "warmup_steps", "threads", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.checkpoint_minutes >= 0 and math.isfinite(self.checkpoint_minutes)):
+            raise ConfigError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.run_id and not RUN_ID.fullmatch(self.run_id):

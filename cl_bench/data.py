@@ -67,26 +67,46 @@ class ExperienceData:
         shuffle: bool,
         generator: torch.Generator | None = None,
         n_steps: int | None = None,
+        cursor: BatchCursor | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (uint8 images on the device, targets); ``n_steps`` cycles through epochs."""
+        """Yield (uint8 images on the device, targets); ``n_steps`` cycles through epochs.
+
+        ``cursor`` (optional) is kept up to date as batches are yielded, so a checkpoint can save
+        where the stream is; a cursor restored from one continues the same epoch's order at the
+        same place, drawing nothing new from ``generator``."""
         n = len(self)
         total = n_steps if n_steps is not None else self.n_batches(batch_size)
-        done = 0
-        while done < total:
-            if shuffle:
-                order = torch.randperm(
-                    n, generator=generator, device=generator.device if generator else "cpu"
-                )
-                order = order.to(self.images.device)
-            else:
-                order = torch.arange(n, device=self.images.device)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+        cursor = cursor if cursor is not None else BatchCursor(self.images.device)
+        while cursor.done < total:
+            if cursor.order is None:
+                if shuffle:
+                    order = torch.randperm(
+                        n, generator=generator, device=generator.device if generator else "cpu"
+                    )
+                    cursor.order = order.to(self.images.device)
+                else:
+                    cursor.order = torch.arange(n, device=self.images.device)
+                cursor.start = 0
+            order = cursor.order
+            while cursor.start < n and cursor.done < total:
+                idx = order[cursor.start : cursor.start + batch_size]
+                cursor.start += batch_size
+                cursor.done += 1
                 x = self.images[idx].to(self.device, non_blocking=True)
                 yield x, self.targets[idx.to(self.targets.device)]
-                done += 1
-                if done == total:
-                    return
+            if cursor.start >= n:
+                cursor.order = None
+
+
+@dataclass
+class BatchCursor:
+    """Where :meth:`ExperienceData.batches` is: the current epoch's sample order (None: the next
+    batch starts a new epoch), the start of the next batch in it and the batches yielded so far."""
+
+    device: torch.device
+    order: torch.Tensor | None = None
+    start: int = 0
+    done: int = 0
 
 
 class Preprocess:

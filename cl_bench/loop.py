@@ -23,16 +23,28 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from cl_bench import cpu_time, interrupts, memory, metrics, results, run_lock, threads, tracking
+from cl_bench import (
+    checkpoint,
+    cpu_time,
+    interrupts,
+    memory,
+    metrics,
+    results,
+    resume,
+    run_lock,
+    threads,
+    tracking,
+)
 from cl_bench import progress as progress_
 from cl_bench.config import RunConfig, build, to_dict
-from cl_bench.data import ExperienceData, Preprocess, sample_ids
+from cl_bench.data import BatchCursor, ExperienceData, Preprocess, sample_ids
 from cl_bench.errors import ClBenchError, ConfigError, DivergenceError, RecordWriteError, RunInterrupted
 from cl_bench.evaluate import allowed_classes, autocast, n_correct, test_logits
 from cl_bench.graphs import StepGraphs
 from cl_bench.heads import make_head
 from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from cl_bench.results import ExperienceRecord, RunResult
+from cl_bench.resume import Checkpointer, ExperienceProgress, Resumed
 from cl_bench.scenario import Scenario
 from cl_bench.strategy import ExperienceInfo, Strategy, StrategyContext, nothing
 
@@ -132,7 +144,8 @@ def claim(p: Plan, held: run_lock.Held) -> Plan:
     status = _refuse_completed(p.run_dir, p.cfg.overwrite)
     if status == "running":
         log.warning(
-            "%s: the previous run (%s) died without finishing; starting it over",
+            "%s: the previous run (%s) died without finishing; resuming it from its checkpoint, "
+            "or starting it over if it left none",
             p.run_dir,
             run_lock.describe(held.previous_owner),
         )
@@ -155,6 +168,8 @@ def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True, handle_signal
     (unknown name, missing data, a backbone that does not load) leaves no record; once started, the
     record says ``running`` after every row and ``ok`` or ``failed`` (with the reason) at the end.
     ``progress``: True shows a bar on a terminal and plain lines otherwise; False nothing.
+    A training run writes checkpoints (:mod:`cl_bench.resume`); a re-run of a run id that stopped
+    continues from its last one, bit-identically on the CPU (``restart`` starts it over).
     One process writes a run at a time (:mod:`cl_bench.run_lock`). ``handle_signals`` (the CLI):
     SIGTERM and SIGHUP, like Ctrl-C, end the run ``interrupted`` (:mod:`cl_bench.interrupts`).
     """
@@ -168,12 +183,21 @@ def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True, handle_signal
     ):
         p = claim(p, held)
         session = build_session(p)
-        record = start_record(session)
+        saved = resume.find(session, record_config(p))
+        resumed = None
+        if saved is None:
+            record = start_record(session)
+        else:
+            record, resumed = resume.restore(session, saved)
         with recorded(record, p) as tracker:
-            initial = evaluate_row(session, -1, mode)
-            record_initial_row(session, record, initial, tracker)
-            train_all_experiences(session, record, initial, mode, tracker)
-            finish_record(session, record, initial, tracker)
+            initial = None
+            if resumed is None:
+                initial = evaluate_row(session, -1, mode)
+                record_initial_row(session, record, initial, tracker)
+            train_all_experiences(session, record, initial, mode, tracker, resumed)
+            finish_record(session, record, tracker)
+        if not p.cfg.keep_checkpoints:
+            checkpoint.remove(p.run_dir)
     return record
 
 
@@ -228,16 +252,26 @@ def _end(record: RunResult, p: Plan, tracker: tracking.Tracker, err: BaseExcepti
 
 
 def train_all_experiences(
-    session: Session, record: RunResult, initial: Row, mode: progress_.Mode, tracker: tracking.Tracker
+    session: Session,
+    record: RunResult,
+    initial: Row | None,
+    mode: progress_.Mode,
+    tracker: tracking.Tracker,
+    resumed: Resumed | None = None,
 ) -> None:
-    """Train experience ``i`` and evaluate row ``i``, for every experience, recording each."""
+    """Train experience ``i`` and evaluate row ``i``, for every experience, recording each and
+    checkpointing after each; a ``resumed`` run starts where its checkpoint was taken."""
     n = session.scenario.n_experiences
+    first = resumed.experience if resumed is not None else 0
     bar = progress_.Phase(mode, total=sum(session.steps), desc="train", unit="step")
+    bar.update(session.step)
     try:
-        for i in range(n):
-            trained = train_experience(session, i, bar, tracker)
+        for i in range(first, n):
+            saved = resumed.training if resumed is not None and i == first else None
+            trained = train_experience(session, record, i, bar, tracker, saved)
             row = evaluate_row(session, i, mode, cached=None if session.strategy.trains else initial)
             record_experience(session, record, trained, row, tracker)
+            session.checkpointer.save(session, record, None, i + 1)
             bar.write(
                 f"exp {i + 1}/{n}: acc on seen {record.accuracy['seen'][-1]:.3f}, "
                 f"train {trained.seconds:.1f}s, eval {row.seconds:.1f}s"
@@ -264,6 +298,9 @@ class Session:
     started: float  # perf_counter at the start of the build
     step: int = 0  # global optimizer step
     graphs: StepGraphs | None = None  # kept across experiences where valid (step_graphs)
+    frozen_ids: frozenset[int] = frozenset()  # the backbone's own parameters (a checkpoint skips them)
+    checkpointer: Checkpointer = field(default_factory=lambda: Checkpointer(Path(), 0, 0.0, False))
+    elapsed_before: float = 0.0  # run seconds of earlier segments (a resumed run)
     logit_buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # one per class count
 
     @property
@@ -304,6 +341,7 @@ def build_session(p: Plan) -> Session:
 
     scenario: Scenario = p.scenario_cfg.build(order_seed=cfg.order_seed)
     backbone = p.backbone_cfg.build()
+    frozen_ids = frozenset(id(t) for t in backbone.parameters())
     if not backbone.pretrained:
         log.warning(
             "backbone '%s' has NO PRETRAINED WEIGHTS (random init): accuracies measure the "
@@ -354,7 +392,21 @@ def build_session(p: Plan) -> Session:
         test_data,
         steps,
         started,
+        frozen_ids=frozen_ids,
+        checkpointer=Checkpointer(
+            p.run_dir, cfg.checkpoint_every, cfg.checkpoint_minutes, enabled=p.strategy_cls.trains
+        ),
     )
+
+
+def record_config(p: Plan) -> dict[str, Any]:
+    """The ``config`` of the run's record: the run config and each component's, resolved."""
+    return {
+        **to_dict(p.cfg),
+        "strategy_args": to_dict(p.strategy_cfg),
+        "scenario_args": to_dict(p.scenario_cfg),
+        "backbone_args": to_dict(p.backbone_cfg),
+    }
 
 
 def start_record(session: Session) -> RunResult:
@@ -365,12 +417,7 @@ def start_record(session: Session) -> RunResult:
         run_id=cfg.run_id,
         status="running",
         created=results.utc_now(),
-        config={
-            **to_dict(cfg),
-            "strategy_args": to_dict(p.strategy_cfg),
-            "scenario_args": to_dict(p.scenario_cfg),
-            "backbone_args": to_dict(p.backbone_cfg),
-        },
+        config=record_config(p),
         strategy={"name": cfg.strategy, "class": p.strategy_cls.__name__, "paper": p.strategy_cls.paper},
         scenario=session.scenario.describe(),
         backbone=session.backbone_info,
@@ -480,9 +527,20 @@ class TrainedExperience:
 
 
 def train_experience(
-    session: Session, i: int, bar: progress_.Phase, tracker: tracking.Tracker
+    session: Session,
+    record: RunResult,
+    i: int,
+    bar: progress_.Phase,
+    tracker: tracking.Tracker,
+    saved: dict[str, Any] | None = None,
 ) -> TrainedExperience:
-    """The strategy's hooks around ``steps[i]`` optimizer steps on experience ``i``."""
+    """The strategy's hooks around ``steps[i]`` optimizer steps on experience ``i``.
+
+    Checkpoints are written after the steps :meth:`Checkpointer.due` names and after the step in
+    which SIGTERM/SIGINT arrived (then the signal is raised: :mod:`cl_bench.interrupts`).
+    ``saved``: the progress of a checkpoint taken inside this experience, continued from (its
+    ``before_experience`` already ran before the checkpoint).
+    """
     p, strategy, scenario = session.plan, session.strategy, session.scenario
     cfg, device, precision = p.cfg, p.device, p.precision
     per_exp = scenario.classes_per_experience
@@ -497,29 +555,45 @@ def train_experience(
     bar.describe(f"exp {i + 1}/{scenario.n_experiences}")
     memory.reset_peak(device)
     tic = time.perf_counter()
-    losses: list[float] = []
-    if strategy.trains:
-        strategy.train()
+    if not strategy.trains:
+        return TrainedExperience(i, [], time.perf_counter() - tic, memory.peak_bytes(device))
+    strategy.train()
+    if saved is None:
         strategy.before_experience(info)
-        session.head.invalidate()
-        optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
-        scheduler = make_scheduler(optimizer, cfg, session.steps[i])
-        if cfg.cuda_graphs:
-            session.graphs = step_graphs(
-                strategy, info, device=device, precision=precision, previous=session.graphs
-            )
-        last_step = sum(session.steps[: i + 1])
-        window = torch.zeros((), device=device)
-        window_start, window_tic = session.step, time.perf_counter()
-        batches = session.train_data[i].batches(
-            cfg.batch_size, shuffle=True, generator=session.generator, n_steps=session.steps[i]
+    session.head.invalidate()
+    optimizer = strategy.make_optimizer(p.lr, p.weight_decay)
+    progress = ExperienceProgress(
+        i,
+        optimizer,
+        make_scheduler(optimizer, cfg, session.steps[i]),
+        BatchCursor(session.train_data[i].images.device),
+        torch.zeros((), device=device),
+        session.step,
+        started=tic,
+    )
+    if saved is not None:
+        strategy.load_optimizer_state(saved["strategy"])
+        resume.load_progress(progress, saved, strategy, device)
+    if cfg.cuda_graphs:
+        session.graphs = step_graphs(
+            strategy, info, device=device, precision=precision, previous=session.graphs
         )
+    last_step = sum(session.steps[: i + 1])
+    window_tic = time.perf_counter()
+    batches = session.train_data[i].batches(
+        cfg.batch_size,
+        shuffle=True,
+        generator=session.generator,
+        n_steps=session.steps[i],
+        cursor=progress.cursor,
+    )
+    with interrupts.deferred():
         for x, y in batches:
             images = session.preprocess(x, train=True, generator=session.generator)
             loss = train_step(
                 strategy,
                 optimizer,
-                scheduler,
+                progress.scheduler,
                 images,
                 y,
                 info,
@@ -529,23 +603,28 @@ def train_experience(
                 max_grad_norm=cfg.max_grad_norm,
                 graphs=session.graphs,
             )
-            window += loss.float()
+            progress.window += loss.float()
             session.step += 1
-            n = session.step - window_start
-            if n < cfg.log_every and session.step < last_step:
+            n = session.step - progress.window_start
+            if n >= cfg.log_every or session.step == last_step:
+                mean = _check_finite(progress.window.item() / n, i, progress.window_start, session.step)
+                progress.losses.append(mean)
+                rate = n * cfg.batch_size / (time.perf_counter() - window_tic)
+                bar.update(1, loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
+                tracker.log_losses(session.step, i, mean, rate)
+                progress.window.zero_()
+                progress.window_start, window_tic = session.step, time.perf_counter()
+            else:
                 bar.update(1)
-                continue
-            mean = _check_finite(window.item() / n, i, window_start, session.step)
-            losses.append(mean)
-            rate = n * cfg.batch_size / (time.perf_counter() - window_tic)
-            bar.update(1, loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
-            tracker.log_losses(session.step, i, mean, rate)
-            window.zero_()
-            window_start, window_tic = session.step, time.perf_counter()
-        strategy.after_experience(info)
+            if interrupts.pending() or session.checkpointer.due(session.step):
+                session.checkpointer.save(session, record, progress, i)
+                interrupts.raise_pending()
+    strategy.after_experience(info)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainedExperience(i, losses, time.perf_counter() - tic, memory.peak_bytes(device))
+    return TrainedExperience(
+        i, progress.losses, progress.seconds_before + time.perf_counter() - tic, memory.peak_bytes(device)
+    )
 
 
 def record_experience(
@@ -580,14 +659,14 @@ def record_experience(
             loss_first=losses[0] if losses else None,
             loss_last=losses[-1] if losses else None,
             loss_mean=float(np.mean(losses)) if losses else None,
-            strategy=strategy.report(),
+            strategy=results.jsonable(strategy.report()),
         )
     )
     results.save(record, session.plan.run_dir, session.plan.record_file)
     tracker.log_row(i, accuracy["matrix"][-1], accuracy["seen"][-1], session.step)
 
 
-def finish_record(session: Session, record: RunResult, initial: Row, tracker: tracking.Tracker) -> None:
+def finish_record(session: Session, record: RunResult, tracker: tracking.Tracker) -> None:
     """The strategy's final variants, derived metrics, parameters and timing into the record."""
     strategy, n_test = session.strategy, session.n_test
     last_row = session.scenario.n_experiences - 1
@@ -622,12 +701,13 @@ def finish_record(session: Session, record: RunResult, initial: Row, tracker: tr
     record.timing.update(
         {
             "train_s": sum(e.train_time_s for e in experiences),
-            "eval_s": initial.seconds + sum(e.eval_time_s for e in experiences),
-            "total_s": time.perf_counter() - session.started,
+            "eval_s": record.timing["initial_eval_s"] + sum(e.eval_time_s for e in experiences),
+            "total_s": session.elapsed_before + time.perf_counter() - session.started,
             "peak_memory_train_bytes": max(e.peak_memory_train_bytes for e in experiences),
             "peak_memory_eval_bytes": max(e.peak_memory_eval_bytes for e in experiences),
         }
     )
+    record.timing.update(session.checkpointer.figures())
     record.strategy_report = strategy.final_report()
     tracker.log_final(record.metrics, record.parameters, record.timing)
 

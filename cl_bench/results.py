@@ -90,25 +90,32 @@ class RunResult:
         return dataclasses.asdict(self)
 
 
+def from_dict(data: dict[str, Any]) -> RunResult:
+    """The :class:`RunResult` of a record's dict (``to_dict``'s inverse; a checkpoint's copy)."""
+    fields = dict(data)
+    fields["experiences"] = [ExperienceRecord(**e) for e in fields.get("experiences", [])]
+    return RunResult(**fields)
+
+
 def utc_now() -> str:
     """The current time as an ISO 8601 UTC timestamp to the second (records' and sweeps' times)."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _finite(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON has no NaN/inf: store them as null (a NaN must never look like a number)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON (non-finite numbers as null) with :func:`write_text_atomic`."""
-    write_text_atomic(path, json.dumps(_finite(data), indent=1, allow_nan=False))
+    write_text_atomic(path, json.dumps(jsonable(data), indent=1, allow_nan=False))
 
 
 def save(result: RunResult, run_dir: Path, name: str = RESULT_FILE) -> Path:

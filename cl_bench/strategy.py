@@ -271,6 +271,31 @@ class Strategy:
         self.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
 
+    # -- checkpoints (cl_bench/checkpoint.py) ---------------------------------------------------
+    def changes_frozen_weights(self) -> bool:
+        """True: training writes into the backbone's original frozen weights, so a checkpoint keeps
+        them all (default: with ``merge_each_experience``; LISA says so too). Otherwise they are
+        left out of it and only fingerprinted."""
+        return self.adapters().merge_each_experience
+
+    def extra_state(self) -> dict[str, Any]:
+        """The strategy's own state besides its modules' tensors, for a checkpoint: counters,
+        schedules, histories, generator states, the structure of what it added (e.g. MoRA's block
+        count) and the state of optimizers it keeps itself. Plain containers (dict, list, tuple,
+        str, int, float, bool, None) and tensors only: the checkpoint is read with
+        ``weights_only=True``. Default: nothing (LoRA has no state outside its parameters)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` on a freshly built strategy, before its modules' tensors are
+        loaded and before any optimizer exists: rebuild here whatever structure the tensors need
+        (added blocks, pruned ranks), so that they load with the right shapes."""
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """A resume inside an experience, after :meth:`make_optimizer`: restore from the same
+        ``state`` what ``make_optimizer`` rebuilt (the optimizers the strategy keeps itself and any
+        field it resets). Default: nothing."""
+
     # -- figures ----------------------------------------------------------------------------------
     def report(self) -> dict[str, float | int]:
         """Scalar figures after the current experience (e.g. ranks, live gates, sparsity)."""

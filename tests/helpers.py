@@ -76,6 +76,7 @@ def quick_run(
     steps: int = 3,
     strategy_args: dict[str, Any] | None = None,
     scenario_args: dict[str, Any] | None = None,
+    handle_signals: bool = False,
     **run: Any,
 ) -> RunResult:
     """A complete loop.run on CPU with a few steps per experience (seconds)."""
@@ -95,4 +96,4 @@ def quick_run(
             **run,
         }
     ]
-    return loop.run(config.resolve(layers), progress=False)
+    return loop.run(config.resolve(layers), progress=False, handle_signals=handle_signals)

@@ -71,7 +71,12 @@ def test_signals_end_a_run_interrupted_and_a_second_writer_is_refused(tmp_path: 
         record = results.load(tmp_path / name)
         assert record["status"] == "interrupted"
         assert record["failure"]["type"] == name
-        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [".lock", "result.json"]
+        # stopped at the end of a step, after a checkpoint (tests/core/test_resume_kill.py resumes one)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+            ".lock",
+            "checkpoint.pt",
+            "result.json",
+        ]
         records, problems = results.find_records([tmp_path / name])
         assert [r["status"] for r in records] == ["interrupted"]
         assert not problems
