@@ -22,7 +22,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class RankUsage(nn.Module):
-    """Device counters of how often each of ``r`` ranks is selected (never trained, never saved).
+    """Device counters of how often each of ``r`` ranks is selected (never trained; not in
+    ``state_dict``: checkpoints carry them through :meth:`state`, via the strategy).
 
     - ``step`` [r]: selections by the training forwards (train mode, gradients on) since the last
       :func:`balance_biases`, i.e. of one optimizer step;
@@ -53,6 +54,26 @@ class RankUsage(nn.Module):
         self.step.zero_()
         self.usage.zero_()
         self.tokens.zero_()
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """The counters as CPU copies, for a checkpoint. They are non-persistent buffers (not in
+        ``state_dict``, so adding them changed no saved model), yet a run resumed inside an
+        experience needs the counts of its steps before the checkpoint: the experience's load
+        figures and active ranks per token are built on ``usage`` and ``tokens``, and ``step``
+        feeds the next balancing step (zero between steps, saved all the same)."""
+        return {name: getattr(self, name).detach().cpu().clone() for name in ("step", "usage", "tokens")}
+
+    @torch.no_grad()
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state` in place (the buffers keep their device and address)."""
+        for name in ("step", "usage", "tokens"):
+            buffer, saved = getattr(self, name), state[name]
+            if saved.shape != buffer.shape:
+                raise ValueError(
+                    f"RankUsage.{name}: saved shape {tuple(saved.shape)} != {tuple(buffer.shape)}"
+                )
+            buffer.copy_(saved)
 
 
 @torch.no_grad()
@@ -144,6 +165,33 @@ class RoutingHistory:
         rows = torch.stack([u.usage[0] for u in self.usages()]).tolist()
         self.counts.append(dict(zip(self.layers, rows, strict=True)))
         self.drift.append(self._bias_figures())
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond the module tensors (the biases are persistent buffers of
+        the layers, saved with them): the kept history, i.e. each finished experience's training
+        counts per layer (``counts``, the load, never-used and Jaccard figures) and the bias drift
+        after it (``drift``), and the device counters of every layer (:meth:`RankUsage.state`,
+        the figures of the experience in progress). Plain lists, dicts, floats and CPU tensors."""
+        return {
+            "counts": [{name: list(c) for name, c in layers.items()} for layers in self.counts],
+            "drift": [[float(mean), float(top)] for mean, top in self.drift],
+            "usage": {name: u.state() for name, u in zip(self.layers, self.usages(), strict=True)},
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` (the same layers, by name) on a freshly built history."""
+        usage = state["usage"]
+        if set(usage) != set(self.layers):
+            raise ValueError(
+                f"routing state of layers {sorted(set(usage) ^ set(self.layers))[:3]} does not fit the model"
+            )
+        for name, counters in zip(self.layers, self.usages(), strict=True):
+            counters.load_state(usage[name])
+        self.counts = [
+            {name: [int(v) for v in c] for name, c in layers.items()} for layers in state["counts"]
+        ]
+        self.drift = [(float(mean), float(top)) for mean, top in state["drift"]]
 
     # -- figures -------------------------------------------------------------------------------
     def _bias_figures(self) -> tuple[float, float]:

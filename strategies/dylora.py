@@ -354,6 +354,7 @@ class DyLoRA(Strategy):
         self._counts = [0] * cfg.r_max  # sampled ranks over the whole stream
         self._experience_ranks: list[int] = []  # sampled ranks of the current experience
         self.last_rank = self.eval_rank
+        self._optimizer: RankwiseAdamW | None = None  # this experience's (for checkpoints)
 
     def adapters(self) -> AdapterSet[DyLoRALinear]:
         return self._adapters
@@ -377,7 +378,7 @@ class DyLoRA(Strategy):
         layers = list(self._adapters.values())
         ids = {id(p) for layer in layers for p in (layer.A, layer.Bt)}
         others = [p for p in self.trainable_parameters() if id(p) not in ids]
-        return RankwiseAdamW(
+        self._optimizer = RankwiseAdamW(
             layers,
             others,
             self.trained_ranks,
@@ -386,6 +387,7 @@ class DyLoRA(Strategy):
             convention=self.cfg.optimizer,
             no_decay=no_decay_ids((self.backbone, self.head)),
         )
+        return self._optimizer
 
     def sample_rank(self) -> int:
         """Draw b uniformly from 1..r_max with the strategy's own generator (CPU, no device sync)."""
@@ -409,6 +411,73 @@ class DyLoRA(Strategy):
     def after_experience(self, exp: ExperienceInfo) -> None:
         """With ``merge_each_experience``: fold the adapters at ``eval_rank`` into W0, start fresh ones."""
         self._adapters.end_experience(lambda adapter: adapter.delta_weight(self.eval_rank))
+        self._optimizer = None  # rebuilt by the next experience; a boundary checkpoint needs none
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """DyLoRA's state outside the module tensors (the loop saves A, Bt and the head, and the
+        :class:`RankwiseAdamW` moments and learning rates through its ``state_dict``):
+
+        - ``rank``: the current rank of the shared :class:`RankState` (its ``weights`` and
+          ``grad_mask`` are plain tensors, not buffers, and are a row of its tables at that rank,
+          so the rank rebuilds them exactly);
+        - ``eval_rank`` and ``last_rank`` (evaluation and the report);
+        - ``generator``: the state of the rank sampler's generator, so the resumed run draws the
+          same ranks;
+        - ``counts`` (sampled ranks over the stream, the final report) and ``experience_ranks``
+          (the current experience's, the report's mean);
+        - ``optimizer`` (inside an experience, None at a boundary): what the optimizer's
+          ``state_dict`` leaves out, the per-rank step counts ``rank_steps`` (the bias correction of
+          each rank) and the ``state_dict`` of the inner AdamW over the non-adapter parameters (its
+          state is keyed by parameter position there, so it loads into the rebuilt optimizer)."""
+        optimizer = self._optimizer
+        saved_optimizer = None
+        if optimizer is not None:
+            saved_optimizer = {
+                "rank_steps": list(optimizer.rank_steps),
+                "inner": None if optimizer.inner is None else optimizer.inner.state_dict(),
+            }
+        return {
+            "r_max": self.cfg.r_max,
+            "rank": self.rank_state.rank,
+            "eval_rank": self.eval_rank,
+            "last_rank": self.last_rank,
+            "generator": self._generator.get_state(),
+            "counts": list(self._counts),
+            "experience_ranks": list(self._experience_ranks),
+            "optimizer": saved_optimizer,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` on a freshly built strategy: the rank (the shared weights and
+        mask follow), ranks, counts and the sampler's generator. The layers' structure is the
+        config's (r_max is checked), so the module tensors load as they are."""
+        if int(state["r_max"]) != self.cfg.r_max or len(state["counts"]) != self.cfg.r_max:
+            raise ValueError(f"DyLoRA checkpoint of r_max {state['r_max']}, this run has {self.cfg.r_max}")
+        self.set_rank(int(state["rank"]))
+        self.eval_rank = int(state["eval_rank"])
+        self.last_rank = int(state["last_rank"])
+        self._generator.set_state(state["generator"])
+        self._counts = [int(c) for c in state["counts"]]
+        self._experience_ranks = [int(b) for b in state["experience_ranks"]]
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """After :meth:`make_optimizer` on a resume inside an experience: the per-rank step counts
+        and the inner AdamW's state (the loop then loads the moments and learning rates)."""
+        saved = state["optimizer"]
+        optimizer = self._optimizer
+        if saved is None or optimizer is None:
+            raise ValueError("DyLoRA checkpoint taken inside an experience lacks its optimizer state")
+        if len(saved["rank_steps"]) != len(optimizer.rank_steps):
+            raise ValueError(
+                f"DyLoRA checkpoint has {len(saved['rank_steps'])} rank step counts, "
+                f"the optimizer {len(optimizer.rank_steps)}"
+            )
+        optimizer.rank_steps = [int(t) for t in saved["rank_steps"]]
+        if (saved["inner"] is None) != (optimizer.inner is None):
+            raise ValueError("DyLoRA checkpoint: the parameters outside the adapters differ")
+        if optimizer.inner is not None:
+            optimizer.inner.load_state_dict(saved["inner"])
 
     @contextlib.contextmanager
     def evaluated_at(self, b: int) -> Iterator[None]:

@@ -263,13 +263,19 @@ class FlyLoRALinear(AdaptedLinear):
             self.A.copy_(A)
 
     @torch.no_grad()
+    def resize_bank(self, rows: int) -> None:
+        """Grow the bank to ``rows`` adapters (zeros after the current ones); no-op if it holds them."""
+        for name in ("bank_b", "bank_d", *(("bank_a",) if self.keep_a else ())):
+            old = getattr(self, name)
+            if rows > old.shape[0]:
+                setattr(self, name, torch.cat([old, old.new_zeros(rows - old.shape[0], *old.shape[1:])]))
+
+    @torch.no_grad()
     def push(self) -> None:
         """The current adapter joins the bank; the merged means follow."""
         n = self.n_merged
         if n == self.bank_b.shape[0]:  # more experiences than planned: double the bank
-            for name in ("bank_b", "bank_d", *(("bank_a",) if self.keep_a else ())):
-                old = getattr(self, name)
-                setattr(self, name, torch.cat([old, torch.zeros_like(old)]))
+            self.resize_bank(2 * n)
         self.bank_b[n].copy_(self.B)
         self.bank_d[n].copy_(self.d)
         if self.keep_a:
@@ -461,6 +467,41 @@ class FlyLoRA(Strategy):
                 adapter.push()
         else:  # merge_each_experience needs k = r (checked by the config): exact
             self._adapters.end_experience()
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """What the module tensors do not hold (A, B, d, the banks and the merged means are
+        persistent buffers and parameters, saved by the loop; each layer's bank size ``n_merged``
+        travels as its module extra state):
+
+        - ``routing``: the routing history (:meth:`RoutingHistory.state`), each finished
+          experience's training counts per layer and the drift of d after it, and the layers'
+          device counters of the experience in progress (the load, Jaccard and drift figures);
+        - ``a_events``: the A-seeding event of every experience begun (``final_report``), which
+          ``before_experience`` appends and a resume inside an experience does not rerun;
+        - ``bank_rows``: the rows each layer's bank holds (merge mode), so that a bank doubled by
+          :meth:`FlyLoRALinear.push` (more experiences than planned) is regrown before its
+          tensors load.
+        """
+        return {
+            "routing": self.routing.state(),
+            "a_events": [list(event) for event in self._a_events],
+            "bank_rows": {name: int(a.bank_b.shape[0]) for name, a in self._adapters.items()},
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` on a freshly built strategy: grow the banks to the saved
+        size (zeros, the checkpoint's tensors then fill them), then the history and the events."""
+        bank_rows = state["bank_rows"]
+        if set(bank_rows) != set(self._adapters):
+            raise ValueError("the checkpoint's FlyLoRA layers do not fit the model")
+        for name, adapter in self._adapters.items():
+            adapter.resize_bank(int(bank_rows[name]))
+        self.routing.load_state(state["routing"])
+        self._a_events = [
+            [int(index), str(kind), int(seed), float(fingerprint)]
+            for index, kind, seed, fingerprint in state["a_events"]
+        ]
 
     # -- figures --------------------------------------------------------------------------------
     def report(self) -> dict[str, float | int]:

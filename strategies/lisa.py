@@ -176,6 +176,60 @@ class LISA(Strategy):
         self._optimizer = super().make_optimizer(lr, weight_decay)
         return self._optimizer
 
+    # -- checkpoints --------------------------------------------------------------------------
+    def changes_frozen_weights(self) -> bool:
+        """True: every block of the chosen towers trains for some intervals, so a block frozen at
+        checkpoint time may still differ from the pretrained weights; the checkpoint keeps them all."""
+        return True
+
+    def extra_state(self) -> dict[str, Any]:
+        """LISA's state outside the tensors: the blocks active per tower (the interval in progress:
+        which blocks require grad and which run under activation checkpointing), the sampling
+        generator (the blocks of the next intervals), and the figures (selection counts per
+        block, the number of intervals, the sampling events). The optimizer is the loop's (saved by
+        it); ``self._optimizer`` is only a reference to it, set again by :meth:`make_optimizer`."""
+        return {
+            "towers": list(self.towers),
+            "n_blocks": {tower: len(blocks) for tower, blocks in self.block_params.items()},
+            "active": {tower: list(chosen) for tower, chosen in self.active.items()},
+            "generator": self.generator.get_state(),
+            "counts": {tower: list(counts) for tower, counts in self.counts.items()},
+            "n_intervals": self.n_intervals,
+            "events": [
+                [int(step), str(tower), [int(i) for i in chosen]] for step, tower, chosen in self.events
+            ],
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` and the ``requires_grad`` of every block as at checkpoint time
+        (the active blocks train, all others are frozen), so that the interval in progress goes on
+        with the same blocks and ``before_step`` resamples at the same step."""
+        n_blocks = {tower: len(blocks) for tower, blocks in self.block_params.items()}
+        if list(state["towers"]) != self.towers or dict(state["n_blocks"]) != n_blocks:
+            raise ValueError(
+                f"LISA checkpoint of towers {state['towers']} with blocks {state['n_blocks']}, "
+                f"this run has {self.towers} with {n_blocks}"
+            )
+        active = {str(tower): [int(i) for i in chosen] for tower, chosen in state["active"].items()}
+        for tower, blocks in self.block_params.items():
+            chosen = active.get(tower, [])
+            for i, params in enumerate(blocks):
+                for p in params:
+                    p.requires_grad_(i in chosen)
+        self.active = active
+        self.generator.set_state(state["generator"])
+        self.counts = {str(tower): [int(c) for c in counts] for tower, counts in state["counts"].items()}
+        self.n_intervals = int(state["n_intervals"])
+        self.events = [
+            [int(step), str(tower), [int(i) for i in chosen]] for step, tower, chosen in state["events"]
+        ]
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Nothing of LISA's own: the loop restores the optimizer :meth:`make_optimizer` returned (the
+        moments of the blocks trained so far, ``keep``, or since their last sampling, ``reset``), and
+        ``self._optimizer`` already refers to it, so a resampling later in the experience drops the
+        state of the restored optimizer, as the uninterrupted run does."""
+
     # -- sampling -----------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         """At every multiple of K: freeze all blocks, unfreeze gamma blocks per tower (Alg. 1)."""

@@ -350,6 +350,61 @@ class LoRAPrune(Strategy):
                 g.mask.copy_(g.fan_out[0].mask.view(g.n, g.size)[:, 0])
                 g.n_pruned = int((g.mask == 0).sum())
 
+    # -- checkpoints --------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """LoRAPrune's state outside the module tensors. The loop saves LoRA and the layer masks
+        (module buffers); the group tensors are plain attributes, so per group (by name): the
+        importance EMA (Eq. 3, which ranks the next pruning rounds), the group mask and
+        ``n_pruned`` (which decide whether a round prunes at all). Also ``last_target`` (the
+        report), ``prune_events`` (the figures) and ``_state`` (masked, or a final variant: merged
+        or sliced, rebuilt on load). ``total_steps`` comes from the config and is checked."""
+        return {
+            "total_steps": self.total_steps,
+            "groups": {
+                g.name: {
+                    "n": g.n,
+                    "importance": g.importance.detach().cpu().clone(),
+                    "mask": g.mask.detach().cpu().clone(),
+                    "n_pruned": g.n_pruned,
+                }
+                for g in self.groups
+            },
+            "last_target": self.last_target,
+            "prune_events": [[int(step), float(ratio)] for step, ratio in self.prune_events],
+            "state": self._state,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` into the groups of a freshly built strategy (before the module
+        tensors load, which bring the layer masks matching the group masks), and rebuild the merged
+        or sliced model where the checkpoint was taken after :meth:`merge` or :meth:`slice` (the
+        sliced shapes follow the restored group masks, so the saved tensors fit)."""
+        groups = state["groups"]
+        if int(state["total_steps"]) != self.total_steps or sorted(groups) != sorted(
+            g.name for g in self.groups
+        ):
+            raise ValueError(
+                f"LoRAPrune checkpoint of {state['total_steps']} steps and groups {sorted(groups)[:3]}..., "
+                f"this run has {self.total_steps} steps and {sorted(g.name for g in self.groups)[:3]}..."
+            )
+        with torch.no_grad():
+            for g in self.groups:
+                saved = groups[g.name]
+                if int(saved["n"]) != g.n:
+                    raise ValueError(
+                        f"LoRAPrune checkpoint: group {g.name} has {saved['n']} units, not {g.n}"
+                    )
+                g.importance.copy_(saved["importance"])
+                g.mask.copy_(saved["mask"])
+                g.n_pruned = int(saved["n_pruned"])
+        self.last_target = float(state["last_target"])
+        self.prune_events = [[int(step), float(ratio)] for step, ratio in state["prune_events"]]
+        target = str(state["state"])
+        if target in ("merged", "sliced"):
+            self.merge()
+        if target == "sliced":
+            self.slice()
+
     # -- the step -----------------------------------------------------------------------------
     def target(self, step: int) -> float:
         """Scheduled sparsity at global ``step`` over the whole stream."""

@@ -325,6 +325,80 @@ class SoRA(Strategy):
         self._history.append(self.live_per_layer())
         self._adapters.end_experience()
 
+    # -- checkpoints --------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """SoRA's state outside the module tensors (the loop saves A, B, the gates and the head,
+        and the main AdamW with its schedule):
+
+        - ``ranks``: the number of ranks of each adapted layer (``gate.numel()``, by layer name), so
+          that a model whose ranks were pruned is rebuilt with the saved shapes before its tensors
+          load;
+        - ``stages`` (checked against the config's) and ``xi``: the sparsifying schedule's current
+          value, set in ``before_experience``, which a resume inside an experience does not rerun;
+        - ``threshold``: the last lambda applied (the report);
+        - ``base_lr`` and ``lr_factor``: the gate learning rate follows the main schedule through
+          them (``make_optimizer`` resets ``base_lr``);
+        - ``history``: live gates per layer after each experience (report and final figures);
+        - ``gate_optimizer``: the ``state_dict`` of the gate optimizer (SparseAdamW: per-gate step
+          counts and moments, keyed by gate position), which the loop does not own; None when
+          no gate trains. Only a resume inside an experience loads it (the next experience builds a
+          fresh one), but it is a few numbers per gate, so a boundary checkpoint keeps it too."""
+        gate_optimizer = self.gate_optimizer
+        return {
+            "ranks": {name: int(a.gate.numel()) for name, a in self._adapters.items()},
+            "stages": list(self.stages),
+            "xi": self.xi,
+            "threshold": self.threshold,
+            "base_lr": self._base_lr,
+            "lr_factor": self._lr_factor,
+            "history": [dict(h) for h in self._history],
+            "gate_optimizer": None if gate_optimizer is None else gate_optimizer.state_dict(),
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` on a freshly built strategy: give every adapted layer the
+        saved number of ranks (new A, B and gate parameters of the saved shapes, the module tensors
+        loaded next fill them), then xi, threshold, the learning-rate factors and the history."""
+        ranks = state["ranks"]
+        if sorted(ranks) != sorted(self._adapters):
+            raise ValueError(
+                f"SoRA checkpoint of layers {sorted(ranks)[:3]}..., "
+                f"this run has {sorted(self._adapters)[:3]}..."
+            )
+        if [float(v) for v in state["stages"]] != self.stages:
+            raise ValueError(f"SoRA checkpoint of xi stages {state['stages']}, this run has {self.stages}")
+        for name, adapter in self._adapters.items():
+            r = int(ranks[name])
+            if r != adapter.gate.numel():
+                self._resize(adapter, r)
+        self.xi = float(state["xi"])
+        self.threshold = float(state["threshold"])
+        self._base_lr = float(state["base_lr"])
+        self._lr_factor = float(state["lr_factor"])
+        self._history = [{str(k): int(v) for k, v in h.items()} for h in state["history"]]
+
+    @staticmethod
+    def _resize(adapter: SoRALinear, r: int) -> None:
+        """New A [r, d_in], B [d_out, r] and gate [r] (zeros, same dtype, device and requires_grad):
+        the shapes of a layer pruned to ``r`` ranks, for the checkpoint's tensors to load into."""
+        if r < 1:
+            raise ValueError(f"SoRA checkpoint: a layer with {r} ranks")
+        A, B, gate = adapter.A, adapter.B, adapter.gate
+        adapter.A = nn.Parameter(A.new_zeros(r, A.shape[1]), requires_grad=A.requires_grad)
+        adapter.B = nn.Parameter(B.new_zeros(B.shape[0], r), requires_grad=B.requires_grad)
+        adapter.gate = nn.Parameter(gate.new_zeros(r), requires_grad=gate.requires_grad)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """After :meth:`make_optimizer` on a resume inside an experience: the gate optimizer's
+        state, and ``base_lr``/``lr_factor`` (the first reset by ``make_optimizer``)."""
+        saved = state["gate_optimizer"]
+        if (saved is None) != (self.gate_optimizer is None):
+            raise ValueError("SoRA checkpoint: the trainable gates differ from this run's")
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.load_state_dict(saved)
+        self._base_lr = float(state["base_lr"])
+        self._lr_factor = float(state["lr_factor"])
+
     # -- figures ------------------------------------------------------------------------------
     def live_per_layer(self) -> dict[str, int]:
         """Non-zero gates per adapted layer (one device sync)."""

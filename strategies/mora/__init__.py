@@ -464,6 +464,47 @@ class MoRA(Strategy):
             adapter.reset_counts()
         self._masks.clear()
 
+    # -- checkpoint -----------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """What the module tensors do not hold. Each layer's frozen bank and its size ``n_old``
+        travel as the layer's module extra state and the current block (``A``, ``B``) as its
+        parameters, saved by the loop; the strategy adds:
+
+        - ``n_blocks``: the blocks begun so far, which decides whether ``before_experience``
+          increments (a resumed run must neither start a block twice nor skip one; each layer's
+          ``n_old`` is then ``r * (n_blocks - 1)``);
+        - ``counters``: every layer's device counters of the experience in progress, ``active_sum``
+          and ``n_tokens`` [train, eval] (non-persistent buffers): a resume inside an experience
+          needs the training counts of its steps before the checkpoint for ``report``.
+        The cast copies of the stores and the class masks are rebuilt on use.
+        """
+        return {
+            "n_blocks": self.n_blocks,
+            "counters": {
+                name: {
+                    "active_sum": a.active_sum.detach().cpu().clone(),
+                    "n_tokens": a.n_tokens.detach().cpu().clone(),
+                }
+                for name, a in self._adapters.items()
+            },
+        }
+
+    @torch.no_grad()
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` on a freshly built strategy (the banks themselves are
+        rebuilt by :meth:`MoRALinear.set_extra_state` when the module tensors load)."""
+        counters = state["counters"]
+        if set(counters) != set(self._adapters):
+            raise ValueError("the checkpoint's MoRA layers do not fit the model")
+        n_blocks = int(state["n_blocks"])
+        if n_blocks < 1:
+            raise ValueError(f"bad MoRA block count {n_blocks}")
+        self.n_blocks = n_blocks
+        for name, adapter in self._adapters.items():
+            adapter.active_sum.copy_(counters[name]["active_sum"])
+            adapter.n_tokens.copy_(counters[name]["n_tokens"])
+        self._masks.clear()
+
     # -- loss (official X-TAIL train_model) -----------------------------------------------------
     def _current(
         self, exp: ExperienceInfo, n_classes: int, device: torch.device
