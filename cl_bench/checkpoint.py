@@ -26,9 +26,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cl_bench import results
 from cl_bench.errors import ClBenchError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -169,29 +168,14 @@ def set_rng_state(state: Mapping[str, Any], loop_generator: torch.Generator) -> 
 
 
 def write(run_dir: Path, data: dict[str, Any]) -> tuple[Path, int]:
-    """Write ``run_dir/checkpoint.pt`` atomically (the old one stays whole until the rename);
-    returns its path and size in bytes. OS errors propagate (the loop turns them into one line)."""
+    """Write ``run_dir/checkpoint.pt`` atomically (:func:`cl_bench.results.write_bytes_atomic`: the
+    old one stays whole until the rename); returns its path and size in bytes. OS errors
+    propagate (the loop turns them into one line)."""
     path = run_dir / CHECKPOINT_FILE
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, **data}
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save({"format": FORMAT, "version": FORMAT_VERSION, **data}, buffer)
     blob = buffer.getbuffer()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    results.write_bytes_atomic(path, blob)
     return path, len(blob)
 
 

@@ -573,7 +573,7 @@ def train_experience(
     )
     if saved is not None:
         strategy.load_optimizer_state(saved["strategy"])
-        resume.load_progress(progress, saved, strategy, device)
+        resume.load_progress(progress, saved, device)
     if cfg.cuda_graphs:
         session.graphs = step_graphs(
             strategy, info, device=device, precision=precision, previous=session.graphs
@@ -622,9 +622,7 @@ def train_experience(
     strategy.after_experience(info)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainedExperience(
-        i, progress.losses, progress.seconds_before + time.perf_counter() - tic, memory.peak_bytes(device)
-    )
+    return TrainedExperience(i, progress.losses, progress.seconds(), memory.peak_bytes(device))
 
 
 def record_experience(

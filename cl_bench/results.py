@@ -255,19 +255,25 @@ def _umask() -> int:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` with :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
     Temporary file in the same directory, fsync, rename, fsync of the directory: an interrupted
-    run or ``cl-bench report`` never leaves half a record or half a page behind. The file gets
-    the mode an ordinary ``open()`` would give it (``0o666`` less the umask), not the private
-    ``0o600`` of the temporary file, so records and reports stay readable by the group.
+    run or ``cl-bench report`` never leaves half a record, half a page or half a checkpoint
+    behind. The file gets the mode an ordinary ``open()`` would give it (``0o666`` less the
+    umask), not the private ``0o600`` of the temporary file, so records and reports stay readable
+    by the group.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
-            fh.write(text)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -198,8 +198,6 @@ def restore(session: Session, saved: Checkpoint) -> tuple[RunResult, Resumed]:
         checkpoint.load_model(model_modules(session), data["model"], set(data["skipped"]))
         checkpoint.set_rng_state(data["rng"], session.generator)
         record = results.from_dict(json.loads(data["record"]))
-    except CheckpointError:
-        raise
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
         raise CheckpointError(
             f"the checkpoint {saved.path} does not fit this run ({type(err).__name__}: {err}); "
@@ -225,9 +223,7 @@ def restore(session: Session, saved: Checkpoint) -> tuple[RunResult, Resumed]:
     return record, Resumed(saved.experience, training)
 
 
-def load_progress(
-    progress: ExperienceProgress, saved: dict[str, Any], strategy: Any, device: torch.device
-) -> None:
+def load_progress(progress: ExperienceProgress, saved: dict[str, Any], device: torch.device) -> None:
     """Restore the optimizer, schedule, sample order and loss window of a checkpoint taken inside
     an experience, after ``make_optimizer`` (and the strategy's own optimizers)."""
     progress.optimizer.load_state_dict(saved["optimizer"])

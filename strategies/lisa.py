@@ -203,7 +203,10 @@ class LISA(Strategy):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state` and the ``requires_grad`` of every block as at checkpoint time
         (the active blocks train, all others are frozen), so that the interval in progress goes on
-        with the same blocks and ``before_step`` resamples at the same step."""
+        with the same blocks and ``before_step`` resamples at the same step. LISA keeps no optimizer
+        of its own (``load_optimizer_state`` is the base no-op): the loop restores the one
+        :meth:`make_optimizer` returned, which ``self._optimizer`` refers to, so a resampling later
+        in the experience drops state from the restored optimizer as the uninterrupted run does."""
         n_blocks = {tower: len(blocks) for tower, blocks in self.block_params.items()}
         if list(state["towers"]) != self.towers or dict(state["n_blocks"]) != n_blocks:
             raise ValueError(
@@ -223,12 +226,6 @@ class LISA(Strategy):
         self.events = [
             [int(step), str(tower), [int(i) for i in chosen]] for step, tower, chosen in state["events"]
         ]
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        """Nothing of LISA's own: the loop restores the optimizer :meth:`make_optimizer` returned (the
-        moments of the blocks trained so far, ``keep``, or since their last sampling, ``reset``), and
-        ``self._optimizer`` already refers to it, so a resampling later in the experience drops the
-        state of the restored optimizer, as the uninterrupted run does."""
 
     # -- sampling -----------------------------------------------------------------------------
     def before_step(self, step: int) -> None:

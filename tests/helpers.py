@@ -97,3 +97,21 @@ def quick_run(
         }
     ]
     return loop.run(config.resolve(layers), progress=False, handle_signals=handle_signals)
+
+
+class CrashError(RuntimeError):
+    """The error :func:`crash_before_steps` raises."""
+
+
+def crash_before_steps(monkeypatch: Any, steps: set[int]) -> None:
+    """Make ``loop.train_step`` raise :class:`CrashError` before its calls numbered in ``steps``
+    (1-based, counted from now): a run that fails mid-experience, for the resume tests."""
+    original, calls = loop.train_step, [0]
+
+    def train_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] in steps:
+            raise CrashError(f"crash before step {calls[0]}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", train_step)

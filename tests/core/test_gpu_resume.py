@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from cl_bench import checkpoint, loop
-from tests.helpers import quick_run
+from cl_bench import checkpoint
+from tests.helpers import CrashError, crash_before_steps, quick_run
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,10 +19,6 @@ pytestmark = [
 ]
 
 SCENARIO = {"n_classes": 6, "n_experiences": 3, "train_per_class": 16, "test_per_class": 8}
-
-
-class CrashError(RuntimeError):
-    pass
 
 
 def _run(tmp: Path, strategy: str, **run: Any) -> Any:
@@ -44,16 +40,8 @@ def test_a_graphed_cuda_run_resumes_within_tolerance(
     tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = _run(tmp_path / "reference", strategy)
-    original, calls = loop.train_step, [0]
-
-    def crashing(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls[0] += 1
-        if calls[0] == 9:
-            raise CrashError("crash")
-        return original(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_step", crashing)
+        crash_before_steps(patch, {9})
         with pytest.raises(CrashError):
             _run(tmp_path / "resumed", strategy)
     resumed = _run(tmp_path / "resumed", strategy)

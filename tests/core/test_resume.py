@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from cl_bench import checkpoint, loop
+from cl_bench import checkpoint
 from cl_bench.registry import STRATEGIES
 from cl_bench.results import RunResult
-from tests.helpers import quick_run
+from tests.helpers import CrashError, crash_before_steps, quick_run
 
 SCENARIO = {"n_classes": 6, "n_experiences": 3, "train_per_class": 8, "test_per_class": 4}
 STEPS = 5  # per experience: global steps 1-5, 6-10, 11-15
@@ -69,23 +69,6 @@ def _run(tmp: Path, strategy: str, args: dict[str, Any], **run: Any) -> RunResul
     )
 
 
-class CrashError(RuntimeError):
-    pass
-
-
-def _crashing_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
-    """``loop.train_step`` raises before the global steps (1-based) in ``steps``."""
-    original, calls = loop.train_step, [0]
-
-    def train_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls[0] += 1
-        if calls[0] in steps:
-            raise CrashError(f"crash before step {calls[0]}")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", train_step)
-
-
 def _interrupted_run(
     tmp: Path,
     strategy: str,
@@ -98,7 +81,7 @@ def _interrupted_run(
     done = 0
     for at in crashes:
         with monkeypatch.context() as patch:
-            _crashing_at(patch, {at - done})
+            crash_before_steps(patch, {at - done})
             with pytest.raises(CrashError):
                 _run(tmp, strategy, args, **run)
         saved = checkpoint.read(tmp / "runs" / f"{strategy}-test")

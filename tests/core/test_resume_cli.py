@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cl_bench import checkpoint, loop, results
+from cl_bench import checkpoint, results
 from cl_bench.cli import main
+from tests.helpers import CrashError, crash_before_steps
 
 RUN_ID = "r"
 
@@ -42,23 +42,11 @@ def _args(out: Path, *more: str) -> list[str]:
     ]
 
 
-class CrashError(RuntimeError):
-    pass
-
-
 @pytest.fixture
 def stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run directory whose run failed at step 6 (a checkpoint at step 5 in it)."""
-    original, calls = loop.train_step, [0]
-
-    def train_step(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 6:
-            raise CrashError("crash")
-        return original(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_step", train_step)
+        crash_before_steps(patch, {6})
         with pytest.raises(CrashError):
             main(_args(tmp_path))
     run_dir = tmp_path / RUN_ID

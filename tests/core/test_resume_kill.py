@@ -66,10 +66,13 @@ def _attempt(tmp: str, how: str, at: int) -> None:
 
         return wrapped
 
+    target = checkpoint_.CHECKPOINT_FILE if how == "checkpoint-write" else results_.RESULT_FILE
+
     def replace_then_die(src: Any, dst: Any) -> None:  # the temporary file is whole, not renamed
-        calls[0] += 1
-        if calls[0] == at:
-            _kill_self()
+        if Path(dst).name == target:
+            calls[0] += 1
+            if calls[0] == at:
+                _kill_self()
         os.replace(src, dst)
 
     if how == "step":
@@ -77,8 +80,7 @@ def _attempt(tmp: str, how: str, at: int) -> None:
     elif how == "row":
         loop.evaluate_row = counting(loop.evaluate_row)  # type: ignore[assignment]
     elif how in ("checkpoint-write", "record-write"):
-        module = checkpoint_ if how == "checkpoint-write" else results_
-        module.os = _OsWith(replace_then_die)  # type: ignore[attr-defined]
+        results_.os = _OsWith(replace_then_die)  # type: ignore[attr-defined]
     _run(Path(tmp))
 
 
