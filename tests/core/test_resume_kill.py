@@ -2,12 +2,12 @@
 run that never stopped, and no kill ever leaves an ``ok`` record that is incomplete, an unreadable
 JSON or a temporary file behind.
 
-Each attempt is a child process (a ``forkserver`` that imported torch and cl-bench once, so an
-attempt starts in well under a second) running the same run id; it is killed with SIGKILL either
-at a chosen moment of the run (before a given training step, halfway through a checkpoint write
-or a record write: the temporary file is complete but not renamed, between experiences: before an
-evaluation row) or after a random delay. The next attempt resumes. Points and delays are drawn
-from a fixed seed, so a failure can be replayed.
+Each attempt is a child process (a ``forkserver`` that imported torch, avalanche, open_clip and
+cl-bench once, so an attempt starts in well under a second) running the same run id; it is
+killed with SIGKILL either at a chosen moment of the run (before a given training step, halfway
+through a checkpoint write or a record write: the temporary file is complete but not renamed,
+between experiences: before an evaluation row) or after a random delay. The next attempt
+resumes. Points and delays are drawn from a fixed seed, so a failure can be replayed.
 """
 
 from __future__ import annotations
@@ -146,12 +146,13 @@ def _check_after_kill(run_dir: Path) -> None:
         assert checkpoint.read(run_dir) is not None
 
 
-@pytest.mark.slow  # ~1 min: 20+ child processes (tox -e slow, CI)
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     reference = _run(tmp_path / "reference")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "cl_bench.loop", "tests.helpers", __name__])
+    # avalanche alone takes ~3 s to import: without the preload every attempt would pay it
+    preload = ["torch", "avalanche.benchmarks.scenarios", "open_clip", "cl_bench.loop", "tests.helpers"]
+    context.set_forkserver_preload([*preload, "scenarios", "strategies", __name__])
     run_dir = tmp_path / "killed" / "runs" / f"{STRATEGY}-test"
     table = {"killed": 0, "finished before the kill": 0}
     points_used, log = [], [f"{'kill point':>16} {'at':>3} {'exit':>5} {'step':>5}"]
