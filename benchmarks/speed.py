@@ -36,7 +36,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -99,6 +99,40 @@ class PeftLoRA(Strategy):
         inject_adapter_in_model(peft_cfg, self.backbone.model)
         for name, param in self.backbone.model.named_parameters():
             param.requires_grad_("lora_" in name)
+
+
+class AdapterFreeLimit(Strategy):
+    """The adapter-free limit: the frozen backbone, no adapter, gradients flowing back through
+    every block of both towers to their inputs. What trains is each tower's positional embedding
+    (a [tokens, width] tensor added to the input of the first block): its gradient needs the
+    input gradient of every block, and nothing else, so this step is the floor that any adapter
+    method's step sits on (the forward, the activation gradients and the optimizer call), with
+    torch's own kernels. ``towers = ("image",)``: the image tower only, the floor of strategies
+    that leave the text tower frozen (its features are then cached, as theirs are)."""
+
+    graph_safe = True
+    graphs_span_experiences = True
+    towers: ClassVar[tuple[str, ...]] = ("image", "text")
+
+    def __init__(self, cfg: Any, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
+        super().__init__(cfg, backbone, head, ctx)
+        wanted = {"image": "visual.positional_embedding", "text": "positional_embedding"}
+        names = {wanted[t] for t in self.towers}
+        found = set()
+        for name, param in self.backbone.model.named_parameters():
+            param.requires_grad_(name in names)
+            found.update({name} & names)
+        if found != names:
+            raise ValueError(f"{backbone.name} has no {sorted(names - found)} (not an open_clip CLIP?)")
+
+
+class ImageTowerLimit(AdapterFreeLimit):
+    """:class:`AdapterFreeLimit` on the image tower alone."""
+
+    towers: ClassVar[tuple[str, ...]] = ("image",)
+
+
+LIMITS: dict[str, type[Strategy]] = {"limit": AdapterFreeLimit, "limit (image tower)": ImageTowerLimit}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -591,6 +625,14 @@ def run(s: Setting, *, quick: bool = False, only: set[str] | None = None) -> lis
             measured = measure(build("peft-lora", s, cls=PeftLoRA), s, modes=modes, reference=reference)
             rows.extend(_named(measured, "peft-lora", "peft-lora", "HF peft LoRA r=8 on the same layers"))
         emit(rows[before:])
+    for name, cls in LIMITS.items():
+        if not wanted(name):
+            continue
+        before = len(rows)
+        with _guard(rows, name):
+            measured = measure(build("lora", s, cls=cls), s, modes=modes, reference=reference)
+            rows.extend(_named(measured, name, name, cls.__doc__.splitlines()[0] if cls.__doc__ else ""))
+        emit(rows[before:])
     for name, strategy, args, experiences in rows_of_strategies:
         if not wanted(name):
             continue
@@ -669,7 +711,8 @@ def _note_lisa_memory(rows: list[Row]) -> None:
 def table(rows: list[Row]) -> str:
     """The printed table: throughput, ratios to lora and to peft in the same mode, memory, notes.
 
-    ``vs peft eager`` compares with HF peft as people run it (an eager loop); ``vs lora`` and
+    ``vs peft eager`` compares with HF peft as people run it (an eager loop); ``vs lora``,
+    ``vs limit`` (the adapter-free limit of both towers, :class:`AdapterFreeLimit`) and
     ``vs peft`` compare with the same mode (graphs with graphs, eager with eager). A row measured
     in windows interleaved with lora's (``lora_interleaved_samples_per_s``) takes its train
     ``vs lora`` against those lora windows, the same minutes; the lora row itself then shows the
@@ -696,6 +739,7 @@ def table(rows: list[Row]) -> str:
         "mode",
         "train/s",
         "vs lora",
+        "vs limit",
         "vs peft",
         "vs peft eager",
         "eval/s",
@@ -709,9 +753,9 @@ def table(rows: list[Row]) -> str:
     peft_eager = reference.get(("peft-lora", "eager"))
     for r in rows:
         if r.error:
-            lines.append((r.name, r.mode, "ERROR", "", "", "", "", "", "", "", "", r.error[:80]))
+            lines.append((r.name, r.mode, "ERROR", "", "", "", "", "", "", "", "", "", r.error[:80]))
             continue
-        lora, peft = same_mode(r, "lora"), same_mode(r, "peft-lora")
+        lora, peft, limit = same_mode(r, "lora"), same_mode(r, "peft-lora"), same_mode(r, "limit")
         # against the lora windows interleaved with this row's, where it has them (the same minutes)
         interleaved = r.extra.get("lora_interleaved_samples_per_s")
         lines.append(
@@ -720,6 +764,7 @@ def table(rows: list[Row]) -> str:
                 r.mode or "-",
                 num(r.train_samples_per_s),
                 ratio(r.train_samples_per_s, lora, "train_samples_per_s", interleaved),
+                ratio(r.train_samples_per_s, limit, "train_samples_per_s"),
                 ratio(r.train_samples_per_s, peft, "train_samples_per_s"),
                 ratio(r.train_samples_per_s, peft_eager, "train_samples_per_s"),
                 num(r.eval_samples_per_s),

@@ -55,12 +55,14 @@ def test_rows_run_with_the_loop_step_and_the_peft_reference(throwaway: str) -> N
                 "loraprune sliced 50%",
                 "forward-only",
                 "lora (repeat)",
+                "limit",
+                "limit (image tower)",
                 throwaway,
             },
         )
     }
     assert not [r.error for r in rows.values() if r.error]
-    for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)", throwaway):
+    for name in ("lora", "peft-lora", "mora (10 exps, 160 ranks)", "limit", "limit (image tower)", throwaway):
         assert rows[name].train_samples_per_s > 0
         assert rows[name].eval_samples_per_s > 0
     assert rows[throwaway].strategy == throwaway
@@ -111,3 +113,46 @@ def test_vs_lora_uses_the_interleaved_lora_windows_when_a_row_has_them() -> None
     lines = {line.split("  ")[0].strip(): line for line in table(rows).splitlines()}
     assert f"{285.0 / 290.0:.2f}x" in lines["sora"].split()  # 0.98x: same minutes as its lora windows
     assert f"{285.0 / 300.0:.2f}x" in lines["allora"].split()  # 0.95x: the lora row, measured before
+
+
+def test_the_limit_trains_no_adapter_yet_back_propagates_through_every_block_of_its_towers() -> None:
+    import torch
+
+    from benchmarks.speed import AdapterFreeLimit, ImageTowerLimit, prepare_training
+
+    for cls, towers in ((AdapterFreeLimit, ("visual.", "transformer.")), (ImageTowerLimit, ("visual.",))):
+        limit = speed.build("lora", QUICK, cls=cls)
+        trained = [n for n, p in limit.backbone.model.named_parameters() if p.requires_grad]
+        wanted = {"visual.positional_embedding", "positional_embedding"} if len(towers) == 2 else None
+        assert set(trained) == (wanted or {"visual.positional_embedding"})
+        info, _, x, y = prepare_training(limit, QUICK, 1)
+        grads: dict[str, bool] = {}
+        blocks = [
+            (n, m)
+            for n, m in limit.backbone.model.named_modules()
+            if n.endswith(".resblocks.0") or n.endswith(".resblocks.3")
+        ]
+        for name, module in blocks:
+            module.register_full_backward_hook(
+                lambda m, gi, go, name=name, seen=grads: seen.__setitem__(name, True)
+            )
+        loss = torch.nn.functional.cross_entropy(limit.forward(x.float() / 255, info), y)
+        loss.backward()
+        reached = set(grads)
+        expected = {
+            n
+            for n, _ in blocks
+            if n.startswith(towers) or (towers == ("visual.", "transformer.") and not n.startswith("visual."))
+        }
+        assert reached == expected, (cls.__name__, reached, expected)
+
+
+def test_the_table_has_a_vs_limit_column_against_the_limit_row() -> None:
+    rows = [
+        Row("limit", 2000.0, mode="graphs"),
+        Row("lora", 1800.0, mode="graphs"),
+    ]
+    rows[0].strategy, rows[1].strategy = "limit", "lora"
+    lines = table(rows).splitlines()
+    assert "vs limit" in lines[0]
+    assert "0.90x" in lines[2]
