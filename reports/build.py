@@ -38,9 +38,9 @@ import jinja2
 import pandas as pd
 
 from cl_bench.errors import ClBenchError
-from cl_bench.metrics import FORMULAS, SOURCES
+from cl_bench.metrics import FORMULAS, MULTIDOMAIN_METRICS, SOURCES
 from cl_bench.results import METRIC_COLUMNS, RecordProblem, find_records, write_text_atomic
-from reports import plots, tables
+from reports import multidomain, plots, tables
 from reports.output import output_refusal, remove_stale_temps
 from reports.validate import record_problem
 
@@ -148,7 +148,7 @@ def _metric_defs() -> list[dict[str, str]]:
             "source": SOURCES.get(name, ""),
             "direction": _direction(name),
         }
-        for name in METRIC_COLUMNS
+        for name in (*METRIC_COLUMNS, *MULTIDOMAIN_METRICS)
     ]
 
 
@@ -554,9 +554,14 @@ def _run_view(record: dict[str, Any], color: str, config_label: str, margin: flo
         "protocol": accuracy.get("protocol"),
         "learning": _run_learning(record, margin),
         "metrics": [
-            {"name": m, "value": fmt_float(metrics.get(m)), "formula": FORMULAS[m]} for m in METRIC_COLUMNS
+            {"name": m, "value": fmt_float(metrics.get(m)), "formula": FORMULAS[m]}
+            for m in (*METRIC_COLUMNS, *(m for m in MULTIDOMAIN_METRICS if m in metrics))
         ],
-        "heatmap": plots.accuracy_heatmap(accuracy.get("matrix") or [], accuracy.get("initial")),
+        "heatmap": plots.accuracy_heatmap(
+            accuracy.get("matrix") or [],
+            accuracy.get("initial"),
+            multidomain.record_domains(record) if multidomain.benchmark_of(record) else None,
+        ),
         "curves": plots.run_curves(record, color),
         "experiences": _table(tables.experiences_frame(record), EXPERIENCE_VIEW),
         "memory_kind": ((record.get("experiences") or [{}])[-1]).get("memory_kind"),
@@ -605,6 +610,19 @@ def _run_section(record: dict[str, Any], color: str, config_label: str, margin: 
             "color": color,
             "path": record.get("_path"),
         }
+
+
+def _multidomain_section(
+    ok: list[dict[str, Any]], labels: dict[str, str], colors: dict[str, str]
+) -> dict[str, Any]:
+    """The X-TAIL / MTIL section (:func:`reports.multidomain.multidomain_view`): its tables, or
+    where drawing them raises, the error (with a warning) so that the rest of the page stands."""
+    try:
+        return {"tables": multidomain.multidomain_view(ok, labels, colors, _warn), "error": None}
+    except Exception as err:  # any failure of the section: the warning names it
+        error = " ".join(f"{type(err).__name__}: {err}".split())
+        _warn(f"the X-TAIL / MTIL section could not be drawn ({error})")
+        return {"tables": [], "error": error}
 
 
 def _provenance_rows(records: Iterable[dict[str, Any]], colors: dict[str, str]) -> list[dict[str, Any]]:
@@ -803,6 +821,7 @@ def render(
             for m in tables.OVERVIEW_METRICS
         ],
         "overview": _overview_view(tables.overview_frame(all_runs, margin), colors),
+        "multidomain": _multidomain_section(ok, labels, colors),
         "margin": f"{margin:.2f}",
         "tradeoffs": _tradeoff_view(all_runs, colors, margin),
         "non_experiment_keys": sorted(tables.NON_EXPERIMENT_KEYS),

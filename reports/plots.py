@@ -178,32 +178,44 @@ def _finite(values: Sequence[Any]) -> np.ndarray:
     )
 
 
-def accuracy_heatmap(matrix: Sequence[Sequence[Any]], initial: Sequence[Any] | None) -> str:
+def accuracy_heatmap(
+    matrix: Sequence[Sequence[Any]],
+    initial: Sequence[Any] | None,
+    domains: Sequence[str] | None = None,
+) -> str:
     """The accuracy matrix with the before-training row ``b`` on top; cells annotated for small T.
 
-    Rows: ``b``, then "after experience i"; columns: test experience j. The diagonal (accuracy on
-    the experience just learned) is outlined in :data:`DIAGONAL` red, 2 px, visible on every
-    viridis shade; cells right of it are zero-shot on future experiences.
+    Rows: ``b``, then "after experience i"; columns: test experience j. With ``domains`` (one name
+    per experience, in experience order: a multi-domain benchmark) the columns are named by domain
+    and the rows "after <domain>"; a list of another length is ignored (numeric axes). The diagonal
+    (accuracy on the experience just learned) is outlined in :data:`DIAGONAL` red, 2 px, visible on
+    every viridis shade; cells right of it are zero-shot on future experiences.
     """
     rows = [_finite(r) for r in matrix]
     T = len(rows[0]) if rows else 0
     b = _finite(initial) if initial is not None and len(initial) == T else None
     has_b = b is not None
     data = np.vstack(([b] if b is not None else []) + rows) if T else np.zeros((0, 0))
-    labels = (["b"] if has_b else []) + [str(i) for i in range(len(rows))]
+    named = domains is not None and len(domains) == T and len(rows) <= T
+    columns = [str(d) for d in domains] if named and domains is not None else [str(j) for j in range(T)]
+    after = [f"after {columns[i]}" for i in range(len(rows))] if named else [str(i) for i in range(len(rows))]
+    labels = (["b"] if has_b else []) + after
     with _style():
         cell = min(0.42, 7.0 / max(T, 1))
-        fig = _figure(cell * max(T, 3) + 1.6, cell * max(len(labels), 3) + 1.0)
+        label_inches = 0.065 * max((len(c) for c in columns), default=0) if named else 0.0
+        fig = _figure(cell * max(T, 3) + 1.6 + label_inches, cell * max(len(labels), 3) + 1.0 + label_inches)
         ax = fig.add_subplot()
         ax.grid(False)
         mesh = ax.pcolormesh(
             np.ma.masked_invalid(data), cmap="viridis", vmin=0.0, vmax=1.0, edgecolors="white", linewidth=0.8
         )
         ax.invert_yaxis()
-        ax.set_xticks(*_ticks(np.arange(T) + 0.5, [str(j) for j in range(T)]))
+        ax.set_xticks(*_ticks(np.arange(T) + 0.5, columns))
         ax.set_yticks(*_ticks(np.arange(len(labels)) + 0.5, labels))
-        ax.set_xlabel("test experience j")
-        ax.set_ylabel("after training experience i")
+        if named:
+            ax.tick_params(axis="x", labelrotation=90)
+        ax.set_xlabel("test domain" if named else "test experience j")
+        ax.set_ylabel("after training domain" if named else "after training experience i")
         ax.tick_params(length=0)
         for spine in ax.spines.values():
             spine.set_visible(False)

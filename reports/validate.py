@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from cl_bench.metrics import MULTIDOMAIN_METRICS
 from cl_bench.results import METRIC_COLUMNS, ExperienceRecord
 
 SECTIONS = (
@@ -147,7 +148,7 @@ def _problems(record: dict[str, Any]) -> Iterator[str]:
     yield from _expect(environment, "versions", "environment", _object_or_null, "an object or null")
     yield from _accuracy(record)
     metrics = _section(record, "metrics")
-    for key in METRIC_COLUMNS:
+    for key in (*METRIC_COLUMNS, *MULTIDOMAIN_METRICS):
         yield from _expect(metrics, key, "metrics", _number, "a number or null")
     for name in ("parameters", "timing"):
         section = _section(record, name)

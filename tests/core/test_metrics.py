@@ -85,26 +85,80 @@ def test_every_public_metric_function_documents_its_formula() -> None:
 
 def test_every_metric_has_a_formula_and_a_source() -> None:
     derived = metrics.derive(R, B, A_SEEN)
-    assert set(derived) == set(metrics.FORMULAS) == set(metrics.SOURCES) == set(EXPECTED)
+    assert set(metrics.FORMULAS) == set(metrics.SOURCES) == set(EXPECTED) | {"transfer_xtail_masked"}
+    assert set(derived) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("scenario", ["x-tail", "mtil"])
+def test_multidomain_records_also_carry_the_masked_transfer(scenario: str) -> None:
+    derived = metrics.derive(R, B, A_SEEN, scenario)
+    assert set(derived) == set(metrics.FORMULAS)
+    assert derived["transfer_xtail_masked"] == pytest.approx(0.20, abs=1e-12)  # no zero above the diagonal
+
+
+@pytest.mark.parametrize("scenario", [None, "synthetic", "split-digits", "X-TAIL"])
+def test_other_scenarios_keep_their_metric_keys(scenario: str | None) -> None:
+    assert "transfer_xtail_masked" not in metrics.derive(R, B, A_SEEN, scenario)
+
+
+# Upper triangle with a true 0.0 in column 2 (R02) and an all-zero column 3 (R03 = R13 = R23 = 0).
+R_ZEROS = [
+    [0.90, 0.40, 0.00, 0.00],
+    [0.80, 0.85, 0.30, 0.00],
+    [0.70, 0.75, 0.90, 0.00],
+    [0.60, 0.70, 0.80, 0.95],
+]
+
+
+def test_masked_transfer_drops_a_true_zero_and_an_all_zero_column() -> None:
+    # column 1: R01 = 0.4; column 2: R02 = 0 is masked, R12 = 0.3; column 3: all zero, dropped
+    assert metrics.transfer_xtail_masked(R_ZEROS) == pytest.approx((0.40 + 0.30) / 2, abs=1e-12)
+
+
+def test_unmasked_transfer_counts_the_zeros() -> None:
+    # column 1: 0.4; column 2: (0 + 0.3) / 2 = 0.15; column 3: (0 + 0 + 0) / 3 = 0
+    assert metrics.transfer(R_ZEROS) == pytest.approx((0.40 + 0.15 + 0.0) / 3, abs=1e-12)
+
+
+def test_masked_transfer_equals_the_x_tail_scripts_numpy_masking() -> None:
+    """The X-TAIL scripts' expression (MULTIDOMAIN.md §7), with cells in percent as they store them."""
+    m = 100 * np.asarray(R_ZEROS)
+    scripts = np.ma.masked_equal(np.triu(m, 1), 0).mean(axis=0)[1:].mean()
+    masked = metrics.transfer_xtail_masked(R_ZEROS)
+    assert masked is not None
+    assert 100 * masked == pytest.approx(float(scripts), abs=1e-9)
+
+
+def test_masked_transfer_is_undefined_for_one_experience_or_when_every_column_is_zero() -> None:
+    assert metrics.transfer_xtail_masked([[0.8]]) is None
+    assert metrics.transfer_xtail_masked([[0.9, 0.0, 0.0], [0.8, 0.9, 0.0], [0.7, 0.8, 0.9]]) is None
+    assert metrics.transfer([[0.9, 0.0, 0.0], [0.8, 0.9, 0.0], [0.7, 0.8, 0.9]]) == 0.0
+    assert metrics.derive([[0.8]], [0.1], [0.8], "x-tail")["transfer_xtail_masked"] is None
 
 
 def test_single_experience_leaves_transfer_metrics_absent() -> None:
     derived = metrics.derive([[0.8]], [0.1], [0.8])
     for name in ("forgetting", "forgetting_first_last", "bwt", "fwt", "transfer"):
         assert derived[name] is None
+    assert "transfer_xtail_masked" not in derived
     assert derived["acc_final"] == pytest.approx(0.8)
     assert derived["plasticity"] == pytest.approx(0.8)
 
 
 def test_forgetting_max_differs_from_first_minus_last_when_accuracy_rises_later() -> None:
-    assert metrics.forgetting(R) > metrics.forgetting_first_last(R)
+    max_window, first_last = metrics.forgetting(R), metrics.forgetting_first_last(R)
+    assert max_window is not None
+    assert first_last is not None
+    assert max_window > first_last
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_first_last_forgetting_is_minus_bwt_on_any_matrix(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    m = rng.random((seed + 2, seed + 2))
-    assert metrics.forgetting_first_last(m) == pytest.approx(-metrics.bwt(m), abs=1e-12)
+    m = rng.random((seed + 2, seed + 2)).tolist()
+    backward = metrics.bwt(m)
+    assert backward is not None
+    assert metrics.forgetting_first_last(m) == pytest.approx(-backward, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -114,7 +168,9 @@ def test_avalanche_functional_forgetting_agrees_with_first_last(seed: int) -> No
     rng = np.random.default_rng(seed)
     m = rng.random((seed + 2, seed + 2))
     per_experience = avalanche_forgetting(m)[-1, :-1]  # last row: forgetting of each earlier experience
-    assert float(np.mean(per_experience)) == pytest.approx(metrics.forgetting_first_last(m), abs=1e-12)
+    assert float(np.mean(per_experience)) == pytest.approx(
+        metrics.forgetting_first_last(m.tolist()), abs=1e-12
+    )
 
 
 def test_rejects_non_square_matrix_and_wrong_baseline_length() -> None:
