@@ -52,6 +52,7 @@ NON_EXPERIMENT_KEYS = frozenset(
         "threads",
         "log",
         "checkpoint_every",
+        "host_memory_gb",
         "checkpoint_minutes",
         "keep_checkpoints",
         "restart",

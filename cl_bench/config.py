@@ -77,6 +77,9 @@ class RunConfig:
     checkpoint_minutes: float = 10.0  # > 0: also checkpoint when this much time passed since the last
     keep_checkpoints: bool = False  # keep checkpoint.pt (the final weights) when the run ends ok
     restart: bool = False  # discard the run's checkpoint and start it over
+    # an experience whose images exceed this many GiB is streamed from its memory-mapped cache
+    # instead of being copied to memory
+    host_memory_gb: float = 8.0
     strategy_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     scenario_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     backbone_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
@@ -95,6 +98,8 @@ class RunConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (self.checkpoint_minutes >= 0 and math.isfinite(self.checkpoint_minutes)):
             raise ConfigError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
+        if not (self.host_memory_gb > 0 and math.isfinite(self.host_memory_gb)):
+            raise ConfigError(f"host_memory_gb must be > 0, got {self.host_memory_gb}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.run_id and not RUN_ID.fullmatch(self.run_id):
