@@ -32,9 +32,9 @@ COMPONENT_MODULES = (
 )
 
 
-COMMANDS = ("run", "list", "report", "bench", "sweep")
+COMMANDS = ("run", "list", "report", "bench", "sweep", "data")
 
-REGISTRY_COMMANDS = frozenset({"run", "bench", "sweep"})
+REGISTRY_COMMANDS = frozenset({"run", "bench", "sweep", "data"})
 """Commands that look components up in the registries; ``report`` reads JSON only and must not
 import the component packages (they pull in torch, avalanche and open_clip), and ``list`` reads
 the registrations from the source files (:mod:`cl_bench.catalog`)."""
@@ -112,6 +112,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TRACKER",
         help="also log to tensorboard, mlflow or wandb (offline); repeatable or comma-separated "
         "(docs/logging.md)",
+    )
+
+    data = sub.add_parser(
+        "data", help="check a multi-domain data root (x-tail, mtil), or write a tiny fixture of one"
+    )
+    data.add_argument("action", choices=("check", "fixture"))
+    data.add_argument("--scenario", required=True, help="x-tail or mtil")
+    data.add_argument("--config", metavar="RUN.TOML", help="TOML file with a [scenario] table")
+    data.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a scenario key: scenario.root=DIR, scenario.domains=[...] (repeatable)",
+    )
+    data.add_argument("--out", help="fixture: the data root to write (every domain in one layout)")
+    data.add_argument(
+        "--layout", type=int, default=0, help="fixture: which accepted layout of each domain (0: the first)"
     )
 
     lst = sub.add_parser("list", help="show registered strategies, scenarios and backbones")
@@ -245,6 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cl_bench import config, loop
 
     cfg = config.resolve(_run_layers(args))
+    check_multidomain(cfg)
     record = loop.run(cfg, progress=not args.no_progress, handle_signals=True)
     run_dir = Path(record.config["out"]) / record.run_id
     print(_summary(record, run_dir / "result.json"))
@@ -254,6 +274,75 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = build_report([run_dir], run_dir / "report.html")
         print(f"  report: {out}")
     return 0
+
+
+def _scenario_config(args: argparse.Namespace) -> Any:
+    """The scenario config of ``data``'s --scenario/--config/--set (a run's precedence)."""
+    from cl_bench import config
+    from cl_bench.errors import ConfigError
+    from cl_bench.registry import SCENARIOS
+
+    layers: list[dict[str, Any]] = []
+    if args.config:
+        layers.append(config.load_toml(args.config))
+    layers.append({"scenario": args.scenario})
+    layers.append(config.parse_set(args.overrides))
+    cfg = config.resolve(layers)
+    cls = SCENARIOS.get(cfg.scenario)
+    if not hasattr(cls, "check"):
+        raise ConfigError(
+            f"cl-bench data works on the multi-domain scenarios (x-tail, mtil), not {cfg.scenario}"
+        )
+    return config.build(cls, cfg.scenario_args, f"scenario '{cfg.scenario}' config")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``data check``: one row per domain (layout, classes, images, missing files), exit 1 when any
+    domain is missing or incomplete; ``data fixture``: write a tiny copy of every domain."""
+    from cl_bench.errors import ConfigError
+
+    scenario = _scenario_config(args)
+    if args.action == "fixture":
+        if not args.out:
+            raise ConfigError("cl-bench data fixture needs --out DIR (the data root to write)")
+        from scenarios.multidomain import write_fixture
+
+        root = write_fixture(scenario, Path(args.out), layout=args.layout)
+        print(f"fixture: {root} ({', '.join(spec.name for spec in scenario.specs())})")
+        return 0
+    rows = scenario.check()
+    header = ("domain", "layout", "classes", "train", "test", "published", "missing")
+    table = [header] + [
+        (r.domain, r.layout, str(r.classes), str(r.train), str(r.test), r.published, str(r.missing))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    bad = [r for r in rows if r.error]
+    for r in bad:
+        print(f"error: {r.error}", file=sys.stderr)
+    if bad:
+        return 1
+    print(f"ok: {len(rows)} domains under {scenario.root or 'scenario.roots'}")
+    return 0
+
+
+def check_multidomain(cfg: Any) -> None:
+    """``cl-bench run`` on x-tail/mtil: the data check before any model is built (a missing
+    domain fails in seconds, with the exact path)."""
+    from cl_bench import config
+    from cl_bench.errors import DataError
+    from cl_bench.registry import SCENARIOS
+
+    cls = SCENARIOS.get(cfg.scenario)
+    if not hasattr(cls, "check"):
+        return
+    scenario = config.build(cls, cfg.scenario_args, f"scenario '{cfg.scenario}' config")
+    bad = [r for r in scenario.check() if r.error]
+    if bad:
+        more = f" (and {len(bad) - 1} more domains: cl-bench data check lists them)" if len(bad) > 1 else ""
+        raise DataError(bad[0].error + more)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -404,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": cmd_report,
         "bench": cmd_bench,
         "sweep": cmd_sweep,
+        "data": cmd_data,
     }
     try:
         if args.command == "run":

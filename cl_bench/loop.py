@@ -8,6 +8,7 @@ accuracy matrix (future experiences included). The run record is written when th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -183,6 +184,7 @@ def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True, handle_signal
     ):
         p = claim(p, held)
         session = build_session(p)
+        write_scenario_files(session.scenario, p.run_dir)
         saved = resume.find(session, record_config(p))
         resumed = None
         if saved is None:
@@ -199,6 +201,13 @@ def run(cfg: RunConfig, *, progress: bool | progress_.Mode = True, handle_signal
         if not p.cfg.keep_checkpoints:
             checkpoint.remove(p.run_dir)
     return record
+
+
+def write_scenario_files(scenario: Scenario, run_dir: Path) -> None:
+    """The scenario's files beside the record (e.g. ``shots/<domain>.json``: the few-shot draw,
+    replayable with ``scenario.shots_file``), each written atomically."""
+    for name, content in scenario.files.items():
+        results.write_bytes_atomic(run_dir / name, (json.dumps(content, indent=1) + "\n").encode())
 
 
 @contextmanager
@@ -326,6 +335,25 @@ class Session:
             self.graphs = None
 
 
+def gather_all(
+    scenario: Scenario, device: torch.device, budget: int
+) -> tuple[list[ExperienceData], list[ExperienceData]]:
+    """Every train and test experience, copied to memory while the copies fit ``budget`` bytes
+    together (``host_memory_gb``), streamed from the (memory-mapped) source after that: X-TAIL's
+    test sets are 13.5 GB at 224 px, each domain alone well under the budget."""
+    out: tuple[list[ExperienceData], list[ExperienceData]] = ([], [])
+    for split, source, stream in (
+        (out[0], scenario.train_source, scenario.train_stream),
+        (out[1], scenario.test_source, scenario.test_stream),
+    ):
+        for experience in stream:
+            data = ExperienceData.gather(source, sample_ids(experience), device, budget_bytes=budget)
+            if isinstance(data.images, torch.Tensor):  # copied, not streamed
+                budget -= data.images.numel() * data.images.element_size()
+            split.append(data)
+    return out
+
+
 def build_session(p: Plan) -> Session:
     """Seed, then build scenario, backbone, head and strategy and put the data on the device.
 
@@ -348,13 +376,10 @@ def build_session(p: Plan) -> Session:
             "method's mechanics, not its behaviour on a real CLIP",
             backbone.name,
         )
-    head = make_head(backbone, scenario.class_names)
-    train_data = [
-        ExperienceData.gather(scenario.train_source, sample_ids(e), device) for e in scenario.train_stream
-    ]
-    test_data = [
-        ExperienceData.gather(scenario.test_source, sample_ids(e), device) for e in scenario.test_stream
-    ]
+    head = make_head(
+        backbone, scenario.class_names, prompts=scenario.prompts, train_prompts=scenario.train_prompts
+    )
+    train_data, test_data = gather_all(scenario, device, int(cfg.host_memory_gb * 2**30))
     steps = tuple(cfg.steps_per_experience or cfg.epochs * d.n_batches(cfg.batch_size) for d in train_data)
     ctx = StrategyContext(
         device=device,
@@ -684,7 +709,9 @@ def finish_record(session: Session, record: RunResult, tracker: tracking.Tracker
                 "peak_memory_eval_bytes": row.peak_bytes,
             }
     accuracy["variants"] = variants
-    record.metrics = metrics.derive(accuracy["matrix"], accuracy["initial"], accuracy["seen"])
+    record.metrics = metrics.derive(
+        accuracy["matrix"], accuracy["initial"], accuracy["seen"], record.scenario.get("name")
+    )
     n_backbone = record.backbone["n_parameters"]
     experiences = record.experiences
     trainable = max(e.n_trainable for e in experiences)

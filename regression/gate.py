@@ -51,6 +51,9 @@ UPDATE_COMMAND = "tox -e regression -- --update-golden"
 # Config keys that name where and how a run was stored or shown, not what it computed (the gate
 # sets the threads of the whole grid itself).
 CONFIG_IGNORED = frozenset({"run_id", "out", "overwrite", "report", "threads", "log"})
+# where the generated fixture and its image cache lie on this machine (``root = "@fixture"``)
+CONFIG_IGNORED_PATHS = frozenset({"scenario_args.root", "scenario_args.cache_dir"})
+FIXTURE = "@fixture"  # a scenario root the gate generates: ``cl-bench data fixture`` into <runs>/fixtures
 # Figures of the machine: shown next to the golden's, never gated.
 EXPERIENCE_INFO = (
     "train_samples_per_s",
@@ -133,6 +136,7 @@ class Grid:
     strategy_run: dict[str, dict[str, Any]]
     strategy_tolerance: dict[str, dict[str, Any]]
     tolerances: Tolerances
+    cells: tuple[tuple[str, str, int], ...] = ()  # extra (strategy, scenario, seed) runs beside the grid
 
     def strategies(self) -> list[str]:
         """Every registered strategy: the grid never lists them, so a new one joins automatically."""
@@ -147,30 +151,45 @@ class Grid:
         """The runs of the grid, optionally restricted to some strategies, scenarios or seeds."""
         chosen_strategies = [STRATEGIES.canonical(s) for s in strategies] or self.strategies()
         chosen_scenarios = [SCENARIOS.canonical(s) for s in scenarios] or list(self.scenarios)
+        cell_scenarios = {cell[1] for cell in self.cells}
         for name in chosen_scenarios:
-            if name not in self.scenarios:
+            if name not in self.scenarios and name not in cell_scenarios:
                 raise GridError(f"scenario '{name}' is not in the grid ({', '.join(self.scenarios)})")
+        cell_seeds = {cell[2] for cell in self.cells}
         for seed in seeds:
-            if seed not in self.seeds:
+            if seed not in self.seeds and seed not in cell_seeds:
                 raise GridError(f"seed {seed} is not in the grid ({', '.join(map(str, self.seeds))})")
-        return [
-            RunSpec(
-                strategy,
-                scenario,
-                seed,
-                {
-                    **self.run,
-                    "seed": seed,
-                    "strategy": {"name": strategy, **self.strategy_args.get(strategy, {})},
-                    "scenario": {"name": scenario, **self.scenario_args.get(scenario, {})},
-                    **self.strategy_run.get(strategy, {}),
-                },
-                self.tolerances.updated(self.strategy_tolerance.get(strategy, {})),
-            )
+        grid_runs = [
+            (strategy, scenario, seed)
             for scenario in chosen_scenarios
+            if scenario in self.scenarios
             for strategy in chosen_strategies
             for seed in (list(seeds) or list(self.seeds))
+            if seed in self.seeds
         ]
+        cells = [
+            cell
+            for cell in self.cells
+            if (not strategies or cell[0] in chosen_strategies)
+            and (not scenarios or cell[1] in chosen_scenarios)
+            and (not seeds or cell[2] in seeds)
+        ]
+        return [self._spec(*run) for run in [*grid_runs, *cells]]
+
+    def _spec(self, strategy: str, scenario: str, seed: int) -> RunSpec:
+        return RunSpec(
+            strategy,
+            scenario,
+            seed,
+            {
+                **self.run,
+                "seed": seed,
+                "strategy": {"name": strategy, **self.strategy_args.get(strategy, {})},
+                "scenario": {"name": scenario, **self.scenario_args.get(scenario, {})},
+                **self.strategy_run.get(strategy, {}),
+            },
+            self.tolerances.updated(self.strategy_tolerance.get(strategy, {})),
+        )
 
 
 def _table(data: Mapping[str, Any], key: str, where: Path) -> dict[str, Any]:
@@ -196,7 +215,7 @@ def load_grid(path: Path = GRID_FILE) -> Grid:
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise GridError(f"cannot read the grid file {path}: {err}") from None
-    _check_keys(data, ("grid", "run", "scenarios", "strategies", "tolerance"), str(path))
+    _check_keys(data, ("grid", "run", "scenarios", "strategies", "tolerance", "cells"), str(path))
     grid = _table(data, "grid", path)
     _check_keys(grid, ("scenarios", "seeds", "threads"), f"{path} [grid]")
     tolerance = _table(data, "tolerance", path)
@@ -216,6 +235,14 @@ def load_grid(path: Path = GRID_FILE) -> Grid:
     scenario_args = _table(data, "scenarios", path)
     for name in [*grid["scenarios"], *scenario_args]:
         SCENARIOS.canonical(name)
+    cells = []
+    for k, cell in enumerate(data.get("cells", [])):
+        where = f"{path} [[cells]] #{k + 1}"
+        if not isinstance(cell, Mapping) or sorted(cell) != ["scenario", "seed", "strategy"]:
+            raise GridError(f"{where}: a cell is a table of strategy, scenario and seed")
+        cells.append(
+            (STRATEGIES.canonical(cell["strategy"]), SCENARIOS.canonical(cell["scenario"]), int(cell["seed"]))
+        )
     return Grid(
         path=path,
         scenarios=tuple(SCENARIOS.canonical(s) for s in grid["scenarios"]),
@@ -233,7 +260,29 @@ def load_grid(path: Path = GRID_FILE) -> Grid:
             metrics={k: float(v) for k, v in tolerance["metrics"].items()},
             active=float(tolerance.get("active", 0.0)),
         ),
+        cells=tuple(cells),
     )
+
+
+def with_fixtures(specs: Sequence[RunSpec], runs_dir: Path) -> list[RunSpec]:
+    """The specs with every ``root = "@fixture"`` scenario pointed at a generated fixture of its
+    domains under ``<runs_dir>/fixtures/<scenario>`` (written once, deterministic: the same bytes on
+    every machine with the same Pillow), its image cache beside it."""
+    out = []
+    for spec in specs:
+        scenario = dict(spec.layer["scenario"])
+        if scenario.get("root") == FIXTURE:
+            from scenarios.multidomain import write_fixture
+
+            root = runs_dir / "fixtures" / spec.scenario
+            if not root.is_dir():
+                cls = SCENARIOS.get(spec.scenario)
+                args = {k: v for k, v in scenario.items() if k not in ("name", "root")}
+                write_fixture(config.build(cls, args, spec.scenario), root)
+            scenario.update(root=str(root), cache_dir=str(runs_dir / "fixtures" / "cache"))
+            spec = replace(spec, layer={**spec.layer, "scenario": scenario})
+        out.append(spec)
+    return out
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -333,10 +382,18 @@ def compare(run: str, golden: Mapping[str, Any], now: Mapping[str, Any], tol: To
     c = _Comparer(run, tol)
     c.exact("status", golden.get("status"), now.get("status"))
 
-    g_config = dict(
-        _flatten({k: v for k, v in golden.get("config", {}).items() if k not in CONFIG_IGNORED}, "")
-    )
-    n_config = dict(_flatten({k: v for k, v in now.get("config", {}).items() if k not in CONFIG_IGNORED}, ""))
+    g_config = {
+        k: v
+        for k, v in _flatten(
+            {k: v for k, v in golden.get("config", {}).items() if k not in CONFIG_IGNORED}, ""
+        )
+        if k not in CONFIG_IGNORED_PATHS
+    }
+    n_config = {
+        k: v
+        for k, v in _flatten({k: v for k, v in now.get("config", {}).items() if k not in CONFIG_IGNORED}, "")
+        if k not in CONFIG_IGNORED_PATHS
+    }
     for key in sorted(set(g_config) | set(n_config)):
         if key in g_config and key in n_config:
             c.exact(f"config.{key}", g_config[key], n_config[key])
@@ -633,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         grid = load_grid(args.grid)
-        specs = grid.specs(args.strategy, args.scenario, args.seed)
+        specs = with_fixtures(grid.specs(args.strategy, args.scenario, args.seed), args.runs)
         for spec in specs:  # validate every config before spending minutes on the first runs
             loop.plan(config.resolve([{**spec.layer, "out": str(args.runs), "overwrite": True}]))
     except ClBenchError as err:

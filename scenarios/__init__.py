@@ -3,6 +3,6 @@
 This package and :mod:`scenarios.common` are the only places that import Avalanche.
 """
 
-from scenarios import split_cifar, split_digits, synthetic
+from scenarios import multidomain, split_cifar, split_digits, synthetic
 
-__all__ = ["split_cifar", "split_digits", "synthetic"]
+__all__ = ["multidomain", "split_cifar", "split_digits", "synthetic"]

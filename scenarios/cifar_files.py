@@ -11,6 +11,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from scenarios.split_cifar import layout
 from scenarios.synthetic import generate
@@ -36,6 +37,7 @@ def write_cifar(
     splits = {}
     for split, n in ((0, n_train), (1, n_test)):
         source = generate(c, n // c, 32, 0.2, seed, split)
+        assert isinstance(source.images, torch.Tensor)  # generated in memory, not sharded
         order = np.random.default_rng(seed + split).permutation(n)
         splits[split] = (source.images.numpy().reshape(n, -1)[order], source.targets.numpy()[order])
     if variant == "cifar100":

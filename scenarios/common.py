@@ -120,6 +120,47 @@ def make_scenario(
     )
 
 
+def make_domain_scenario(
+    name: str,
+    *,
+    train: ImageSource,
+    test: ImageSource,
+    class_names: Sequence[str],
+    classes_per_domain: Sequence[int],
+    protocol: Protocol,
+    default_backbone: str,
+    metadata: dict[str, Any] | None = None,
+) -> Scenario:
+    """One experience per domain: experience k holds the next ``classes_per_domain[k]`` labels
+    of the union label space (labels are already offset, domains in stream order)."""
+    _quiet_avalanche_import()
+    from avalanche.benchmarks.scenarios import (
+        class_incremental_benchmark,
+        task_incremental_benchmark,
+        with_classes_timeline,
+    )
+
+    benchmark = class_incremental_benchmark(
+        {"train": _avalanche_dataset(train), "test": _avalanche_dataset(test)},
+        class_order=list(range(len(class_names))),
+        num_classes_per_exp=list(classes_per_domain),
+    )
+    if protocol == "task":
+        benchmark = with_classes_timeline(task_incremental_benchmark(benchmark, reset_task_labels=True))
+    per_exp = [sorted(int(c) for c in e.classes_in_this_experience) for e in benchmark.train_stream]
+    return Scenario(
+        name=name,
+        benchmark=benchmark,
+        class_names=list(class_names),
+        protocol=protocol,
+        classes_per_experience=per_exp,
+        train_source=train,
+        test_source=test,
+        default_backbone=default_backbone,
+        metadata=metadata or {},
+    )
+
+
 def to_uint8_rgb(images: np.ndarray) -> torch.Tensor:
     """[N, H, W] or [N, H, W, 3] uint8 arrays -> uint8 tensor [N, 3, H, W]."""
     t = torch.from_numpy(np.ascontiguousarray(images))

@@ -26,15 +26,6 @@ FIXTURE_CLASSES = ("707-320", "Cessna 172", "F-16A/B", "F/A-18")
 FIXTURE_PER_SPLIT = {"train": 3, "val": 1, "test": 2}
 
 
-def _find_folder(root: Path) -> tuple[str, Path]:
-    """The first accepted layout present under ``root`` (its label and folder)."""
-    tried = [(label, root / rel) for label, rel in LAYOUTS]
-    for label, folder in tried:
-        if folder.is_dir():
-            return label, folder
-    raise base.no_layout(NAME, root, tried)
-
-
 def _read_lines(path: Path, what: str, layout: str) -> list[str]:
     if not path.is_file():
         raise base.missing(NAME, path, what, layout)
@@ -56,7 +47,7 @@ def _read_split(path: Path, images: Path, index: dict[str, int], layout: str) ->
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """The train and test splits of the official FGVC split files (same for X-TAIL and MTIL)."""
     del options
-    layout, folder = _find_folder(root)
+    layout, folder = base.find_layout(NAME, root, LAYOUTS)
     names = _read_lines(folder / "variants.txt", "class list", layout)
     if len(set(names)) != len(names):
         raise DataError(f"{NAME}: {folder / 'variants.txt'} lists a variant twice")

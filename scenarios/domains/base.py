@@ -144,6 +144,17 @@ def no_layout(domain: str, root: Path, tried: Sequence[tuple[str, Path]]) -> Dat
     return DataError(f"{domain}: no accepted layout under {root} (tried {options})")
 
 
+def find_layout(domain: str, root: Path, candidates: Sequence[tuple[str, str]]) -> tuple[str, Path]:
+    """The first of ``candidates`` (layout label, folder relative to ``root``) whose folder exists:
+    its label and folder. Every reader detects its layouts this way, in the order of §3.13, so
+    the first match wins; none present raises :func:`no_layout` listing every folder tried."""
+    tried = [(label, root / rel) for label, rel in candidates]
+    for label, folder in tried:
+        if folder.is_dir():
+            return label, folder
+    raise no_layout(domain, root, tried)
+
+
 def missing(domain: str, path: Path, what: str, layout: str) -> DataError:
     """The error for one missing file or folder of a layout that otherwise matched."""
     return DataError(f"{domain}: missing {what} {path} (layout {layout})")

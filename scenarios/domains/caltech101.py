@@ -11,16 +11,12 @@ folder, n = the number of files in it), renames classes as ZSCL does and splits 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, random_split
 
 from cl_bench.errors import ConfigError
-from scenarios.domains import base
+from scenarios.domains import base, files
 from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
-from scenarios.domains.files import read_coop_split, write_coop_split, write_image
 
 NAME = "Caltech101"
 MORAM_LAYOUT = "caltech101 (MoRAM/RAIL code, torchvision)"
@@ -86,65 +82,40 @@ TEMPLATES = (
 )
 
 
-def _find_folder(root: Path) -> tuple[str, Path]:
-    """The first accepted layout present under ``root`` (its label and folder)."""
-    tried = [(label, root / rel) for label, rel in LAYOUTS]
-    for label, folder in tried:
-        if folder.is_dir():
-            return label, folder
-    raise base.no_layout(NAME, root, tried)
-
-
 def mtil_name(folder: str) -> str:
     """ZSCL's class name for one ``101_ObjectCategories`` folder."""
     return MTIL_RENAMES.get(folder, folder.replace("_", " "))
 
 
-def _random_split(n: int) -> tuple[list[int], list[int]]:
-    """ZSCL's ``split_dataset``: an 80/20 ``random_split`` of ``range(n)`` with seed 42."""
-    n_train = int(0.8 * n)
-    indices = cast("Dataset[int]", range(n))
-    train, test = random_split(indices, [n_train, n - n_train], generator=torch.Generator().manual_seed(42))
-    return list(train.indices), list(test.indices)
-
-
 def _read_mtil(images: Path) -> tuple[tuple[str, ...], Split]:
     """All images in torchvision's order, with the renamed class names."""
     folders = sorted(p.name for p in images.iterdir() if p.is_dir() and p.name != BACKGROUND)
-    files: list[Path] = []
+    paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(folders):
         count = sum(1 for _ in (images / name).iterdir())
-        files.extend(images / name / f"image_{i:04d}.jpg" for i in range(1, count + 1))
+        paths.extend(images / name / f"image_{i:04d}.jpg" for i in range(1, count + 1))
         labels.extend([label] * count)
-    return tuple(mtil_name(f) for f in folders), Split(np.asarray(labels, dtype=np.int64), files=tuple(files))
+    return tuple(mtil_name(f) for f in folders), Split(np.asarray(labels, dtype=np.int64), files=tuple(paths))
 
 
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """X-TAIL: the CoOp json's train/test; MTIL: torchvision's index split 80/20 (seed 42)."""
     del options
-    layout, folder = _find_folder(root)
+    layout, folder = base.find_layout(NAME, root, LAYOUTS)
     images = folder / IMAGE_DIR
     if not images.is_dir():
         raise base.missing(NAME, images, "image folder", layout)
     if benchmark == "x-tail":
-        path = folder / SPLIT_FILE
-        if not path.is_file():
-            raise base.missing(NAME, path, "CoOp split file", layout)
-        split = read_coop_split(path, images, NAME)
-        names = split.class_names
-        train = Split(split.labels["train"], files=split.files["train"])
-        test = Split(split.labels["test"], files=split.files["test"])
         notes = (f"CoOp {SPLIT_FILE}: train (before the 16-shot draw) / test; val unused",)
-    else:
-        names, everything = _read_mtil(images)
-        train_idx, test_idx = _random_split(len(everything))
-        train, test = everything.subset(train_idx), everything.subset(test_idx)
-        notes = (
-            "80/20 random_split seed 42 of the files sorted by class folder then image number "
-            "(torchvision's order)",
-        )
-    return DomainData(NAME, benchmark, layout, folder, tuple(names), train, test, notes)
+        return files.read_coop_domain(NAME, benchmark, layout, folder, SPLIT_FILE, images, notes)
+    names, everything = _read_mtil(images)
+    train, test = files.zscl_subsets(everything)
+    notes = (
+        "80/20 random_split seed 42 of the files sorted by class folder then image number "
+        "(torchvision's order)",
+    )
+    return DomainData(NAME, benchmark, layout, folder, names, train, test, notes)
 
 
 def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
@@ -154,22 +125,18 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
     if layout not in folders:
         raise ConfigError(f"{NAME}: unknown layout {layout!r}; known: {', '.join(folders)}")
     folder = root / folders[layout]
-    items: dict[str, list[tuple[str, int, str]]] = {"train": [], "val": [], "test": []}
+    items = files.coop_items()
     label = 0
     for name, count in FIXTURE_FOLDERS.items():
         rels = [f"{name}/image_{i:04d}.jpg" for i in range(1, count + 1)]
         for rel in rels:
-            write_image(folder / IMAGE_DIR / rel, rng)
+            files.write_image(folder / IMAGE_DIR / rel, rng)
         if name in COOP_IGNORED:
             continue
         order = [rels[i] for i in rng.permutation(count)]
-        n_train, n_val = round(count * 0.5), round(count * 0.2)
-        cname = COOP_RENAMES.get(name, name)
-        items["train"] += [(rel, label, cname) for rel in order[:n_train]]
-        items["val"] += [(rel, label, cname) for rel in order[n_train : n_train + n_val]]
-        items["test"] += [(rel, label, cname) for rel in order[n_train + n_val :]]
+        files.add_coop_items(items, order, label, COOP_RENAMES.get(name, name))
         label += 1
-    write_coop_split(folder / SPLIT_FILE, {split: rows for split, rows in items.items()})
+    files.write_coop_split(folder / SPLIT_FILE, items)
 
 
 SPEC = base.register(

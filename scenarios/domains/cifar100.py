@@ -77,9 +77,7 @@ def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """The official train (50000) and test (10000) sets; MTIL only."""
     if benchmark != "mtil":
         raise DataError(f"{NAME} is not part of {benchmark} (MTIL only)")
-    folder = root / FOLDER
-    if not folder.is_dir():
-        raise base.no_layout(NAME, root, [(TV_LAYOUT, folder)])
+    _, folder = base.find_layout(NAME, root, [(TV_LAYOUT, FOLDER)])
     lay = cifar_layout("cifar100")
     for name, _ in (*lay.train_files, *lay.test_files, lay.meta_file):
         if not (folder / name).is_file():

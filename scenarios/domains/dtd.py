@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.errors import ConfigError, DataError
-from scenarios.domains import base
+from scenarios.domains import base, files
 from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
-from scenarios.domains.files import read_coop_split, write_coop_split, write_image
 
 NAME = "DTD"
 COOP_LAYOUT = "dtd (MoRAM/RAIL/CoOp: images/, split_zhou_DescribableTextures.json)"
@@ -40,11 +39,7 @@ TEMPLATES = (
 
 def _find_folder(root: Path, benchmark: Benchmark) -> tuple[str, Path]:
     """The first layout of ``benchmark`` present under ``root`` (its label and folder)."""
-    tried = [(label, root / FOLDERS[label]) for label in SEARCH[benchmark]]
-    for label, folder in tried:
-        if folder.is_dir():
-            return label, folder
-    raise base.no_layout(NAME, root, tried)
+    return base.find_layout(NAME, root, [(label, FOLDERS[label]) for label in SEARCH[benchmark]])
 
 
 def _read_label_file(path: Path, layout: str) -> list[tuple[str, str]]:
@@ -85,17 +80,10 @@ def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     del options
     layout, folder = _find_folder(root, benchmark)
     if benchmark == "x-tail":
-        path = folder / SPLIT_FILE
-        if not path.is_file():
-            raise base.missing(NAME, path, "CoOp split file", layout)
-        coop = read_coop_split(path, folder / "images", NAME)
-        names = coop.class_names
-        train = Split(coop.labels["train"], files=coop.files["train"])
-        test = Split(coop.labels["test"], files=coop.files["test"])
         notes = (f"CoOp {SPLIT_FILE}: train (before the 16-shot draw) / test; val unused",)
-    else:
-        names, train, test = _read_mtil(folder, layout)
-        notes = ("official partition 1: labels/train1.txt (train) / labels/test1.txt (test); val1 unused",)
+        return files.read_coop_domain(NAME, benchmark, layout, folder, SPLIT_FILE, folder / "images", notes)
+    names, train, test = _read_mtil(folder, layout)
+    notes = ("official partition 1: labels/train1.txt (train) / labels/test1.txt (test); val1 unused",)
     return DomainData(NAME, benchmark, layout, folder, names, train, test, notes)
 
 
@@ -106,26 +94,22 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
         raise ConfigError(f"{NAME}: unknown layout {layout!r}; known: {', '.join(FOLDERS)}")
     folder = root / FOLDERS[layout]
     partition: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
-    items: dict[str, list[tuple[str, int, str]]] = {"train": [], "val": [], "test": []}
+    items = files.coop_items()
     per_part = FIXTURE_PER_CLASS // len(partition)
-    n_train, n_val = round(FIXTURE_PER_CLASS * 0.5), round(FIXTURE_PER_CLASS * 0.2)
     for label, name in enumerate(FIXTURE_CLASSES):
         numbers = sorted(rng.choice(np.arange(1, 200), FIXTURE_PER_CLASS, replace=False).tolist())
         rels = [f"{name}/{name}_{n:04d}.jpg" for n in numbers]
         for rel in rels:
-            write_image(folder / "images" / rel, rng)
+            files.write_image(folder / "images" / rel, rng)
         shuffled = [rels[i] for i in rng.permutation(len(rels))]
         for k, part in enumerate(partition):
             partition[part] += sorted(shuffled[k * per_part : (k + 1) * per_part])
-        shuffled = [rels[i] for i in rng.permutation(len(rels))]
-        items["train"] += [(rel, label, name) for rel in shuffled[:n_train]]
-        items["val"] += [(rel, label, name) for rel in shuffled[n_train : n_train + n_val]]
-        items["test"] += [(rel, label, name) for rel in shuffled[n_train + n_val :]]
+        files.add_coop_items(items, [rels[i] for i in rng.permutation(len(rels))], label, name)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
     for part, rels in partition.items():
         (folder / "labels" / f"{part}.txt").write_text("".join(f"{rel}\n" for rel in rels))
     if layout == COOP_LAYOUT:
-        write_coop_split(folder / SPLIT_FILE, {split: rows for split, rows in items.items()})
+        files.write_coop_split(folder / SPLIT_FILE, items)
 
 
 SPEC = base.register(

@@ -10,16 +10,12 @@ splits 80/20 with ``random_split`` seed 42.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, random_split
 
 from cl_bench.errors import ConfigError, DataError
-from scenarios.domains import base
+from scenarios.domains import base, files
 from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
-from scenarios.domains.files import read_coop_split, write_coop_split, write_image
 
 NAME = "EuroSAT"
 LAYOUT = "eurosat/2750 (MoRAM, RAIL, CoOp, torchvision)"
@@ -57,58 +53,47 @@ FIXTURE_FOLDERS = ("AnnualCrop", "HerbaceousVegetation", "Industrial", "SeaLake"
 FIXTURE_PER_CLASS = 5
 
 
-def _random_split(n: int) -> tuple[list[int], list[int]]:
-    """ZSCL's ``split_dataset``: an 80/20 ``random_split`` of ``range(n)`` with seed 42."""
-    n_train = int(0.8 * n)
-    indices = cast("Dataset[int]", range(n))
-    train, test = random_split(indices, [n_train, n - n_train], generator=torch.Generator().manual_seed(42))
-    return list(train.indices), list(test.indices)
-
-
 def _read_mtil(images: Path) -> tuple[tuple[str, ...], Split]:
     """``ImageFolder(2750)``: every image, sorted by class folder then file name."""
     folders = sorted(p.name for p in images.iterdir() if p.is_dir())
     unknown = [name for name in folders if name not in MTIL_NAMES]
     if unknown:
         raise DataError(f"{NAME}: {images} holds folders that are not EuroSAT classes: {unknown}")
-    files: list[Path] = []
+    paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(folders):
         found = sorted(p.name for p in (images / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        files.extend(images / name / file for file in found)
+        paths.extend(images / name / file for file in found)
         labels.extend([label] * len(found))
     names = tuple(MTIL_NAMES[f] for f in folders)
-    return names, Split(np.asarray(labels, dtype=np.int64), files=tuple(files))
+    return names, Split(np.asarray(labels, dtype=np.int64), files=tuple(paths))
 
 
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """X-TAIL: the CoOp json's train/test; MTIL: ``ImageFolder`` split 80/20 (seed 42)."""
     del options
-    folder = root / FOLDER
-    if not folder.is_dir():
-        raise base.no_layout(NAME, root, [(LAYOUT, folder)])
+    _, folder = base.find_layout(NAME, root, [(LAYOUT, FOLDER)])
     images = folder / IMAGE_DIR
     if not images.is_dir():
         raise base.missing(NAME, images, "image folder", LAYOUT)
     if benchmark == "x-tail":
-        path = folder / SPLIT_FILE
-        if not path.is_file():
-            raise base.missing(NAME, path, "CoOp split file", LAYOUT)
-        coop = read_coop_split(path, images, NAME)
-        names = tuple(name + XTAIL_SUFFIX for name in coop.class_names)
-        train = Split(coop.labels["train"], files=coop.files["train"])
-        test = Split(coop.labels["test"], files=coop.files["test"])
         notes: tuple[str, ...] = (
             f"CoOp {SPLIT_FILE}: train (before the 16-shot draw) / test; val unused",
             f"{XTAIL_SUFFIX.strip()!r} appended to every class name (MoRAM)",
         )
-    else:
-        names, everything = _read_mtil(images)
-        train_idx, test_idx = _random_split(len(everything))
-        train, test = everything.subset(train_idx), everything.subset(test_idx)
-        notes = (
-            "80/20 random_split seed 42 of the files sorted by class folder then file name (ImageFolder)",
+        return files.read_coop_domain(
+            NAME,
+            benchmark,
+            LAYOUT,
+            folder,
+            SPLIT_FILE,
+            images,
+            notes,
+            rename=lambda name: name + XTAIL_SUFFIX,
         )
+    names, everything = _read_mtil(images)
+    train, test = files.zscl_subsets(everything)
+    notes = ("80/20 random_split seed 42 of the files sorted by class folder then file name (ImageFolder)",)
     return DomainData(NAME, benchmark, LAYOUT, folder, names, train, test, notes)
 
 
@@ -118,18 +103,14 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
     if layout != LAYOUT:
         raise ConfigError(f"{NAME}: unknown layout {layout!r}; known: {LAYOUT}")
     folder = root / FOLDER
-    items: dict[str, list[tuple[str, int, str]]] = {"train": [], "val": [], "test": []}
-    n_train, n_val = round(FIXTURE_PER_CLASS * 0.5), round(FIXTURE_PER_CLASS * 0.2)
+    items = files.coop_items()
     for label, name in enumerate(FIXTURE_FOLDERS):
         numbers = rng.choice(np.arange(1, 3001), FIXTURE_PER_CLASS, replace=False).tolist()
         rels = [f"{name}/{name}_{n}.jpg" for n in numbers]
         for rel in rels:
-            write_image(folder / IMAGE_DIR / rel, rng, mode="RGB", size=(64, 64))
-        cname = COOP_NAMES[name]
-        items["train"] += [(rel, label, cname) for rel in rels[:n_train]]
-        items["val"] += [(rel, label, cname) for rel in rels[n_train : n_train + n_val]]
-        items["test"] += [(rel, label, cname) for rel in rels[n_train + n_val :]]
-    write_coop_split(folder / SPLIT_FILE, {split: rows for split, rows in items.items()})
+            files.write_image(folder / IMAGE_DIR / rel, rng, mode="RGB", size=(64, 64))
+        files.add_coop_items(items, rels, label, COOP_NAMES[name])
+    files.write_coop_split(folder / SPLIT_FILE, items)
 
 
 SPEC = base.register(

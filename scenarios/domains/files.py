@@ -1,4 +1,6 @@
-"""File formats several domains share: CoOp's ``split_zhou_*.json`` and fixture images.
+"""File formats and rules several domains share: CoOp's ``split_zhou_*.json`` (reading it into a
+:class:`~scenarios.domains.base.DomainData`, writing it for fixtures), ZSCL's 80/20 split and
+fixture images.
 
 CoOp split file (``CoOp:datasets/oxford_pets.py::save_split``): a JSON object with keys
 ``"train"``, ``"val"``, ``"test"``, each a list of ``[relative_image_path, label_int, classname]``;
@@ -9,13 +11,15 @@ come from the ``train`` items in label order (``DatasetBase.get_lab2cname``), MU
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from cl_bench.errors import DataError
+from scenarios.domains.base import Benchmark, DomainData, Split, missing
 
 CoopItem = tuple[str, int, str]
 SPLITS = ("train", "val", "test")
@@ -71,10 +75,85 @@ def read_coop_split(path: Path, image_dir: Path, domain: str) -> CoopSplit:
     return CoopSplit(files, labels, tuple(names[i] for i in range(len(names))))
 
 
-def write_coop_split(path: Path, items: dict[str, Sequence[CoopItem]]) -> None:
+def read_coop_domain(
+    domain: str,
+    benchmark: Benchmark,
+    layout: str,
+    folder: Path,
+    split_file: str,
+    image_dir: Path,
+    notes: tuple[str, ...],
+    rename: Callable[[str], str] | None = None,
+) -> DomainData:
+    """A domain as X-TAIL reads it: the train and test items of the CoOp split file
+    ``folder / split_file`` (paths under ``image_dir``; ``val`` unused), the class names of the
+    json (passed through ``rename`` where the benchmark changes them). A missing json raises
+    :func:`~scenarios.domains.base.missing` naming it, as a "CoOp split file" of ``layout``."""
+    path = folder / split_file
+    if not path.is_file():
+        raise missing(domain, path, "CoOp split file", layout)
+    coop = read_coop_split(path, image_dir, domain)
+    names = coop.class_names if rename is None else tuple(rename(name) for name in coop.class_names)
+    train = Split(coop.labels["train"], files=coop.files["train"])
+    test = Split(coop.labels["test"], files=coop.files["test"])
+    return DomainData(domain, benchmark, layout, folder, names, train, test, notes)
+
+
+def write_coop_split(path: Path, items: Mapping[str, Sequence[CoopItem]]) -> None:
     """Write a CoOp split file (fixtures): ``items[split]`` = [(relative path, label, classname)]."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({s: [list(it) for it in items.get(s, ())] for s in SPLITS}, indent=1))
+
+
+def coop_items() -> dict[str, list[CoopItem]]:
+    """Empty per-split item lists for a fixture's CoOp json, filled by :func:`add_coop_items`."""
+    return {split: [] for split in SPLITS}
+
+
+def add_coop_items(
+    items: dict[str, list[CoopItem]],
+    rels: Sequence[str],
+    label: int,
+    name: str,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+) -> None:
+    """Append one class's images (``rels``, in the order given) to a fixture's CoOp items: the
+    first ``n_train`` to train, the next ``n_val`` to val, the rest to test. Left out, the counts
+    follow CoOp's ``read_and_split_data`` (``round(50%)`` train, ``round(20%)`` val per class), which
+    the fixtures of the domains that CoOp re-split imitate."""
+    if n_train is None:
+        n_train = round(len(rels) * 0.5)
+    if n_val is None:
+        n_val = round(len(rels) * 0.2)
+    items["train"] += [(rel, label, name) for rel in rels[:n_train]]
+    items["val"] += [(rel, label, name) for rel in rels[n_train : n_train + n_val]]
+    items["test"] += [(rel, label, name) for rel in rels[n_train + n_val :]]
+
+
+ZSCL_SEED = 42
+
+
+def zscl_split(n: int) -> tuple[list[int], list[int]]:
+    """ZSCL's ``split_dataset``: a ``random_split`` of ``range(n)`` into ``int(0.8 n)`` train and the
+    rest test, seeded 42, as MTIL splits the domains that have no official test set (Caltech101,
+    EuroSAT, SUN397). Returns the train and test indices."""
+    import torch
+
+    n_train = int(0.8 * n)
+    indices = cast("torch.utils.data.Dataset[int]", range(n))
+    train, test = torch.utils.data.random_split(
+        indices, [n_train, n - n_train], generator=torch.Generator().manual_seed(ZSCL_SEED)
+    )
+    return list(train.indices), list(test.indices)
+
+
+def zscl_subsets(everything: Split) -> tuple[Split, Split]:
+    """The train and test subsets of ``everything`` by :func:`zscl_split` (MTIL's split of a domain
+    read as one list of files)."""
+    train, test = zscl_split(len(everything))
+    return everything.subset(train), everything.subset(test)
 
 
 MODES = ("RGB", "L", "RGBA", "CMYK", "P")

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.errors import ConfigError, DataError
-from scenarios.domains import base
+from scenarios.domains import base, files
 from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
-from scenarios.domains.files import read_coop_split, write_coop_split, write_image
 
 NAME = "Flowers102"
 TEMPLATE = "a photo of a {}, a type of flower."
@@ -55,11 +54,7 @@ FIXTURE_PER_CLASS = 5
 
 def _find_folder(root: Path, benchmark: Benchmark) -> tuple[str, Path]:
     """The first layout of ``benchmark`` present under ``root`` (its label and folder)."""
-    tried = [(label, root / FOLDERS[label]) for label in SEARCH[benchmark]]
-    for label, folder in tried:
-        if folder.is_dir():
-            return label, folder
-    raise base.no_layout(NAME, root, tried)
+    return base.find_layout(NAME, root, [(label, FOLDERS[label]) for label in SEARCH[benchmark]])
 
 
 def _mat_ids(path: Path, variable: str, layout: str) -> np.ndarray:
@@ -90,8 +85,8 @@ def _read_mtil(folder: Path, layout: str) -> tuple[Split, Split]:
         ids = _mat_ids(setid_path, variable, layout)
         if ids.size and (ids.min() < 1 or ids.max() > class_ids.size):
             raise DataError(f"{NAME}: {setid_path}: {variable!r} has image ids outside 1..{class_ids.size}")
-        files = tuple(folder / "jpg" / f"image_{i:05d}.jpg" for i in ids.tolist())
-        return Split(class_ids[ids - 1] - 1, files=files)
+        paths = tuple(folder / "jpg" / f"image_{i:05d}.jpg" for i in ids.tolist())
+        return Split(class_ids[ids - 1] - 1, files=paths)
 
     return split("trnid"), split("tstid")
 
@@ -103,19 +98,11 @@ def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     if not (folder / "jpg").is_dir():
         raise base.missing(NAME, folder / "jpg", "image folder", layout)
     if benchmark == "x-tail":
-        path = folder / SPLIT_FILE
-        if not path.is_file():
-            raise base.missing(NAME, path, "CoOp split file", layout)
-        coop = read_coop_split(path, folder / "jpg", NAME)
-        names = coop.class_names
-        train = Split(coop.labels["train"], files=coop.files["train"])
-        test = Split(coop.labels["test"], files=coop.files["test"])
         notes = (f"CoOp {SPLIT_FILE}: train (before the 16-shot draw) / test; val unused",)
-    else:
-        names = MTIL_NAMES
-        train, test = _read_mtil(folder, layout)
-        notes = ("official split: setid.mat trnid (train) / tstid (test); valid unused",)
-    return DomainData(NAME, benchmark, layout, folder, names, train, test, notes)
+        return files.read_coop_domain(NAME, benchmark, layout, folder, SPLIT_FILE, folder / "jpg", notes)
+    train, test = _read_mtil(folder, layout)
+    notes = ("official split: setid.mat trnid (train) / tstid (test); valid unused",)
+    return DomainData(NAME, benchmark, layout, folder, MTIL_NAMES, train, test, notes)
 
 
 def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
@@ -130,24 +117,18 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
         rng.permutation(len(FIXTURE_CLASSES) * FIXTURE_PER_CLASS)
     ]
     for image_id in range(1, class_ids.size + 1):
-        write_image(folder / "jpg" / f"image_{image_id:05d}.jpg", rng)
+        files.write_image(folder / "jpg" / f"image_{image_id:05d}.jpg", rng)
     savemat(folder / "imagelabels.mat", {"labels": class_ids[None, :].astype(np.uint8)})
     setid: dict[str, list[int]] = {"trnid": [], "valid": [], "tstid": []}
-    items: dict[str, list[tuple[str, int, str]]] = {"train": [], "val": [], "test": []}
-    n_train, n_val = round(FIXTURE_PER_CLASS * 0.5), round(FIXTURE_PER_CLASS * 0.2)
+    items = files.coop_items()
     for label, (class_id, name) in enumerate(FIXTURE_CLASSES.items()):
         ids = (np.flatnonzero(class_ids == class_id) + 1).tolist()
         setid["trnid"] += ids[:2]
         setid["valid"] += ids[2:3]
         setid["tstid"] += ids[3:]
-        shuffled = [ids[i] for i in rng.permutation(len(ids))]
-        for split, part in (
-            ("train", shuffled[:n_train]),
-            ("val", shuffled[n_train : n_train + n_val]),
-            ("test", shuffled[n_train + n_val :]),
-        ):
-            items[split] += [(f"image_{i:05d}.jpg", label, name) for i in part]
-    write_coop_split(folder / SPLIT_FILE, {split: rows for split, rows in items.items()})
+        shuffled = [f"image_{ids[i]:05d}.jpg" for i in rng.permutation(len(ids))]
+        files.add_coop_items(items, shuffled, label, name)
+    files.write_coop_split(folder / SPLIT_FILE, items)
     if layout == MORAM_LAYOUT:
         savemat(
             folder / "setid.mat",

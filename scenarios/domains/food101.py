@@ -14,18 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.errors import DataError
-from scenarios.domains import files
-from scenarios.domains.base import (
-    Benchmark,
-    DomainData,
-    DomainSpec,
-    ReadOptions,
-    Sizes,
-    Split,
-    missing,
-    no_layout,
-    register,
-)
+from scenarios.domains import base, files
+from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
 
 NAME = "Food101"
 FOLDER = "food-101"
@@ -37,17 +27,10 @@ TEMPLATE = "a photo of a {}, a type of food."
 FIXTURE_CLASSES = ("apple_pie", "hot_and_sour_soup", "pizza")
 
 
-def _folder(root: Path) -> Path:
-    folder = root / FOLDER
-    if not folder.is_dir():
-        raise no_layout(NAME, root, [(LAYOUT, folder)])
-    return folder
-
-
 def _read_meta_json(path: Path) -> dict[str, list[str]]:
     """One of torchvision's ``meta/{train,test}.json``: class -> ["class/id", ...]."""
     if not path.is_file():
-        raise missing(NAME, path, "torchvision split file", LAYOUT)
+        raise base.missing(NAME, path, "torchvision split file", LAYOUT)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -76,23 +59,11 @@ def _mtil_split(meta: dict[str, list[str]], classes: list[str], images: Path, pa
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """Food101 of ``benchmark`` under ``root`` (CoOp json for X-TAIL, TV meta for MTIL)."""
     del options  # no checksums: torchvision does not md5 the extracted Food-101 files
-    folder = _folder(root)
+    _, folder = base.find_layout(NAME, root, [(LAYOUT, FOLDER)])
     images = folder / "images"
     if benchmark == "x-tail":
-        json_path = folder / SPLIT_JSON
-        if not json_path.is_file():
-            raise missing(NAME, json_path, "CoOp split file", LAYOUT)
-        split = files.read_coop_split(json_path, images, NAME)
-        return DomainData(
-            NAME,
-            benchmark,
-            LAYOUT,
-            folder,
-            split.class_names,
-            Split(split.labels["train"], files=split.files["train"]),
-            Split(split.labels["test"], files=split.files["test"]),
-            (f"CoOp re-split {SPLIT_JSON} (not the official train/test)",),
-        )
+        notes = (f"CoOp re-split {SPLIT_JSON} (not the official train/test)",)
+        return files.read_coop_domain(NAME, benchmark, LAYOUT, folder, SPLIT_JSON, images, notes)
     train_path, test_path = folder / "meta" / "train.json", folder / "meta" / "test.json"
     train_meta, test_meta = _read_meta_json(train_path), _read_meta_json(test_path)
     classes = sorted(train_meta)
@@ -115,15 +86,14 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
         raise ValueError(f"{NAME} has no layout {layout!r}")
     folder = root / FOLDER
     meta: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
-    coop: dict[str, list[files.CoopItem]] = {"train": [], "val": [], "test": []}
+    coop = files.coop_items()
     for label, name in enumerate(FIXTURE_CLASSES):
         ids = sorted(int(x) for x in 100000 + rng.choice(3900000, size=5, replace=False))
         entries = [f"{name}/{i}" for i in ids]
         for entry in entries:
             files.write_image(folder / "images" / f"{entry}.jpg", rng)
         meta["train"][name], meta["test"][name] = entries[:3], entries[3:]
-        for split, part in (("train", entries[:2]), ("val", entries[2:3]), ("test", entries[3:])):
-            coop[split] += [(f"{entry}.jpg", label, name) for entry in part]
+        files.add_coop_items(coop, [f"{entry}.jpg" for entry in entries], label, name, n_train=2, n_val=1)
     (folder / "meta").mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         (folder / "meta" / f"{split}.json").write_text(json.dumps(meta[split]))
@@ -132,10 +102,10 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
     (folder / "meta" / "classes.txt").write_text("\n".join(FIXTURE_CLASSES) + "\n")
     labels = [name.replace("_", " ").capitalize() for name in FIXTURE_CLASSES]
     (folder / "meta" / "labels.txt").write_text("\n".join(labels) + "\n")
-    files.write_coop_split(folder / SPLIT_JSON, {split: items for split, items in coop.items()})
+    files.write_coop_split(folder / SPLIT_JSON, coop)
 
 
-SPEC = register(
+SPEC = base.register(
     DomainSpec(
         name=NAME,
         aliases=("food", "food-101", "food_101"),

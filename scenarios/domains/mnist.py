@@ -17,17 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.errors import DataError
-from scenarios.domains.base import (
-    Benchmark,
-    DomainData,
-    DomainSpec,
-    ReadOptions,
-    Sizes,
-    Split,
-    missing,
-    no_layout,
-    register,
-)
+from scenarios.domains import base
+from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
 
 NAME = "MNIST"
 TEMPLATE = 'a photo of the number: "{}".'
@@ -69,7 +60,7 @@ def _read_raw(folder: Path, split: str, layout: str) -> tuple[np.ndarray, np.nda
     image_name, label_name = RAW_FILES[split]
     for name in (image_name, label_name):
         if not (folder / name).is_file():
-            raise missing(NAME, folder / name, "idx file (uncompressed)", layout)
+            raise base.missing(NAME, folder / name, "idx file (uncompressed)", layout)
     images = _read_idx(folder / image_name, IMAGES_MAGIC)
     labels = _read_idx(folder / label_name, LABELS_MAGIC)
     if len(images) != len(labels):
@@ -84,7 +75,7 @@ def _read_processed(folder: Path, split: str, layout: str) -> tuple[np.ndarray, 
 
     path = folder / PROCESSED_FILES[split]
     if not path.is_file():
-        raise missing(NAME, path, "legacy torchvision file", layout)
+        raise base.missing(NAME, path, "legacy torchvision file", layout)
     try:
         obj = torch.load(path, weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
@@ -112,10 +103,8 @@ def _split(images: np.ndarray, labels: np.ndarray, path: Path) -> Split:
 
 def _find(root: Path) -> tuple[str, Path, str]:
     """(layout label, folder, "raw" or "processed") of the first layout whose folder exists."""
-    for label, rel, kind in LAYOUTS:
-        if (root / rel).is_dir():
-            return label, root / rel, kind
-    raise no_layout(NAME, root, [(label, root / rel) for label, rel, _ in LAYOUTS])
+    label, folder = base.find_layout(NAME, root, [(name, rel) for name, rel, _ in LAYOUTS])
+    return label, folder, {name: kind for name, _, kind in LAYOUTS}[label]
 
 
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
@@ -170,7 +159,7 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
             (folder / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
 
 
-SPEC = register(
+SPEC = base.register(
     DomainSpec(
         name=NAME,
         aliases=(),

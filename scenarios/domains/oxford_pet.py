@@ -14,18 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.errors import DataError
-from scenarios.domains import files
-from scenarios.domains.base import (
-    Benchmark,
-    DomainData,
-    DomainSpec,
-    ReadOptions,
-    Sizes,
-    Split,
-    missing,
-    no_layout,
-    register,
-)
+from scenarios.domains import base, files
+from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
 
 NAME = "OxfordPet"
 SPLIT_JSON = "split_zhou_OxfordPets.json"
@@ -52,17 +42,10 @@ LIST_HEADER = (
 )
 
 
-def _find(root: Path) -> tuple[str, Path]:
-    for label, rel in LAYOUTS:
-        if (root / rel).is_dir():
-            return label, root / rel
-    raise no_layout(NAME, root, [(label, root / rel) for label, rel in LAYOUTS])
-
-
 def _read_annotations(path: Path, layout: str) -> list[tuple[str, int]]:
     """(image id, 0-based label) per line of a torchvision annotation file."""
     if not path.is_file():
-        raise missing(NAME, path, "annotation file", layout)
+        raise base.missing(NAME, path, "annotation file", layout)
     out: list[tuple[str, int]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
@@ -98,36 +81,18 @@ def _split(items: list[tuple[str, int]], images: Path, n_classes: int, path: Pat
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """OxfordPet of ``benchmark``: the CoOp json (X-TAIL) or the trainval/test annotations (MTIL)."""
     del options  # torchvision does not md5 the extracted files
-    layout, folder = _find(root)
+    layout, folder = base.find_layout(NAME, root, LAYOUTS)
     images = folder / "images"
     if benchmark == "x-tail":
-        json_path = folder / SPLIT_JSON
-        if not json_path.is_file():
-            raise missing(NAME, json_path, "CoOp split file", layout)
-        split = files.read_coop_split(json_path, images, NAME)
-        return DomainData(
-            NAME,
-            benchmark,
-            layout,
-            folder,
-            split.class_names,
-            Split(split.labels["train"], files=split.files["train"]),
-            Split(split.labels["test"], files=split.files["test"]),
-            (f"CoOp split {SPLIT_JSON} (train = 80% of trainval, test = test)",),
-        )
+        notes = (f"CoOp split {SPLIT_JSON} (train = 80% of trainval, test = test)",)
+        return files.read_coop_domain(NAME, benchmark, layout, folder, SPLIT_JSON, images, notes)
     train_path, test_path = folder / "annotations" / "trainval.txt", folder / "annotations" / "test.txt"
     train_items, test_items = _read_annotations(train_path, layout), _read_annotations(test_path, layout)
     names = _breed_names(train_items, train_path)
-    return DomainData(
-        NAME,
-        benchmark,
-        layout,
-        folder,
-        names,
-        _split(train_items, images, len(names), train_path),
-        _split(test_items, images, len(names), test_path),
-        ("torchvision split annotations/trainval.txt, annotations/test.txt",),
-    )
+    train = _split(train_items, images, len(names), train_path)
+    test = _split(test_items, images, len(names), test_path)
+    notes = ("torchvision split annotations/trainval.txt, annotations/test.txt",)
+    return DomainData(NAME, benchmark, layout, folder, names, train, test, notes)
 
 
 def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
@@ -138,7 +103,7 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
         raise ValueError(f"{NAME} has no layout {layout!r}")
     folder = root / folders[layout]
     lines: dict[str, list[str]] = {"trainval": [], "test": []}
-    coop: dict[str, list[files.CoopItem]] = {"train": [], "val": [], "test": []}
+    coop = files.coop_items()
     for stem, class_id, species, breed in FIXTURE_BREEDS:
         ids = sorted(f"{stem}_{n}" for n in 1 + rng.choice(200, size=7, replace=False))
         for image_id in ids:
@@ -146,18 +111,18 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
         name = stem.lower()
         for split, part in (("trainval", ids[:5]), ("test", ids[5:])):
             lines[split] += [f"{image_id} {class_id} {species} {breed}" for image_id in part]
-        for split, part in (("train", ids[:4]), ("val", ids[4:5]), ("test", ids[5:])):
-            coop[split] += [(f"{image_id}.jpg", class_id - 1, name) for image_id in part]
+        rels = [f"{image_id}.jpg" for image_id in ids]
+        files.add_coop_items(coop, rels, class_id - 1, name, n_train=4, n_val=1)
     annotations = folder / "annotations"
     annotations.mkdir(parents=True, exist_ok=True)
     for split, content in lines.items():
         (annotations / f"{split}.txt").write_text("\n".join(content) + "\n")
     every = sorted(lines["trainval"] + lines["test"])
     (annotations / "list.txt").write_text("\n".join(LIST_HEADER + tuple(every)) + "\n")
-    files.write_coop_split(folder / SPLIT_JSON, {split: items for split, items in coop.items()})
+    files.write_coop_split(folder / SPLIT_JSON, coop)
 
 
-SPEC = register(
+SPEC = base.register(
     DomainSpec(
         name=NAME,
         aliases=("pets", "pet", "oxford_pets", "oxford-iiit-pet", "oxfordpets", "oxford-pets", "oxford_pet"),

@@ -15,18 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.errors import DataError
-from scenarios.domains import files
-from scenarios.domains.base import (
-    Benchmark,
-    DomainData,
-    DomainSpec,
-    ReadOptions,
-    Sizes,
-    Split,
-    missing,
-    no_layout,
-    register,
-)
+from scenarios.domains import base, files
+from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
 
 NAME = "StanfordCars"
 FOLDER = "stanford_cars"
@@ -59,7 +49,7 @@ def _loadmat(path: Path, variable: str, layout: str) -> np.ndarray:
     import scipy.io
 
     if not path.is_file():
-        raise missing(NAME, path, ".mat file", layout)
+        raise base.missing(NAME, path, ".mat file", layout)
     try:
         content = scipy.io.loadmat(str(path), squeeze_me=True)
     except Exception as err:  # scipy raises several types for a corrupt or foreign file
@@ -93,39 +83,17 @@ def _annotations(path: Path, images: Path, n_classes: int, layout: str) -> Split
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     """StanfordCars of ``benchmark``: the CoOp json (X-TAIL) or the devkit .mat files (MTIL)."""
     del options  # torchvision does not md5 the Stanford Cars files
-    folder = root / FOLDER
-    if not folder.is_dir():
-        raise no_layout(NAME, root, [(LAYOUT, folder)])
+    _, folder = base.find_layout(NAME, root, [(LAYOUT, FOLDER)])
     if benchmark == "x-tail":
-        json_path = folder / SPLIT_JSON
-        if not json_path.is_file():
-            raise missing(NAME, json_path, "CoOp split file", LAYOUT)
-        split = files.read_coop_split(json_path, folder, NAME)
-        return DomainData(
-            NAME,
-            benchmark,
-            LAYOUT,
-            folder,
-            split.class_names,
-            Split(split.labels["train"], files=split.files["train"]),
-            Split(split.labels["test"], files=split.files["test"]),
-            (f"CoOp split {SPLIT_JSON} (train = 80% of cars_train, test = cars_test)",),
-        )
+        notes = (f"CoOp split {SPLIT_JSON} (train = 80% of cars_train, test = cars_test)",)
+        return files.read_coop_domain(NAME, benchmark, LAYOUT, folder, SPLIT_JSON, folder, notes)
     names = _class_names(folder / "devkit" / "cars_meta.mat", LAYOUT)
     train = _annotations(
         folder / "devkit" / "cars_train_annos.mat", folder / "cars_train", len(names), LAYOUT
     )
     test = _annotations(folder / "cars_test_annos_withlabels.mat", folder / "cars_test", len(names), LAYOUT)
-    return DomainData(
-        NAME,
-        benchmark,
-        LAYOUT,
-        folder,
-        names,
-        train,
-        test,
-        ("torchvision split devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat",),
-    )
+    notes = ("torchvision split devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat",)
+    return DomainData(NAME, benchmark, LAYOUT, folder, names, train, test, notes)
 
 
 def _coop_name(name: str) -> str:
@@ -159,7 +127,7 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
     if layout != LAYOUT:
         raise ValueError(f"{NAME} has no layout {layout!r}")
     folder = root / FOLDER
-    coop: dict[str, list[files.CoopItem]] = {"train": [], "val": [], "test": []}
+    coop = files.coop_items()
     for subdir, per_class in (("cars_train", 5), ("cars_test", 2)):
         classes = [
             int(c) for c in rng.permutation(np.repeat(np.arange(1, len(FIXTURE_CLASSES) + 1), per_class))
@@ -179,10 +147,10 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
             _write_annos(folder / "devkit" / "cars_test_annos.mat", fnames, None, rng)
     meta = np.array(FIXTURE_CLASSES, dtype=object).reshape(1, -1)
     scipy.io.savemat(str(folder / "devkit" / "cars_meta.mat"), {"class_names": meta})
-    files.write_coop_split(folder / SPLIT_JSON, {split: items for split, items in coop.items()})
+    files.write_coop_split(folder / SPLIT_JSON, coop)
 
 
-SPEC = register(
+SPEC = base.register(
     DomainSpec(
         name=NAME,
         aliases=("cars", "stanford_cars", "stanford-cars", "stanfordcar"),

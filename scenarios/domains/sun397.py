@@ -12,23 +12,12 @@ torchvision's ``rglob`` order depends on the filesystem, so the split is not byt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
 from cl_bench.errors import DataError
-from scenarios.domains import files
-from scenarios.domains.base import (
-    Benchmark,
-    DomainData,
-    DomainSpec,
-    ReadOptions,
-    Sizes,
-    Split,
-    missing,
-    no_layout,
-    register,
-)
+from scenarios.domains import base, files
+from scenarios.domains.base import Benchmark, DomainData, DomainSpec, ReadOptions, Sizes, Split
 
 NAME = "SUN397"
 SPLIT_JSON = "split_zhou_SUN397.json"
@@ -38,7 +27,7 @@ LAYOUTS = (
     ("SUN397 (MoRAM code, torchvision; json inside)", "SUN397", "."),
     ("sun397 (RAIL, CoOp, MoRAM README; json beside SUN397/)", "sun397", IMAGES),
 )
-SPLIT_SEED = 42
+SPLIT_SEED = files.ZSCL_SEED
 MTIL_NOTE = "80/20 random_split seed 42 of the sorted file list (not byte-identical to ZSCL's rglob order)"
 
 # Real categories: one-part, two-part (the '/' and '_' of §3.11) and one shared with Caltech101.
@@ -47,20 +36,18 @@ FIXTURE_CLASSES = ("/a/abbey", "/a/apartment_building/outdoor", "/b/bakery/shop"
 
 def _find(root: Path) -> tuple[str, Path, Path]:
     """(layout label, matched folder, image folder) of the first layout whose folder exists."""
-    for label, rel, images in LAYOUTS:
-        folder = root / rel
-        if folder.is_dir():
-            image_dir = folder if images == "." else folder / images
-            if not image_dir.is_dir():
-                raise missing(NAME, image_dir, "image folder", label)
-            return label, folder, image_dir
-    raise no_layout(NAME, root, [(label, root / rel) for label, rel, _ in LAYOUTS])
+    label, folder = base.find_layout(NAME, root, [(name, rel) for name, rel, _ in LAYOUTS])
+    images = {name: images for name, _, images in LAYOUTS}[label]
+    image_dir = folder if images == "." else folder / images
+    if not image_dir.is_dir():
+        raise base.missing(NAME, image_dir, "image folder", label)
+    return label, folder, image_dir
 
 
 def _categories(path: Path, layout: str) -> tuple[str, ...]:
     """The category paths of ``ClassName.txt`` without ``/<letter>/`` (torchvision's ``line[3:]``)."""
     if not path.is_file():
-        raise missing(NAME, path, "class list", layout)
+        raise base.missing(NAME, path, "class list", layout)
     out: list[str] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         entry = line.strip()
@@ -74,16 +61,7 @@ def _categories(path: Path, layout: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def mtil_split(n: int) -> tuple[list[int], list[int]]:
-    """ZSCL's ``split_dataset``: ``random_split`` of ``n`` items into int(0.8 n) / rest, seed 42."""
-    import torch
-
-    n_train = int(0.8 * n)
-    items = cast("torch.utils.data.Dataset[int]", range(n))
-    train, test = torch.utils.data.random_split(
-        items, [n_train, n - n_train], generator=torch.Generator().manual_seed(SPLIT_SEED)
-    )
-    return list(train.indices), list(test.indices)
+mtil_split = files.zscl_split  # ZSCL's 80/20 seed-42 split of SUN397's sorted file list
 
 
 def _read_mtil(layout: str, folder: Path, image_dir: Path) -> DomainData:
@@ -99,17 +77,9 @@ def _read_mtil(layout: str, folder: Path, image_dir: Path) -> DomainData:
             raise DataError(f"{NAME}: image {path} is in category {category!r}, which ClassName.txt lacks")
         labels.append(index[category])
     everything = Split(np.asarray(labels, dtype=np.int64), files=tuple(paths))
-    train, test = mtil_split(len(paths))
-    return DomainData(
-        NAME,
-        "mtil",
-        layout,
-        folder,
-        tuple(category.replace("_", " ") for category in categories),
-        everything.subset(train),
-        everything.subset(test),
-        (MTIL_NOTE,),
-    )
+    train, test = files.zscl_subsets(everything)
+    names = tuple(category.replace("_", " ") for category in categories)
+    return DomainData(NAME, "mtil", layout, folder, names, train, test, (MTIL_NOTE,))
 
 
 def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
@@ -118,20 +88,8 @@ def read(root: Path, benchmark: Benchmark, options: ReadOptions) -> DomainData:
     layout, folder, image_dir = _find(root)
     if benchmark == "mtil":
         return _read_mtil(layout, folder, image_dir)
-    json_path = folder / SPLIT_JSON
-    if not json_path.is_file():
-        raise missing(NAME, json_path, "CoOp split file", layout)
-    split = files.read_coop_split(json_path, image_dir, NAME)
-    return DomainData(
-        NAME,
-        benchmark,
-        layout,
-        folder,
-        split.class_names,
-        Split(split.labels["train"], files=split.files["train"]),
-        Split(split.labels["test"], files=split.files["test"]),
-        (f"CoOp split {SPLIT_JSON} (train = 80% of Training_01, test = Testing_01)",),
-    )
+    notes = (f"CoOp split {SPLIT_JSON} (train = 80% of Training_01, test = Testing_01)",)
+    return files.read_coop_domain(NAME, benchmark, layout, folder, SPLIT_JSON, image_dir, notes)
 
 
 def _coop_name(category: str) -> str:
@@ -150,7 +108,7 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
     folder = root / rel
     image_dir = folder if images == "." else folder / images
     partitions: dict[str, list[str]] = {"Training_01": [], "Testing_01": []}
-    coop: dict[str, list[files.CoopItem]] = {"train": [], "val": [], "test": []}
+    coop = files.coop_items()
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     for label, category in enumerate(FIXTURE_CLASSES):
         names = sorted("sun_" + "".join(rng.choice(letters, size=16)) + ".jpg" for _ in range(8))
@@ -159,18 +117,18 @@ def write_fixture(root: Path, layout: str, rng: np.random.Generator) -> None:
         entries = [f"{category}/{name}" for name in names]
         partitions["Training_01"] += entries[:5]
         partitions["Testing_01"] += entries[5:7]
-        for split, part in (("train", entries[:4]), ("val", entries[4:5]), ("test", entries[5:7])):
-            coop[split] += [(entry.lstrip("/"), label, _coop_name(category)) for entry in part]
+        rels = [entry.lstrip("/") for entry in entries[:7]]
+        files.add_coop_items(coop, rels, label, _coop_name(category), n_train=4, n_val=1)
     class_list = "\n".join(FIXTURE_CLASSES) + "\n"
     (image_dir / "ClassName.txt").write_text(class_list)
-    files.write_coop_split(folder / SPLIT_JSON, {split: items for split, items in coop.items()})
+    files.write_coop_split(folder / SPLIT_JSON, coop)
     if images != ".":
         (folder / "ClassName.txt").write_text(class_list)
         for name, entries in partitions.items():
             (folder / f"{name}.txt").write_text("\n".join(entries) + "\n")
 
 
-SPEC = register(
+SPEC = base.register(
     DomainSpec(
         name=NAME,
         aliases=("sun", "sun-397", "sun_397"),

@@ -152,7 +152,8 @@ def test_the_python_api_runs_with_run_and_component_overrides(tmp_path: Path) ->
 def test_a_mistyped_command_gets_a_suggestion(capsys) -> None:
     assert main(["rnu", "--strategy", "lora"]) == 2
     assert capsys.readouterr().err == (
-        "error: unknown command 'rnu' (did you mean 'run'?); commands: run, list, report, bench, sweep\n"
+        "error: unknown command 'rnu' (did you mean 'run'?); "
+        "commands: run, list, report, bench, sweep, data\n"
     )
 
 

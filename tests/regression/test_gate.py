@@ -47,9 +47,13 @@ def golden(run_id: str = REFERENCE) -> dict[str, Any]:
 def test_grid_is_every_registered_strategy_on_both_scenarios_and_two_seeds() -> None:
     grid = gate.load_grid()
     specs = grid.specs()  # the strategies are the registry's (a new one joins: test_new_strategy_...)
-    assert {s.scenario for s in specs} == {"split-digits", "synthetic"}
-    assert {s.seed for s in specs} == {0, 1}
-    assert len(specs) == len({s.run_id for s in specs}) == len(STRATEGIES.names()) * 2 * 2
+    crossed = [s for s in specs if s.scenario != "x-tail"]
+    assert {s.scenario for s in crossed} == {"split-digits", "synthetic"}
+    assert {s.seed for s in crossed} == {0, 1}
+    assert len(crossed) == len({s.run_id for s in crossed}) == len(STRATEGIES.names()) * 2 * 2
+    # the [[cells]] beside the grid: X-TAIL on the fixture the gate generates
+    assert [s.run_id for s in specs if s.scenario == "x-tail"] == ["lora__x-tail__s0", "mora__x-tail__s0"]
+    assert grid.scenario_args["x-tail"]["root"] == gate.FIXTURE
     for spec in specs:
         assert spec.layer["backbone"] == "tiny-clip"
         assert spec.layer["device"] == "cpu"
@@ -347,3 +351,13 @@ def test_new_strategy_fails_with_the_command_and_update_golden_makes_it_pass(
 def test_full_grid_matches_the_committed_goldens(tmp_path: Path) -> None:
     """The whole gate (minutes): what ``tox -e regression`` runs."""
     assert run_gate(tmp_path) == 0
+
+
+def test_a_cell_must_name_strategy_scenario_and_seed(tmp_path: Path) -> None:
+    text = gate.GRID_FILE.read_text().replace('strategy = "lora"\nscenario = "x-tail"', 'strategy = "lora"')
+    bad = tmp_path / "grid.toml"
+    bad.write_text(text)
+    with pytest.raises(
+        gate.GridError, match=r"\[\[cells\]\] #1: a cell is a table of strategy, scenario and seed"
+    ):
+        gate.load_grid(bad)
