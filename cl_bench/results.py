@@ -304,7 +304,8 @@ class RecordProblem:
 def _candidate_files(path: Path) -> list[Path]:
     """Record files under ``path``: the path itself, ``<dir>/result.json``, or every ``*.json`` below.
 
-    A run directory (it holds ``result.json``) yields just that record. Any other directory is
+    A run directory (it holds ``result.json``) yields just that record, and the other files in
+    and below it (``shots/<domain>.json``) are never taken for records. Any other directory is
     searched recursively for ``*.json`` files, skipping hidden names (temporary files of atomic
     writes, notebook checkpoints) and sweep summaries (``sweep.json``); every other one is expected
     to be a record, so a stray or corrupt JSON file is reported rather than silently ignored. Files
@@ -314,12 +315,15 @@ def _candidate_files(path: Path) -> list[Path]:
     if path.is_dir():
         if (path / RESULT_FILE).is_file():
             return [path / RESULT_FILE]
+        run_dirs = {p.parent for p in path.rglob(RESULT_FILE)}
         return sorted(
             p
             for p in path.rglob("*.json")
             if p.is_file()
             and p.name != SWEEP_FILE
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            # the other files of a run directory (shots/<domain>.json) are not records
+            and (p.name == RESULT_FILE or not run_dirs.intersection(p.parents))
         )
     return [path]
 

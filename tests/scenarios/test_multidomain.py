@@ -288,3 +288,15 @@ def test_data_fixture_writes_every_real_domain_readably(
     args = ["data", "check", "--scenario", name, "--set", f"scenario.root={out}"]
     assert cli.main([*args, "--set", "scenario.verify_checksums=false"]) == 0
     assert f"ok: {11 if name == 'mtil' else 10} domains" in capsys.readouterr().out
+
+
+def test_the_report_does_not_take_a_runs_shots_files_for_records(tmp_path: Path) -> None:
+    from cl_bench import results
+
+    run = tmp_path / "runs" / "xt"
+    (run / "shots").mkdir(parents=True)
+    (run / "shots" / "ToyA.json").write_text('{"format": "cl-bench-shots/1"}')
+    (run / "result.json").write_text("{}")
+    stray = tmp_path / "runs" / "stray.json"
+    stray.write_text("{}")
+    assert results._candidate_files(tmp_path / "runs") == [stray, run / "result.json"]
