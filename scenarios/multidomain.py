@@ -289,7 +289,7 @@ class _MultiDomain:
         if not self.root:
             raise DataError(
                 f"{self.benchmark}: set scenario.root to the folder that holds the domain folders "
-                f"(e.g. --set scenario.root=/data), or scenario.roots.{spec.name}"
+                f"(e.g. --set scenario.root=/data), or scenario.roots for single domains"
             )
         return Path(self.root).expanduser()
 
@@ -302,9 +302,15 @@ class _MultiDomain:
     # -- cl-bench data check
 
     def check(self) -> list[CheckRow]:
-        """Every domain as found (or why not): the rows of ``cl-bench data check``."""
+        """Every domain as found (or why not): the rows of ``cl-bench data check``. No root at
+        all, or a root that does not exist, is one error, not one per domain."""
+        specs = self.specs()
+        if not self.roots:
+            self.root_of(specs[0])  # DataError: set scenario.root
+            if not Path(self.root).expanduser().is_dir():
+                raise DataError(f"{self.benchmark}: data root {self.root} does not exist")
         rows = []
-        for spec in self.specs():
+        for spec in specs:
             sizes = spec.sizes.get(self.benchmark)
             published = f"{sizes.train}/{sizes.test}" if sizes else "-"
             try:

@@ -213,6 +213,10 @@ def test_missing_data_fails_with_the_path(root: Path) -> None:
         _xtail(root, domains=("ToyA",)).build(0)
     with pytest.raises(DataError, match="set scenario.root"):
         XTail(domains=TOYS).build(0)
+    with pytest.raises(DataError, match="set scenario.root"):  # one line, not one per domain
+        XTail(domains=TOYS).check()
+    with pytest.raises(DataError, match=r"^x-tail: data root /no/such/dir does not exist$"):
+        XTail(domains=TOYS, root="/no/such/dir").check()
 
 
 # ----------------------------------------------------------------------------- the CLI
