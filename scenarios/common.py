@@ -79,13 +79,6 @@ def make_scenario(
     metadata: dict[str, Any] | None = None,
 ) -> Scenario:
     """Split the classes into ``cfg.n_experiences`` equal experiences and wrap them in a Scenario."""
-    _quiet_avalanche_import()
-    from avalanche.benchmarks.scenarios import (
-        class_incremental_benchmark,
-        task_incremental_benchmark,
-        with_classes_timeline,
-    )
-
     n_classes = len(class_names)
     if cfg.n_experiences < 1 or n_classes % cfg.n_experiences:
         raise ConfigError(
@@ -98,23 +91,14 @@ def make_scenario(
                 f"{name}: the {split} split lacks classes {sorted(set(range(n_classes)) - present)}"
             )
     order = class_order(n_classes, cfg, order_seed)
-    benchmark = class_incremental_benchmark(
-        {"train": _avalanche_dataset(train), "test": _avalanche_dataset(test)},
-        class_order=order,
-        num_experiences=cfg.n_experiences,
-    )
-    if cfg.protocol == "task":
-        benchmark = with_classes_timeline(task_incremental_benchmark(benchmark, reset_task_labels=True))
-    per_exp = [sorted(int(c) for c in e.classes_in_this_experience) for e in benchmark.train_stream]
-    return Scenario(
-        name=name,
-        benchmark=benchmark,
-        class_names=list(class_names),
-        protocol=cfg.protocol,
-        classes_per_experience=per_exp,
-        train_source=train,
-        test_source=test,
-        default_backbone=default_backbone,
+    return _stream(
+        name,
+        train,
+        test,
+        class_names,
+        cfg.protocol,
+        default_backbone,
+        {"class_order": order, "num_experiences": cfg.n_experiences},
         augmentations=augmentations,
         metadata={"class_order": order, "order_seed": order_seed, **(metadata or {})},
     )
@@ -133,6 +117,33 @@ def make_domain_scenario(
 ) -> Scenario:
     """One experience per domain: experience k holds the next ``classes_per_domain[k]`` labels
     of the union label space (labels are already offset, domains in stream order)."""
+    return _stream(
+        name,
+        train,
+        test,
+        class_names,
+        protocol,
+        default_backbone,
+        {"class_order": list(range(len(class_names))), "num_classes_per_exp": list(classes_per_domain)},
+        metadata=metadata or {},
+    )
+
+
+def _stream(
+    name: str,
+    train: ImageSource,
+    test: ImageSource,
+    class_names: Sequence[str],
+    protocol: Protocol,
+    default_backbone: str,
+    split: dict[str, Any],
+    *,
+    augmentations: tuple[str, ...] = (),
+    metadata: dict[str, Any],
+) -> Scenario:
+    """Avalanche's class-incremental benchmark of ``train``/``test`` split by ``split`` (its
+    ``class_order`` and ``num_experiences`` or ``num_classes_per_exp``), task-incremental for
+    the task protocol, wrapped in a Scenario."""
     _quiet_avalanche_import()
     from avalanche.benchmarks.scenarios import (
         class_incremental_benchmark,
@@ -141,9 +152,7 @@ def make_domain_scenario(
     )
 
     benchmark = class_incremental_benchmark(
-        {"train": _avalanche_dataset(train), "test": _avalanche_dataset(test)},
-        class_order=list(range(len(class_names))),
-        num_classes_per_exp=list(classes_per_domain),
+        {"train": _avalanche_dataset(train), "test": _avalanche_dataset(test)}, **split
     )
     if protocol == "task":
         benchmark = with_classes_timeline(task_incremental_benchmark(benchmark, reset_task_labels=True))
@@ -157,7 +166,8 @@ def make_domain_scenario(
         train_source=train,
         test_source=test,
         default_backbone=default_backbone,
-        metadata=metadata or {},
+        augmentations=augmentations,
+        metadata=metadata,
     )
 
 
