@@ -315,12 +315,12 @@ def _candidate_files(path: Path) -> list[Path]:
     if path.is_dir():
         if (path / RESULT_FILE).is_file():
             return [path / RESULT_FILE]
-        run_dirs = {p.parent for p in path.rglob(RESULT_FILE)}
+        found = [p for p in path.rglob("*.json") if p.is_file()]
+        run_dirs = {p.parent for p in found if p.name == RESULT_FILE}
         return sorted(
             p
-            for p in path.rglob("*.json")
-            if p.is_file()
-            and p.name != SWEEP_FILE
+            for p in found
+            if p.name != SWEEP_FILE
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
             # the other files of a run directory (shots/<domain>.json) are not records
             and (p.name == RESULT_FILE or not run_dirs.intersection(p.parents))

@@ -377,23 +377,18 @@ class _Comparer:
             self.close(metric, golden, now, tolerance)
 
 
+def _compared_config(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's resolved config as dotted leaves, less the keys the gate does not compare."""
+    top = {k: v for k, v in record.get("config", {}).items() if k not in CONFIG_IGNORED}
+    return {k: v for k, v in _flatten(top, "") if k not in CONFIG_IGNORED_PATHS}
+
+
 def compare(run: str, golden: Mapping[str, Any], now: Mapping[str, Any], tol: Tolerances) -> _Comparer:
     """Every check of record ``now`` against record ``golden`` (the rules of the module docstring)."""
     c = _Comparer(run, tol)
     c.exact("status", golden.get("status"), now.get("status"))
 
-    g_config = {
-        k: v
-        for k, v in _flatten(
-            {k: v for k, v in golden.get("config", {}).items() if k not in CONFIG_IGNORED}, ""
-        )
-        if k not in CONFIG_IGNORED_PATHS
-    }
-    n_config = {
-        k: v
-        for k, v in _flatten({k: v for k, v in now.get("config", {}).items() if k not in CONFIG_IGNORED}, "")
-        if k not in CONFIG_IGNORED_PATHS
-    }
+    g_config, n_config = _compared_config(golden), _compared_config(now)
     for key in sorted(set(g_config) | set(n_config)):
         if key in g_config and key in n_config:
             c.exact(f"config.{key}", g_config[key], n_config[key])
