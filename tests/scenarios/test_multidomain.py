@@ -304,3 +304,10 @@ def test_the_report_does_not_take_a_runs_shots_files_for_records(tmp_path: Path)
     stray = tmp_path / "runs" / "stray.json"
     stray.write_text("{}")
     assert results._candidate_files(tmp_path / "runs") == [stray, run / "result.json"]
+
+
+def test_a_domain_whose_images_were_all_skipped_is_an_error(root: Path) -> None:
+    for path in (root / "toyb" / "images").rglob("test_*.png"):
+        path.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"^ToyB: no test images left \(all skipped or none listed\)$"):
+        _xtail(root, skip_bad_images=True).build(0)
