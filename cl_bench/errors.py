@@ -56,3 +56,7 @@ class RunInterrupted(KeyboardInterrupt):
     def reason(self) -> str:
         how = " (Ctrl-C)" if self.signal_name == "SIGINT" else ""
         return f"interrupted by {self.signal_name}{how}"
+
+
+class FederationError(ClBenchError):
+    """A federation config or strategy that cannot be federated as asked (docs/federation.md)."""

@@ -16,13 +16,20 @@ counts what it added and stores the frozen weights in bf16. It reports its own f
 :meth:`report` (per experience) and :meth:`final_report`, and can ask the loop to evaluate the
 final model under named variants (:meth:`final_variants`, e.g. DyLoRA at several ranks or
 LoRAPrune's sliced model).
+
+Federation (issue 19, :mod:`cl_bench.federation`): a strategy says what one client uploads and the
+server broadcasts (:meth:`Strategy.communicated_state`, loaded back in place by
+:meth:`Strategy.load_communicated_state`), how the server merges the uploads
+(:meth:`Strategy.aggregate`), which of them are low-rank factor pairs (:meth:`Strategy.lowrank_pairs`)
+and which generators it draws from while training (:meth:`Strategy.random_streams`), so the
+federation can give each client its own streams.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Collection, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +40,8 @@ from torch import nn
 from cl_bench.adapter_set import AdapterSet
 from cl_bench.adapters import AdaptedLinear, check_targets, count
 from cl_bench.backbones.base import ROLES, Backbone
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, FederationError
+from cl_bench.federation.aggregate import fedavg, product_average
 from cl_bench.heads import Head
 from cl_bench.optim import Convention, make_adamw, no_decay_ids
 
@@ -136,12 +144,16 @@ class Strategy:
     graph_safe: ClassVar[bool] = False  # True: forward/backward may be replayed from CUDA graphs
     # True: a graph captured in one experience may be replayed in later ones (see graph_key)
     graphs_span_experiences: ClassVar[bool] = False
+    # False: nothing to federate; communicated_state raises FederationError (zero-shot)
+    federable: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
         self.cfg = cfg
         self.backbone = backbone
         self.head = head
         self.ctx = ctx
+        # relative residual of each low-rank pair in the last aggregation (``product`` mode)
+        self.aggregation_residuals: dict[str, float] = {}
 
     # -- what trains ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -295,6 +307,112 @@ class Strategy:
         """A resume inside an experience, after :meth:`make_optimizer`: restore from the same
         ``state`` what ``make_optimizer`` rebuilt (the optimizers the strategy keeps itself and any
         field it resets). Default: nothing."""
+
+    # -- federation (cl_bench/federation, issue 19) ----------------------------------------------
+    def communicated_state(self) -> dict[str, torch.Tensor]:
+        """What one client uploads after its local round and the server broadcasts back: name ->
+        tensor (detached, sharing storage with the model: the loop clones what it keeps). Only what
+        a real deployment sends: the tensors that train (:meth:`federated_tensors`), never frozen
+        weights every client already holds. Raises :class:`FederationError` for a strategy that
+        cannot be federated (``federable = False``)."""
+        if not self.federable:
+            raise FederationError(f"{type(self).__name__} cannot be federated")
+        return {name: t.detach() for name, t in self.federated_tensors().items()}
+
+    @torch.no_grad()
+    def load_communicated_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the model *in place* (``t.data.copy_``: the same parameter objects, so
+        optimizers and captured CUDA graphs stay valid); keys missing from ``state`` are left as they
+        are. Every key is checked before anything is written: an unknown key or a wrong shape is a
+        :class:`FederationError`. The head's cached text features are invalidated (the text tower
+        may have changed)."""
+        live = self.federated_tensors()
+        unknown = [k for k in state if k not in live]
+        if unknown:
+            raise FederationError(
+                f"{type(self).__name__} has no communicated tensor {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more unknown keys)" if len(unknown) > 1 else "")
+            )
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(live[name].shape):
+                raise FederationError(
+                    f"communicated {name!r} has shape {tuple(value.shape)}, the model's is "
+                    f"{tuple(live[name].shape)}"
+                )
+        for name, value in state.items():
+            live[name].data.copy_(value)
+        self.head.invalidate()
+
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors behind :meth:`communicated_state`, by name: parameters, buffers or views
+        of them, which :meth:`load_communicated_state` writes in place. Default: every tensor of
+        :meth:`trainable_parameters` under its :meth:`state_dict` name (``backbone.<name>``,
+        ``head.<name>``), the full trained tensors: federated full fine-tuning, the baseline FLoRA
+        (arXiv 2404.15182) compares against. Adapter methods override it (:meth:`adapter_tensors`)."""
+        return self.trained_by_name()
+
+    def trained_by_name(self, skip: Collection[int] = ()) -> dict[str, torch.Tensor]:
+        """:meth:`trainable_parameters` (but the ids in ``skip``) by their :meth:`state_dict` names."""
+        names: dict[int, str] = {}
+        for prefix, module in (("backbone.", self.backbone), ("head.", self.head)):
+            for name, p in module.named_parameters():
+                names.setdefault(id(p), prefix + name)
+        trained: dict[str, torch.Tensor] = {}
+        for p in self.trainable_parameters():
+            if id(p) in skip:
+                continue
+            if id(p) not in names:
+                raise FederationError(f"{type(self).__name__} trains a parameter outside backbone and head")
+            trained[names[id(p)]] = p
+        return trained
+
+    def adapter_tensors(self, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``"<adapter name>.<field>"`` (e.g. ``"vision.3.q.A"``) -> that tensor of every adapter, in
+        model order, then every other trained parameter (a linear head) by its state_dict name."""
+        tensors = {f"{name}.{f}": getattr(a, f) for name, a in self.adapters().items() for f in fields}
+        return tensors | self.trained_by_name(skip={id(t) for t in tensors.values()})
+
+    def aggregate(
+        self, states: list[dict[str, torch.Tensor]], weights: list[float], mode: str
+    ) -> dict[str, torch.Tensor]:
+        """The server's rule over the clients' uploads (``weights``: their sample counts).
+
+        ``fedavg``: :func:`cl_bench.federation.aggregate.fedavg`, the weighted mean per key over the
+        clients that sent it (for LoRA factors, FedAvg of A and B separately, as FLoRA, arXiv
+        2404.15182). ``product``: :func:`cl_bench.federation.aggregate.product_average`, the exact
+        mean of every ``B @ A`` of :meth:`lowrank_pairs` refactored to rank r, fedavg for the other
+        keys; the residuals it discards are kept in :attr:`aggregation_residuals`. A strategy without
+        low-rank pairs fails fast in product mode (:class:`FederationError`).
+        """
+        self.aggregation_residuals = {}
+        if mode == "fedavg":
+            return fedavg(states, weights)
+        if mode == "product":
+            pairs = self.lowrank_pairs()
+            if not pairs:
+                raise FederationError(
+                    f"aggregation = 'product' averages low-rank products B @ A, and "
+                    f"{type(self).__name__} communicates no such pairs (use aggregation = 'fedavg')"
+                )
+            state, self.aggregation_residuals = product_average(states, weights, pairs)
+            return state
+        raise FederationError(f"unknown aggregation {mode!r} (one of fedavg, product)")
+
+    def lowrank_pairs(self) -> list[tuple[str, str]]:
+        """(B name, A name) pairs of :meth:`communicated_state` whose product ``B @ A`` is the
+        adapter's update up to its fixed scale (for ``aggregation = "product"``); default none, and
+        product mode then fails fast."""
+        return []
+
+    def adapter_pairs(self) -> list[tuple[str, str]]:
+        """``("<adapter>.B", "<adapter>.A")`` for every adapter (LoRA-style factors)."""
+        return [(f"{name}.B", f"{name}.A") for name in self.adapters()]
+
+    def random_streams(self) -> list[torch.Generator]:
+        """Every generator the strategy draws from while training (LISA's block sampling, DyLoRA's
+        rank sampling, ...), which the federation reseeds per client and restores afterwards.
+        Default: none."""
+        return []
 
     # -- figures ----------------------------------------------------------------------------------
     def report(self) -> dict[str, float | int]:

@@ -29,7 +29,9 @@ Choices (STRATEGIES.md Part A and Part B §6; there is no official code):
   Python). Under bf16 autocast the function receives x, A, B already cast to the autocast dtype
   (its device type is taken from the input), so its matmuls run in bf16 as ``nn.Linear`` would;
 - continual learning: one adapter set trained through the whole stream, the optimizer rebuilt
-  every experience; ``merge_each_experience`` folds ``B A`` into W0 and starts a fresh adapter.
+  every experience; ``merge_each_experience`` folds ``B A`` into W0 and starts a fresh adapter;
+- federation (issue 19): A and B of every adapter travel, as LoRA's (FLoRA, arXiv 2404.15182);
+  ``c`` is a function of them, so nothing else does. ``aggregation = "product"`` averages ``B A``.
 """
 
 from __future__ import annotations
@@ -187,6 +189,14 @@ class ALLoRA(Strategy):
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         self._adapters.end_experience()
+
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """A and B of every adapter (and a linear head where one trains); ``c`` follows from them."""
+        return self.adapter_tensors(("A", "B"))
+
+    def lowrank_pairs(self) -> list[tuple[str, str]]:
+        """Every adapter's (B, A): its update is ``B A`` (no scale)."""
+        return self.adapter_pairs()
 
     def report(self) -> dict[str, float | int]:
         """Mean and minimum gradient scale c over all adapted rows (eta at B = 0; smaller as rows grow)."""

@@ -52,7 +52,14 @@ Choices where paper, official code (huawei-noah/Efficient-NLP ``DyLoRA/``) and C
   generator, never per layer; evaluation always uses ``eval_rank``, never the last sampled rank.
 - continual learning: one adapter set trained through the whole stream, optimizer rebuilt every
   experience; ``merge_each_experience`` merges the adapter at ``eval_rank`` into W0 and starts a
-  fresh one.
+  fresh one;
+- federation (issue 19): a client sends all r_max rank rows of A and B (``"<adapter>.A"`` and
+  ``"<adapter>.B"`` = Bt^T, LoRA's names and shapes): every truncation is the model, and the ranks
+  a client trained change from step to step. A rank no client touched in a round comes back bit
+  for bit (FedAvg of equal values is exact). ``aggregation = "product"`` averages ``B A`` at full
+  rank r_max, whose SVD orders the refactored ranks by singular value (leading ranks first, which
+  suits the nested truncations). The rank sampler is the strategy's one random stream
+  (:meth:`DyLoRA.random_streams`), reseeded per client by the federation.
 """
 
 from __future__ import annotations
@@ -407,6 +414,25 @@ class DyLoRA(Strategy):
         self.last_rank = b
         self._counts[b - 1] += 1
         self._experience_ranks.append(b)
+
+    # -- federation ---------------------------------------------------------------------------
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """A [r_max, d_in] and B = Bt^T [d_out, r_max] (a view: loading writes Bt) of every adapter,
+        all ranks, and a linear head where one trains."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, adapter in self._adapters.items():
+            tensors[f"{name}.A"] = adapter.A
+            tensors[f"{name}.B"] = adapter.Bt.t()
+        ids = {id(p) for a in self._adapters.values() for p in (a.A, a.Bt)}
+        return tensors | self.trained_by_name(skip=ids)
+
+    def lowrank_pairs(self) -> list[tuple[str, str]]:
+        """Every adapter's (B, A): ``B A`` times ``alpha / r_max`` is its update at rank r_max."""
+        return self.adapter_pairs()
+
+    def random_streams(self) -> list[torch.Generator]:
+        """The rank sampler (``before_step``)."""
+        return [self._generator]
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         """With ``merge_each_experience``: fold the adapters at ``eval_rank`` into W0, start fresh ones."""

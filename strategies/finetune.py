@@ -5,6 +5,10 @@ where present, trains with the backbone. One AdamW per experience (rebuilt by th
 ``torch.optim.AdamW`` (decay first, ``p *= 1 - lr wd``; eps = 1e-8 after the bias correction),
 with HF Trainer's weight-decay groups: no decay for norm layers' weights and biases nor for any
 parameter named ``*bias*`` (the base :meth:`Strategy.make_optimizer`; docs/optimizers.md).
+
+Federation (issue 19): a client sends every trained tensor under its state_dict name (the base
+:meth:`Strategy.federated_tensors`: the whole backbone but ``logit_scale``, and a linear head), the
+"federated full fine-tuning" FLoRA (arXiv 2404.15182) compares LoRA against.
 """
 
 from __future__ import annotations

@@ -53,6 +53,15 @@ Continual learning (``cl_mode``):
   unrelated random projections into a router no experience trained with: allowed, flagged in the
   record and the log.
 
+Federation (issue 19), only what training moves: B and the balancing bias d of every layer
+(``"<adapter>.B"``, ``"<adapter>.d"``), plus a linear head where one trains. A never travels: it is
+frozen and drawn from (run seed, layer name[, experience]), so every replica holds the same A
+bitwise; the merge-mode bank is built by every replica from the broadcast adapters. d is moved by
+the balancing rule during the local steps (left out, the global d would never move). Both are
+averaged (FedAvg). ``aggregation = "product"`` is FedAvg here, exactly: with one A for every
+client, the mean of the products B_k A is (mean B_k) A, and the routed update is linear in B. With
+``dropout`` > 0 the layer draws its dropout masks from the global RNG.
+
 Compute: z and m * z for all r ranks (the mask zeroes the others), two GEMMs (on CUDA the q, k, v
 layers of an attention as one group on the fused path of :mod:`cl_bench.routed`); fixed shapes and
 in-place device counters only (no host sync), so a training step can be replayed from a CUDA
@@ -459,6 +468,17 @@ class FlyLoRA(Strategy):
     def after_step(self, step: int) -> None:
         """The balancing step from the counts of this step's training forwards."""
         self.routing.balance(self.cfg.bias_rate)
+
+    # -- federation ---------------------------------------------------------------------------
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """B and the balancing bias d of every layer (A is frozen and the same in every replica)."""
+        return self.adapter_tensors(("B", "d"))
+
+    def aggregate(
+        self, states: list[dict[str, torch.Tensor]], weights: list[float], mode: str
+    ) -> dict[str, torch.Tensor]:
+        """FedAvg in both modes: ``product`` equals it exactly, A being shared (module docstring)."""
+        return super().aggregate(states, weights, "fedavg" if mode == "product" else mode)
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         self.routing.end_experience()

@@ -2,6 +2,9 @@
 
 For a linear head, the head itself; for CLIP (whose text-prototype head has no parameters), the
 final norms and projections of both towers (the backbone's ``head_names``).
+
+Federation (issue 19): a client sends exactly those trained tensors, under their state_dict names
+(the base :meth:`Strategy.federated_tensors`).
 """
 
 from __future__ import annotations

@@ -41,6 +41,14 @@ Choices where the paper, the official code (LMFlow ``lisa_trainer.py``) and CL l
   layer's weight and bias (``ln_pre``, ``ln_1``, ``ln_2``, ``ln_final``, ``ln_post``) or for any
   parameter named ``*bias*``; every other parameter decays, the class and positional embeddings
   included (:mod:`cl_bench.optim`, docs/optimizers.md).
+- Federation (issue 19): a client sends every tensor LISA may train, under its state_dict name:
+  the embedding and head parameters (always trained) and every block of the chosen towers,
+  sampled in its round or not (:meth:`Strategy.federated_tensors` over
+  :meth:`LISA.trainable_parameters`). The keys are the same for every client and round, whatever
+  each sampled, and a block no client sampled comes back bit for bit (FedAvg of equal tensors);
+  this is federated full fine-tuning (FLoRA's baseline, arXiv 2404.15182), so a round costs two
+  full trainable models per client. The block sampler is the strategy's random stream
+  (:meth:`LISA.random_streams`), reseeded per client: clients sample different blocks.
 """
 
 from __future__ import annotations
@@ -156,6 +164,10 @@ class LISA(Strategy):
             for tower in self.towers:
                 for i, block in enumerate(self.backbone.blocks_of(tower)):
                     checkpoint_when(self.backbone.block_module(block), self._frozen_test(tower, i))
+
+    def random_streams(self) -> list[torch.Generator]:
+        """The block sampler (``before_step``)."""
+        return [self.generator]
 
     def _frozen_test(self, tower: str, index: int) -> Callable[[], bool]:
         return lambda: index not in self.active.get(tower, ())

@@ -5,11 +5,19 @@ the backbone at the start, exactly), on q/k/v/out/fc1/fc2 of every block of both
 default. Continual-learning protocol (STRATEGIES.md Part A): one set of adapters trained on
 through the whole stream, optimizer rebuilt at every experience; ``merge_each_experience``
 folds the adapter into the backbone after each experience and starts a fresh one.
+
+Federation (issue 19): a client sends A and B of every adapter (``"<adapter>.A"``,
+``"<adapter>.B"``, e.g. ``"vision.3.q.A"``) and a linear head where one trains, as FLoRA (arXiv
+2404.15182) shares only the adapters; the server averages the factors (FedAvg) or, with
+``aggregation = "product"``, the products B A (:meth:`LoRA.lowrank_pairs`). With
+``merge_each_experience`` every replica folds the same broadcast adapter into its W0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from cl_bench.adapter_set import AdapterSet
 from cl_bench.adapters import LoRALinear
@@ -49,3 +57,11 @@ class LoRA(Strategy):
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         self._adapters.end_experience()
+
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """A and B of every adapter (and a linear head where one trains)."""
+        return self.adapter_tensors(("A", "B"))
+
+    def lowrank_pairs(self) -> list[tuple[str, str]]:
+        """Every adapter's (B, A): its update is ``(alpha / r) B A``."""
+        return self.adapter_pairs()

@@ -53,6 +53,18 @@ Choices where the paper, the official code and continual learning leave room:
   the non-finite skip uses ``torch.where`` instead of the official ``isnan(...).sum()`` check.
 - LoRA dropout is 0 (the official default is 0.05); all six roles are adapted (every layer of a
   pruning group needs its LoRA gradients).
+
+Federation (issue 19): a client sends the LoRA factors of every adapter (``"<adapter>.A"``,
+``"<adapter>.B"``), and per pruning group its mask and its importance average
+(``"<group>.mask"``, ``"<group>.importance"``, e.g. ``"vision.3.attn.mask"``: one entry per head
+or channel, not the expanded layer masks, which follow from them). The server averages factors
+and importance (FedAvg; the importance must travel because clients start every round from the
+server's state, whose average would otherwise never move) and agrees on the masks by weighted
+majority (:func:`mask_agreement`): a unit is kept iff the clients keeping it hold at least half
+of the weight of the clients that sent the mask (ties keep; one client: its mask). Every client
+starts a round from the global mask and only prunes further, so the global mask still never
+revives a unit across rounds; a unit a minority pruned comes back, and the schedule prunes it (or
+another) again in a later round. ``aggregation = "product"`` averages the LoRA products.
 """
 
 from __future__ import annotations
@@ -70,7 +82,7 @@ from torch import nn
 from cl_bench.adapter_set import AdapterSet
 from cl_bench.adapters import LoRALinear, base_linear, check_targets
 from cl_bench.backbones.base import ROLES, Backbone, Block
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, FederationError
 from cl_bench.heads import Head
 from cl_bench.lowrank import LowRank
 from cl_bench.registry import STRATEGIES
@@ -90,6 +102,24 @@ def sparsity_schedule(
         return target
     progress = (step - warmup * total) / (total - (warmup + cooldown) * total)
     return target * (1.0 - (1.0 - progress) ** 3)
+
+
+def mask_agreement(masks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The weighted-majority mask: a unit is kept (1) iff the clients keeping it (mask > 0) hold at
+    least half of the total weight of ``weights``; a tie keeps it. One client: its mask, exactly.
+    Weights summed in float64, so a tie is decided exactly."""
+    if not masks or len(masks) != len(weights):
+        raise FederationError(f"mask agreement of {len(masks)} masks with {len(weights)} weights")
+    if len({tuple(m.shape) for m in masks}) > 1:
+        raise FederationError(f"masks of different shapes {sorted({tuple(m.shape) for m in masks})}")
+    total = sum(float(w) for w in weights)
+    if not total > 0:
+        raise FederationError(f"mask agreement needs a positive total weight, got {list(weights)}")
+    first = masks[0]
+    kept = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+    for m, w in zip(masks, weights, strict=True):
+        kept.add_((m.to(first.device) > 0).double(), alpha=float(w))
+    return (2.0 * kept >= total).to(first.dtype)
 
 
 def prunable_blocks(n_blocks: int) -> list[int]:
@@ -433,6 +463,53 @@ class LoRAPrune(Strategy):
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         self._adapters.end_experience()
+
+    # -- federation ---------------------------------------------------------------------------
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """A and B of every adapter, each group's mask and importance average (and a trained
+        linear head)."""
+        tensors = self.adapter_tensors(("A", "B"))
+        for g in self.groups:
+            tensors[f"{g.name}.mask"] = g.mask
+            tensors[f"{g.name}.importance"] = g.importance
+        return tensors
+
+    def lowrank_pairs(self) -> list[tuple[str, str]]:
+        """Every adapter's (B, A): its update is ``(alpha / r) B A`` (the masks are separate)."""
+        return self.adapter_pairs()
+
+    def load_communicated_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The tensors in place; a group mask (checked to hold only 0 and 1) is expanded into its
+        layers' masks and sets the group's pruned count."""
+        for g in self.groups:
+            mask = state.get(f"{g.name}.mask")
+            if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+                raise FederationError(f"communicated {g.name}.mask holds values other than 0 and 1")
+        super().load_communicated_state(state)
+        with torch.no_grad():
+            for g in self.groups:
+                if f"{g.name}.mask" in state:
+                    expanded = g.mask[:, None].expand(g.n, g.size).reshape(-1)
+                    for layer in g.fan_out:
+                        assert layer.mask is not None
+                        layer.mask.copy_(expanded)
+                    g.n_pruned = int((g.mask == 0).sum())
+
+    def aggregate(
+        self, states: list[dict[str, torch.Tensor]], weights: list[float], mode: str
+    ) -> dict[str, torch.Tensor]:
+        """Factors and importance by ``mode`` (FedAvg or the product average), masks by
+        :func:`mask_agreement` over the clients that sent each."""
+        mask_keys = [f"{g.name}.mask" for g in self.groups]
+        masked = set(mask_keys)
+        state = super().aggregate(
+            [{k: v for k, v in s.items() if k not in masked} for s in states], weights, mode
+        )
+        for key in mask_keys:
+            held = [(s[key], w) for s, w in zip(states, weights, strict=True) if key in s]
+            if held:
+                state[key] = mask_agreement([m for m, _ in held], [w for _, w in held])
+        return state
 
     # -- the pruned model ---------------------------------------------------------------------
     def merge(self) -> None:

@@ -49,6 +49,15 @@ path of :mod:`cl_bench.routed` (base and update GEMMs shared, the update accumul
 Routing uses fixed shapes and in-place device counters only (no host sync), so a training step can
 be replayed from a CUDA graph.
 
+Federation (issue 19), only what training moves: A, B and the router of every layer (AdamW) and
+the balancing bias beta (``"<adapter>.A"``, ``.B``, ``.router``, ``.balance_bias``), plus a linear
+head where one trains. beta is moved by the balancing rule during the local steps; left out, the
+global beta would never move (each client starts from the server's) and federated SMoRA would have
+no balancing. All are averaged (FedAvg; for beta, the mean drift of the clients, which all start
+from the same beta). ``aggregation = "product"`` is refused: every rank is an expert selected by
+the router, and a refactored product would break the rank-router correspondence. With ``dropout``
+> 0 the layer draws its dropout masks from the global RNG (no stream of its own).
+
 Figures (``report`` / ``final_report``): selected ranks per token (train, eval), the per-layer load
 of each experience (max/mean, min/mean, fraction of ranks never selected), the Jaccard overlap of
 each experience's k most used ranks with earlier experiences, and the drift of beta (mean and max
@@ -255,6 +264,10 @@ class SMoRA(Strategy):
 
     def after_experience(self, exp: ExperienceInfo) -> None:
         self.routing.end_experience()
+
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """A, B, the router and the balancing bias of every layer (and a trained linear head)."""
+        return self.adapter_tensors(("A", "B", "router", "balance_bias"))
 
     # -- checkpoint -----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -61,6 +61,18 @@ Further choices (STRATEGIES.md Part A and Part B §3):
 - continual learning: one adapter set (gates included) trained through the whole stream;
   ``merge_each_experience`` folds ``(alpha/r) B diag(g) A`` into W0 and starts a fresh adapter
   (kaiming A, zero B, standard-normal gates).
+
+Federation (issue 19): a client sends A, B and the gates of every adapter (``"<adapter>.A"``,
+``"<adapter>.B"``, ``"<adapter>.gate"``) and the threshold lambda of its last step
+(``"threshold"``, a 0-dim tensor: the clients of a round share the schedule, so they send the same
+value). The server averages them all (FedAvg, as FLoRA, arXiv 2404.15182, does for factors) and
+then applies SoRA's proximal step (:meth:`SoRA.proximal_step`, the same operator as training) with
+the averaged lambda to the averaged gates: a gate every client zeroed averages to exactly 0 and
+stays 0, a gate the clients' mean brings within lambda of 0 dies as in a local step. A gate only
+one client sent is not thresholded again: that client's last step has just applied the operator,
+and a second application would shrink it by 2 lambda (K = 1 must reproduce the centralised run).
+``aggregation = "product"`` is refused: the gates sit between the factors and carry the sparsity,
+and a refactored product has no per-rank gates left to threshold.
 """
 
 from __future__ import annotations
@@ -95,6 +107,7 @@ XiSchedule = Literal["linear", "log_linear", "exp_linear"]
 # mode: lambda = eta_t * xi, so xi is in step-size units: 7e-4 / 1.2e-3 is about 0.6 step sizes,
 # rounded down to 0.5. Paper mode's 0.5 used as an absolute code-mode xi would kill every gate.
 XI_END: dict[str, float] = {"paper": 0.5, "code": 7e-4}
+THRESHOLD_KEY = "threshold"  # the communicated last lambda (federation)
 
 
 def soft_threshold(u: torch.Tensor, lam: float) -> torch.Tensor:
@@ -291,14 +304,47 @@ class SoRA(Strategy):
         self.proximal_step(self.threshold)
 
     @torch.no_grad()
-    def proximal_step(self, lam: float) -> None:
-        """Threshold every gate with ``lam`` (``soft_threshold`` or ``code_threshold``), in one pass."""
+    def proximal_step(self, lam: float, gates: list[torch.Tensor] | None = None) -> None:
+        """Threshold every gate with ``lam`` (``soft_threshold`` or ``code_threshold``), in one pass:
+        the model's gates, or the tensors ``gates`` in place (the server's aggregated gates)."""
         if lam <= 0:
             return
-        gates = self.gates()
+        gates = self.gates() if gates is None else gates
+        if not gates:
+            return
         flat = torch.cat([g.reshape(-1) for g in gates])
         flat = soft_threshold(flat, lam) if self.cfg.threshold == "paper" else code_threshold(flat, lam)
         torch._foreach_copy_(gates, list(flat.split([g.numel() for g in gates])))
+
+    # -- federation ---------------------------------------------------------------------------
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """A, B and the gate of every adapter (and a linear head where one trains)."""
+        return self.adapter_tensors(("A", "B", "gate"))
+
+    def communicated_state(self) -> dict[str, torch.Tensor]:
+        """The adapters' A, B, gates and the last threshold lambda (``"threshold"``, 0-dim float32)."""
+        state = super().communicated_state()
+        state[THRESHOLD_KEY] = torch.tensor(self.threshold, dtype=torch.float32)
+        return state
+
+    def load_communicated_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The tensors in place, and ``threshold`` (the report's last lambda) when sent."""
+        rest = {k: v for k, v in state.items() if k != THRESHOLD_KEY}
+        super().load_communicated_state(rest)
+        if THRESHOLD_KEY in state:
+            self.threshold = float(state[THRESHOLD_KEY])
+
+    def aggregate(
+        self, states: list[dict[str, torch.Tensor]], weights: list[float], mode: str
+    ) -> dict[str, torch.Tensor]:
+        """FedAvg of factors, gates and thresholds, then the proximal step on the averaged gates
+        sent by more than one client, with the averaged threshold (the module docstring)."""
+        state = super().aggregate(states, weights, mode)
+        lam = float(state[THRESHOLD_KEY]) if THRESHOLD_KEY in state else 0.0
+        keys = [f"{name}.gate" for name in self._adapters]
+        shared = [state[k] for k in keys if sum(k in s for s in states) > 1]
+        self.proximal_step(lam, shared)
+        return state
 
     # -- pruning ------------------------------------------------------------------------------
     def prune(self) -> None:

@@ -72,6 +72,16 @@ active-rank counters accumulate on the device (the routing kernel adds to them i
 read only by :meth:`MoRA.report`, so the step can be replayed from a CUDA graph. Eval throughput
 as the bank grows is the loop's ``eval_samples_per_s``. ``fused_routing = false`` takes the torch
 routing on CUDA too.
+
+Federation (issue 19): a client sends only the current experience's block, ``A`` [r, d_in] and
+``B`` [d_out, r] of every layer (``"<adapter>.A"``, ``"<adapter>.B"``; the same names in every
+experience, since each experience's block is a new pair of parameters under them), and a linear
+head where one trains. The frozen bank never travels: every replica built it itself from the
+blocks it was sent, and :meth:`MoRALinear.increment` copies the current (aggregated) block into
+it bitwise at the next experience, so all replicas hold the same bank. The fresh block of a new
+experience is drawn from the global RNG on each replica, and the server's is broadcast at the
+first round. ``aggregation = "product"`` is refused: every rank is a routed expert (z = A x is
+both key match and routing score), and a refactored product would mix the experts.
 """
 
 from __future__ import annotations
@@ -453,6 +463,10 @@ class MoRA(Strategy):
         return adamw(
             self.trainable_parameters(), lr, weight_decay, betas=(self.cfg.betas[0], self.cfg.betas[1])
         )
+
+    def federated_tensors(self) -> dict[str, torch.Tensor]:
+        """The current block of every layer (A, B; never the frozen bank) and a trained linear head."""
+        return self.adapter_tensors(("A", "B"))
 
     def before_experience(self, exp: ExperienceInfo) -> None:
         """A new experience freezes the current blocks into the banks and starts fresh ones."""
