@@ -32,6 +32,8 @@ TrainClasses = Literal["seen", "current"]
 Schedule = Literal["cosine", "constant"]
 
 COMPONENTS = ("strategy", "scenario", "backbone")
+# Tables of keys without a name: [federation] (cl_bench/federation/config.py), --set federation.<key>
+TABLES = ("federation",)
 # A run id names a directory under ``out``: no separators, no "..", no hidden directory.
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 # Field metadata of RunConfig keys filled from the [strategy]/[scenario]/[backbone] tables: a user
@@ -83,6 +85,7 @@ class RunConfig:
     strategy_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     scenario_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
     backbone_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
+    federation_args: dict[str, Any] = field(default_factory=dict, metadata=_INTERNAL)
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "log_every")
@@ -256,10 +259,10 @@ def parse_set(items: Sequence[str]) -> SetLayer:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         parts = key.split(".")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in COMPONENTS):
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in COMPONENTS + TABLES):
             raise ConfigError(
                 f"--set key {key!r}: use a run key (e.g. lr=1e-3) or one of "
-                f"{', '.join(c + '.<key>' for c in COMPONENTS)}"
+                f"{', '.join(c + '.<key>' for c in COMPONENTS + TABLES)}"
             )
         value = parse_value(text.strip())
         if len(parts) == 2:
@@ -304,7 +307,11 @@ def _flatten(layer: Mapping[str, Any]) -> dict[str, Any]:
             if "name" in args:
                 flat[key] = args.pop("name")
             flat[f"{key}_args"] = args
-        elif key in {f"{c}_args" for c in COMPONENTS}:
+        elif key in TABLES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} must be a table ([{key}] or --set {key}.<key>=...), got {value!r}")
+            flat[f"{key}_args"] = dict(value)
+        elif key in {f"{c}_args" for c in COMPONENTS + TABLES}:
             raise ConfigError(f"use a [{key[:-5]}] table (or --set {key[:-5]}.<key>=...), not {key}")
         else:
             flat[key] = value
@@ -344,6 +351,10 @@ def resolve(layers: Sequence[Mapping[str, Any]]) -> RunConfig:
 
 def _component_config(component: str, merged: Mapping[str, Any]) -> type | None:
     """The config dataclass of the merged ``component`` (None when it is not known yet)."""
+    if component == "federation":
+        from cl_bench.federation.config import FederationConfig
+
+        return FederationConfig
     name = merged.get(component)
     if component == "backbone" and not name:
         scenario = merged.get("scenario")

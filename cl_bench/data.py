@@ -107,6 +107,19 @@ class ExperienceData:
                 images = images.pin_memory()
         return cls(images=images, targets=targets, device=device)
 
+    def subset(self, rows: torch.Tensor) -> ExperienceData:
+        """The samples ``rows`` (positions in this experience) alone: a federated client's share.
+        A streamed experience stays streamed (its source rows are picked, nothing is read)."""
+        if isinstance(self.images, StreamedRows):
+            images: torch.Tensor | StreamedRows = StreamedRows(
+                self.images.source, self.images.ids[rows.cpu()]
+            )
+        else:
+            images = self.images[rows.to(self.images.device)]
+        return ExperienceData(
+            images=images, targets=self.targets[rows.to(self.targets.device)], device=self.device
+        )
+
     @property
     def streamed(self) -> bool:
         """True: the images stay in their (memory-mapped) source and are read batch by batch."""

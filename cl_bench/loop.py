@@ -41,6 +41,8 @@ from cl_bench.config import RunConfig, build, to_dict
 from cl_bench.data import BatchCursor, ExperienceData, Preprocess, sample_ids
 from cl_bench.errors import ClBenchError, ConfigError, DivergenceError, RecordWriteError, RunInterrupted
 from cl_bench.evaluate import allowed_classes, autocast, n_correct, test_logits
+from cl_bench.federation import rounds as federated
+from cl_bench.federation.config import FederationConfig
 from cl_bench.graphs import StepGraphs
 from cl_bench.heads import make_head
 from cl_bench.registry import BACKBONES, SCENARIOS, STRATEGIES
@@ -67,6 +69,7 @@ class Plan:
     lr: float
     weight_decay: float
     record_file: str = results.RESULT_FILE  # PARTIAL_FILE while an --overwrite run is unfinished
+    federation: FederationConfig | None = None  # None: not federated (no [federation] table, K = 0)
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -82,6 +85,12 @@ def plan(cfg: RunConfig) -> Plan:
     scenario_cfg = build(
         SCENARIOS.get(scenario_name), cfg.scenario_args, f"scenario '{scenario_name}' config"
     )
+    federation = build(FederationConfig, cfg.federation_args, "federation config")
+    if federation.enabled and not strategy_cls.trains:
+        raise ConfigError(
+            f"strategy '{strategy_name}' trains nothing: there is nothing to federate "
+            "(drop the [federation] table)"
+        )
     backbone_name = BACKBONES.canonical(cfg.backbone or scenario_cfg.default_backbone)
     backbone_cfg = build(
         BACKBONES.get(backbone_name), cfg.backbone_args, f"backbone '{backbone_name}' config"
@@ -91,6 +100,8 @@ def plan(cfg: RunConfig) -> Plan:
         raise ConfigError("device=cuda requested but no CUDA device is available")
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if federation.enabled:
+        federation.check_for(device.type)
     lr = cfg.lr if cfg.lr is not None else strategy_cls.default_lr
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else strategy_cls.default_weight_decay
     resolved = replace(
@@ -121,6 +132,7 @@ def plan(cfg: RunConfig) -> Plan:
         run_dir,
         lr,
         weight_decay,
+        federation=federation if federation.enabled else None,
     )
 
 
@@ -277,7 +289,11 @@ def train_all_experiences(
     try:
         for i in range(first, n):
             saved = resumed.training if resumed is not None and i == first else None
-            trained = train_experience(session, record, i, bar, tracker, saved)
+            if session.federation is not None:
+                info = training_info(session, i)
+                trained = federated.train_experience(session, record, i, bar, tracker, info)
+            else:
+                trained = train_experience(session, record, i, bar, tracker, saved)
             row = evaluate_row(session, i, mode, cached=None if session.strategy.trains else initial)
             record_experience(session, record, trained, row, tracker)
             session.checkpointer.save(session, record, None, i + 1)
@@ -288,6 +304,8 @@ def train_all_experiences(
     finally:
         bar.close()
         session.release_graphs()
+        if session.federation is not None and session.federation.backend is not None:
+            session.federation.backend.close()
 
 
 @dataclass
@@ -311,6 +329,7 @@ class Session:
     checkpointer: Checkpointer = field(default_factory=lambda: Checkpointer(Path(), 0, 0.0, False))
     elapsed_before: float = 0.0  # run seconds of earlier segments (a resumed run)
     logit_buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # one per class count
+    federation: federated.FederatedRun | None = None  # a federated run's partitions and backend
 
     @property
     def n_test(self) -> list[int]:
@@ -381,6 +400,12 @@ def build_session(p: Plan) -> Session:
     )
     train_data, test_data = gather_all(scenario, device, int(cfg.host_memory_gb * 2**30))
     steps = tuple(cfg.steps_per_experience or cfg.epochs * d.n_batches(cfg.batch_size) for d in train_data)
+    federation = None
+    if p.federation is not None:
+        federation = federated.FederatedRun.build(
+            p.federation, [d.targets for d in train_data], cfg.batch_size
+        )
+        steps = federation.experience_steps()
     ctx = StrategyContext(
         device=device,
         precision=precision,
@@ -421,6 +446,7 @@ def build_session(p: Plan) -> Session:
         checkpointer=Checkpointer(
             p.run_dir, cfg.checkpoint_every, cfg.checkpoint_minutes, enabled=p.strategy_cls.trains
         ),
+        federation=federation,
     )
 
 
@@ -431,6 +457,7 @@ def record_config(p: Plan) -> dict[str, Any]:
         "strategy_args": to_dict(p.strategy_cfg),
         "scenario_args": to_dict(p.scenario_cfg),
         "backbone_args": to_dict(p.backbone_cfg),
+        "federation_args": to_dict(p.federation) if p.federation is not None else {},
     }
 
 
@@ -448,6 +475,8 @@ def start_record(session: Session) -> RunResult:
         backbone=session.backbone_info,
         environment=results.environment(p.device.type, _device_name(p.device), p.precision),
     )
+    if session.federation is not None:
+        federated.start_record(session, record)
     results.save(record, p.run_dir, p.record_file)
     return record
 
@@ -551,6 +580,20 @@ class TrainedExperience:
     peak_bytes: int
 
 
+def training_info(session: Session, i: int) -> ExperienceInfo:
+    """The :class:`ExperienceInfo` experience ``i`` trains with: its logit classes are the current
+    experience's (``train_classes = "current"`` or the task protocol) or every class seen so far."""
+    scenario = session.scenario
+    per_exp = scenario.classes_per_experience
+    train_classes = (
+        per_exp[i]
+        if (session.plan.cfg.train_classes == "current" or scenario.protocol == "task")
+        else [c for exp in per_exp[: i + 1] for c in exp]
+    )
+    classes = static_classes(session.logit_buffers, sorted(train_classes), session.plan.device)
+    return session.info(i, classes, training=True)
+
+
 def train_experience(
     session: Session,
     record: RunResult,
@@ -568,15 +611,7 @@ def train_experience(
     """
     p, strategy, scenario = session.plan, session.strategy, session.scenario
     cfg, device, precision = p.cfg, p.device, p.precision
-    per_exp = scenario.classes_per_experience
-    train_classes = (
-        per_exp[i]
-        if (cfg.train_classes == "current" or scenario.protocol == "task")
-        else [c for exp in per_exp[: i + 1] for c in exp]
-    )
-    info = session.info(
-        i, static_classes(session.logit_buffers, sorted(train_classes), device), training=True
-    )
+    info = training_info(session, i)
     bar.describe(f"exp {i + 1}/{scenario.n_experiences}")
     memory.reset_peak(device)
     tic = time.perf_counter()

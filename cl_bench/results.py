@@ -85,6 +85,7 @@ class RunResult:
     parameters: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     strategy_report: dict[str, Any] = field(default_factory=dict)
+    federation: dict[str, Any] | None = None  # a federated run's rounds and bytes (docs/federation.md)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -444,6 +445,9 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
 
     Parameter and resource columns are ``None`` when the record lacks them (a failed run). Train and
     eval throughput are time-weighted over experiences (total samples / total time).
+    ``communication_bytes`` is a federated run's ``federation.communication_bytes`` (bytes uploaded
+    plus downloaded over every round, docs/federation.md); ``None`` for a run that is not federated,
+    or whose ``federation`` holds no byte count (a whole number in [0, 2**63)).
     """
     config = record.get("config") or {}
     metrics = record.get("metrics") or {}
@@ -454,6 +458,11 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
     backbone = record.get("backbone") or {}
     failure = record.get("failure") or {}
     last_exp = experiences[-1] if experiences else {}
+    federation = record.get("federation")
+    sent: Any = federation.get("communication_bytes") if isinstance(federation, dict) else None
+    whole = isinstance(sent, int) and not isinstance(sent, bool)
+    whole = whole or (isinstance(sent, float) and sent.is_integer())  # NaN and infinities are not
+    communicated = int(sent) if whole and 0 <= sent < 2**63 else None  # else the federated section says why
     reason = failure.get("reason")
     if failure.get("type") and reason:
         reason = f"{failure['type']}: {reason}"
@@ -481,6 +490,7 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
         "train_time_s": timing.get("train_s"),
         "eval_time_s": timing.get("eval_s"),
         "wall_time_s": timing.get("total_s"),
+        "communication_bytes": communicated,
         "pretrained": backbone.get("pretrained"),
         "device": env.get("device"),
         "precision": env.get("precision", config.get("precision")),
