@@ -17,6 +17,10 @@ Strategy-specific figures are drawn generically from the record conventions of
 ``fields``); ``accuracy.variants`` becomes a table against the same-pass ``main`` model (and an
 accuracy-vs-rank plot when the labels are ``rank=N``).
 
+Sections that appear only for the records they are about: X-TAIL / MTIL (:mod:`reports.multidomain`)
+and federated runs (:mod:`reports.federated`: bytes communicated against accuracy, per-round
+curves), whose ``communication_bytes`` is then also a column of the memory and time table.
+
 The overview groups its rows by competition (scenario, protocol, label space) and marks the best
 mean of each metric (★) only among the groups of one competition that trained and learned
 (plasticity at least ``chance + margin x (1 - chance)``, :mod:`reports.tables`); the page prints
@@ -40,7 +44,7 @@ import pandas as pd
 from cl_bench.errors import ClBenchError
 from cl_bench.metrics import FORMULAS, MULTIDOMAIN_METRICS, SOURCES
 from cl_bench.results import METRIC_COLUMNS, RecordProblem, find_records, write_text_atomic
-from reports import multidomain, plots, tables
+from reports import federated, multidomain, plots, tables
 from reports.output import output_refusal, remove_stale_temps
 from reports.validate import record_problem
 
@@ -345,7 +349,9 @@ RESOURCE_VIEW: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("train_time_s", "train time", fmt_seconds),
     ("eval_time_s", "eval time", fmt_seconds),
     ("wall_time_s", "wall time", fmt_seconds),
+    (tables.COMMUNICATION, "communicated (federated)", fmt_bytes),
 )
+"""The resource table's columns; the last only where some run is federated (:func:`_resource_view`)."""
 EXPERIENCE_VIEW: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("index", "exp", fmt_int),
     ("n_train", "train samples", fmt_int),
@@ -363,6 +369,11 @@ EXPERIENCE_VIEW: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("loss_first", "loss first", lambda v: fmt_float(v, 3)),
     ("loss_last", "loss last", lambda v: fmt_float(v, 3)),
 )
+
+
+def _resource_view(columns: Sequence[str]) -> list[tuple[str, str, Callable[[Any], str]]]:
+    """The :data:`RESOURCE_VIEW` entries of ``columns`` (:func:`reports.tables.resource_columns`)."""
+    return [entry for entry in RESOURCE_VIEW if entry[0] in columns]
 
 
 def _table(frame: pd.DataFrame, view: Sequence[tuple[str, str, Callable[[Any], str]]]) -> dict[str, Any]:
@@ -625,6 +636,21 @@ def _multidomain_section(
         return {"tables": [], "error": error}
 
 
+def _federated_section(
+    ok: list[dict[str, Any]], labels: dict[str, str], colors: dict[str, str]
+) -> dict[str, Any]:
+    """The federated section (:func:`reports.federated.federated_view`; ``view`` None without a
+    federated run), or where drawing it raises, the error (with a warning) so that the rest of the
+    page stands."""
+    try:
+        view = federated.federated_view(ok, labels, colors, _warn, competition_title, _anchor)
+        return {"view": view, "error": None}
+    except Exception as err:  # any failure of the section: the warning names it
+        error = " ".join(f"{type(err).__name__}: {err}".split())
+        _warn(f"the federated section could not be drawn ({error})")
+        return {"view": None, "error": error}
+
+
 def _provenance_rows(records: Iterable[dict[str, Any]], colors: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
     for record in records:
@@ -736,7 +762,7 @@ def build_report(paths: list[Path], output: Path, *, margin: float = tables.LEAR
         "overview": tables.overview_frame(runs, margin),
         "runs": runs,
         "parameters": tables.aggregate(ok_runs, tables.PARAMETER_COLUMNS),
-        "resources": tables.aggregate(ok_runs, tables.RESOURCE_COLUMNS),
+        "resources": tables.aggregate(ok_runs, tables.resource_columns(ok_runs)),
         "variants": _variants_all(ok),
         "excluded": tables.problems_frame(excluded, problems, _labels(runs)),
     }
@@ -797,6 +823,7 @@ def render(
     all_runs = tables.runs_frame(ok + excluded)
     labels = _labels(all_runs)
     runs = all_runs[all_runs["status"] == "ok"]
+    resource_view = _resource_view(tables.resource_columns(runs))
     scenarios = [
         {"name": scenario, "plot": plots.scenario_curves(groups, colors)}
         for scenario, groups in _scenario_groups(ok, labels)
@@ -822,6 +849,7 @@ def render(
         ],
         "overview": _overview_view(tables.overview_frame(all_runs, margin), colors),
         "multidomain": _multidomain_section(ok, labels, colors),
+        "federated": _federated_section(ok, labels, colors),
         "margin": f"{margin:.2f}",
         "tradeoffs": _tradeoff_view(all_runs, colors, margin),
         "non_experiment_keys": sorted(tables.NON_EXPERIMENT_KEYS),
@@ -829,8 +857,10 @@ def render(
         "parameters": _aggregate_view(
             tables.aggregate(runs, tables.PARAMETER_COLUMNS), PARAMETER_VIEW, colors
         ),
-        "resource_headers": [label for _, label, _ in RESOURCE_VIEW],
-        "resources": _aggregate_view(tables.aggregate(runs, tables.RESOURCE_COLUMNS), RESOURCE_VIEW, colors),
+        "resource_headers": [label for _, label, _ in resource_view],
+        "resources": _aggregate_view(
+            tables.aggregate(runs, [c for c, _, _ in resource_view]), resource_view, colors
+        ),
         "memory_kinds": sorted({str(k) for k in runs["memory_kind"].dropna()}),
         "scenarios": scenarios,
         "runs": [

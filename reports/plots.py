@@ -25,7 +25,7 @@ import matplotlib as mpl
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 Color = str
 
@@ -585,5 +585,127 @@ def tradeoff_plot(
         ax.set_xlabel(x_label)
         ax.set_ylabel("forgetting (lower is better)")
         ax.set_title(title, loc="left")
+        legend_below(fig, *ax.get_legend_handles_labels())
+        return to_data_uri(fig)
+
+
+def human_bytes(value: float) -> str:
+    """``512 B``, ``1.5 KiB``, ``12.0 MiB``, ``2.3 GiB``: a byte count in binary units, one decimal."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:,.1f} {unit}"
+    return f"{value:,.0f} B"
+
+
+def _byte_tick(value: float, _pos: Any = None) -> str:
+    """An axis tick of a byte count: ``4 MiB``, ``1.5 GiB`` (no trailing ``.0``)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:g} {unit}"
+    return f"{value:g} B"
+
+
+@dataclass(frozen=True)
+class CommunicationPoint:
+    """One federated run in :func:`communication_plot`: bytes it communicated, accuracy it reached."""
+
+    label: str
+    strategy: str
+    communication_bytes: float
+    accuracy: float
+
+
+def communication_plot(points: Sequence[CommunicationPoint], colors: Mapping[str, Color]) -> str | None:
+    """Final accuracy (y) against the total bytes communicated (x, log scale): one point per run.
+
+    Each point is labelled with its strategy and coloured like it everywhere in the report; runs
+    of one strategy differ in marker, and the legend below the axes (:func:`legend_below`) names
+    every run. A run without a positive byte count or without an accuracy cannot be placed and
+    is left out; None when no run can be.
+    """
+    drawable = [p for p in points if math.isfinite(p.accuracy) and math.isfinite(p.communication_bytes)]
+    drawable = [p for p in drawable if p.communication_bytes > 0]
+    if not drawable:
+        return None
+    with _style():
+        fig = _figure(5.8, 3.3)
+        ax = fig.add_subplot()
+        nth: dict[Color, int] = {}
+        for point in drawable:
+            color = colors.get(point.strategy, "#333333")
+            nth[color] = nth.get(color, -1) + 1
+            marker = _LINE_STYLES[nth[color] % len(_LINE_STYLES)][1]
+            ax.plot(
+                [point.communication_bytes],
+                [point.accuracy],
+                color=color,
+                marker=marker,
+                markersize=7,
+                linestyle="none",
+                label=point.label,
+            )
+            ax.annotate(
+                point.strategy,
+                (point.communication_bytes, point.accuracy),
+                xytext=(6, 4),
+                textcoords="offset points",
+                fontsize=7.5,
+                color="#1d2330",
+            )
+        ax.set_xscale("log", base=2)  # ticks at powers of two: 4 MiB, 16 MiB, 1 GiB
+        ax.margins(x=0.25)  # room for the point labels, and a single run is not on the frame
+        ax.xaxis.set_major_locator(LogLocator(base=2, numticks=8))
+        ax.xaxis.set_major_formatter(FuncFormatter(_byte_tick))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("bytes communicated, upload + download, all rounds (log scale)")
+        ax.set_ylabel("acc_final")
+        ax.set_title("final accuracy vs communication", loc="left")
+        legend_below(fig, *ax.get_legend_handles_labels())
+        return to_data_uri(fig)
+
+
+@dataclass(frozen=True)
+class RoundSeries:
+    """The seen-class accuracy of one federated run after each round, on the experience axis:
+    round r of an experience e with R rounds sits at ``e + (r + 1) / R`` (so the last round of
+    experience e is at e + 1, and runs with different R line up at the experience boundaries)."""
+
+    label: str
+    strategy: str
+    x: list[float]
+    accuracy: list[float]
+
+
+def round_curves(
+    series: Sequence[RoundSeries], colors: Mapping[str, Color], n_experiences: int
+) -> str | None:
+    """Seen-class accuracy after every round, one line per run, experience boundaries dashed.
+
+    Runs of one strategy share its colour and differ in line style and marker; the legend is below
+    the axes (:func:`legend_below`). None when no run recorded a round.
+    """
+    drawn = [s for s in series if s.x]
+    if not drawn:
+        return None
+    with _style():
+        fig = _figure(7.2, 3.2)
+        ax = fig.add_subplot()
+        styles_used: dict[Color, int] = {}
+        for s in drawn:
+            color = colors.get(s.strategy, "#333333")
+            nth = styles_used[color] = styles_used.get(color, -1) + 1
+            linestyle, marker = _LINE_STYLES[nth % len(_LINE_STYLES)]
+            ax.plot(s.x, _finite(s.accuracy), color=color, linestyle=linestyle, marker=marker, label=s.label)
+        T = max(n_experiences, math.ceil(max(max(s.x) for s in drawn)))
+        for boundary in range(1, T):
+            ax.axvline(boundary, color="#888888", linestyle="--", linewidth=0.9)
+        ax.grid(axis="x", visible=False)
+        ax.set_xlim(-0.02 * T, 1.02 * T)  # the last round's point (at T) stays inside the frame
+        ax.set_xticks(*_ticks(np.arange(T) + 0.5, [str(e) for e in range(T)]))
+        ax.set_xlabel("experience (its rounds left to right; dashed: experience boundaries)")
+        ax.set_ylabel("accuracy on seen classes")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("seen-class accuracy after each round", loc="left")
         legend_below(fig, *ax.get_legend_handles_labels())
         return to_data_uri(fig)

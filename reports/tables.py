@@ -116,6 +116,16 @@ RESOURCE_COLUMNS: tuple[str, ...] = (
     "eval_time_s",
     "wall_time_s",
 )
+COMMUNICATION = "communication_bytes"
+"""A federated run's bytes uploaded plus downloaded (:func:`cl_bench.results.run_row`): a resource
+column where some run is federated (:func:`resource_columns`)."""
+
+
+def resource_columns(runs: pd.DataFrame) -> tuple[str, ...]:
+    """:data:`RESOURCE_COLUMNS`, and :data:`COMMUNICATION` after them where some run of ``runs``
+    communicated (a federated run): a report without federated runs has no empty bytes column."""
+    federated = COMMUNICATION in runs.columns and bool(runs[COMMUNICATION].notna().any())
+    return (*RESOURCE_COLUMNS, COMMUNICATION) if federated else RESOURCE_COLUMNS
 
 
 def defines_experiment(key: str) -> bool:
@@ -187,7 +197,7 @@ def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     :func:`cl_bench.results.run_row` plus :data:`CONFIG` (the label of :func:`config_labels`,
     computed over these records), ``protocol`` and ``label_space`` (:func:`scoring`), and at the
     end ``trained`` (:func:`trained`) and ``chance`` (:func:`chance_plasticity`, NaN when the record
-    does not say how many classes compete); seeds as nullable integers."""
+    does not say how many classes compete); seeds and ``communication_bytes`` as nullable integers."""
     records = list(records)
     labels = config_labels(records)
     columns = list(run_row({}).keys())
@@ -196,7 +206,7 @@ def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     frame.insert(at, CONFIG, [labels[str(r.get("run_id"))] for r in records])
     frame.insert(at + 1, "protocol", [scoring(r)[0] for r in records])
     frame.insert(at + 2, "label_space", [scoring(r)[1] for r in records])
-    for col in ("seed", "order_seed"):
+    for col in ("seed", "order_seed", COMMUNICATION):
         frame[col] = _int_column(frame[col])
     frame["trained"] = pd.Series([trained(r) for r in records], index=frame.index, dtype="boolean")
     chances = [chance_plasticity(r) for r in records]
