@@ -6,7 +6,7 @@ images per class, 32 px), K clients and R rounds per experience:
 
 1. lora, sequential backend;
 2. finetune (every weight trains and travels: "federated full fine-tuning"), sequential backend;
-3. lora again on Flower's simulation engine (``--skip-flower`` leaves it out);
+3. lora again on Flower's simulation engine (``--runs`` picks the runs);
 
 and prints each run's client training time, peak client memory and bytes per round, then the
 ratios finetune / lora (FLoRA reports up to 34.72x faster training and 2.47x less memory for
@@ -83,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--client-gpus", type=float, default=0.5, help="Flower: GPU share per client")
-    parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=["lora/sequential", "finetune/sequential", "lora/flower"],
+        help="strategy/backend pairs to run, in order (default: all three)",
+    )
     args = parser.parse_args(argv)
     load_components()
-    runs = [("lora", "sequential"), ("finetune", "sequential")]
-    if not args.skip_flower:
-        runs.append(("lora", "flower"))
+    runs = [tuple(r.split("/", 1)) for r in args.runs]
     table: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="cl-bench-fed-") as tmp:
         for strategy, backend in runs:
@@ -105,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{f['peak_gib']:16.2f}{f['mib_per_round']:16.1f}{f['upload_mib_per_client_round']:16.2f}"
             f"{f['acc']:16.3f}"
         )
-    lora, full = table["lora", "sequential"], table["finetune", "sequential"]
-    print(f"\nfinetune / lora client training time: {full['client_train_s'] / lora['client_train_s']:.2f}x")
-    print(f"finetune / lora peak client memory:   {full['peak_gib'] / lora['peak_gib']:.2f}x")
-    print(f"finetune / lora bytes per round:      {full['mib_per_round'] / lora['mib_per_round']:.1f}x")
-    if ("lora", "flower") in table:
-        flower = table["lora", "flower"]
+    lora, full, flower = (
+        table.get(k) for k in (("lora", "sequential"), ("finetune", "sequential"), ("lora", "flower"))
+    )
+    if lora and full:
+        print(
+            f"\nfinetune / lora client training time: {full['client_train_s'] / lora['client_train_s']:.2f}x"
+        )
+        print(f"finetune / lora peak client memory:   {full['peak_gib'] / lora['peak_gib']:.2f}x")
+        print(f"finetune / lora bytes per round:      {full['mib_per_round'] / lora['mib_per_round']:.1f}x")
+    if lora and flower:
         print(f"flower / sequential wall time (lora): {flower['wall_s'] / lora['wall_s']:.2f}x")
     return 0
 
