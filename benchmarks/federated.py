@@ -1,8 +1,8 @@
 """Federated lora against federated full fine-tuning (FLoRA's comparison, arXiv 2404.15182 §4).
 
 ``python -m benchmarks.federated --device cuda`` runs, in one process and on the same
-split-CIFAR-100-shaped data (the ``synthetic`` scenario at 100 classes, 500 training and 20 test
-images per class, 32 px), K clients and R rounds per experience:
+split-CIFAR-100-shaped experiences (the ``synthetic`` scenario: 2 experiences of 10 classes, 500
+training and 20 test images per class, 32 px), K clients and R rounds per experience:
 
 1. lora, sequential backend;
 2. finetune (every weight trains and travels: "federated full fine-tuning"), sequential backend;
@@ -32,7 +32,7 @@ def run_one(out: Path, strategy: str, backend: str, args: argparse.Namespace) ->
         "strategy": {"name": strategy},
         "scenario": {
             "name": "synthetic",
-            "n_classes": 10 * args.experiences,
+            "n_classes": 10 * args.experiences,  # the synthetic scenario has at most 20
             "n_experiences": args.experiences,
             "train_per_class": 500,
             "test_per_class": 20,
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--backbone", default="clip-vit-b-16")
-    parser.add_argument("--experiences", type=int, default=3, help="of split-CIFAR-100's 10")
+    parser.add_argument("--experiences", type=int, default=2, help="of 10 classes each (at most 2)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=4)
