@@ -589,20 +589,25 @@ def tradeoff_plot(
         return to_data_uri(fig)
 
 
+_BINARY_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def _in_units(value: float, number: str, plain: str) -> str:
+    """``value`` in the largest binary unit it reaches, formatted with ``number`` (bytes: ``plain``)."""
+    for unit, size in _BINARY_UNITS:
+        if abs(value) >= size:
+            return f"{value / size:{number}} {unit}"
+    return f"{value:{plain}} B"
+
+
 def human_bytes(value: float) -> str:
     """``512 B``, ``1.5 KiB``, ``12.0 MiB``, ``2.3 GiB``: a byte count in binary units, one decimal."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:,.1f} {unit}"
-    return f"{value:,.0f} B"
+    return _in_units(value, ",.1f", ",.0f")
 
 
 def _byte_tick(value: float, _pos: Any = None) -> str:
     """An axis tick of a byte count: ``4 MiB``, ``1.5 GiB`` (no trailing ``.0``)."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:g} {unit}"
-    return f"{value:g} B"
+    return _in_units(value, "g", "g")
 
 
 @dataclass(frozen=True)

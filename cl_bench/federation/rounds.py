@@ -20,8 +20,8 @@ every download and upload is counted in the record's ``federation`` section.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ import torch
 from cl_bench import progress as progress_
 from cl_bench import tracking
 from cl_bench.config import to_dict
-from cl_bench.errors import FederationError
 from cl_bench.evaluate import allowed_classes, n_correct, test_logits
 from cl_bench.federation.aggregate import state_bytes
 from cl_bench.federation.client import ClientResult, ClientTask, train_client
@@ -49,7 +48,9 @@ class Backend(Protocol):
 
     def run_round(self, tasks: list[ClientTask], info: ExperienceInfo) -> list[ClientResult]: ...
 
-    def end_experience(self, index: int, state: dict[str, torch.Tensor]) -> None: ...
+    def end_experience(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """The experience's final aggregated state, before ``after_experience``: the live tensors,
+        valid only during the call (a backend that keeps them copies them)."""
 
     def close(self) -> None: ...
 
@@ -90,7 +91,6 @@ class FederatedRun:
     partitions: list[list[np.ndarray]]  # [experience][client] -> sample positions in the experience
     local_steps: list[int]  # L of each experience
     backend: Backend | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def build(cls, cfg: FederationConfig, train_targets: list[torch.Tensor], batch_size: int) -> FederatedRun:
@@ -209,7 +209,7 @@ def train_experience(
         tracker.log_losses(session.step, i, round_loss, 0.0)
         bar.update(L, loss=f"{round_loss:.4f}", seen=f"{seen:.3f}")
     # the replicas of the Flower backend replay after_experience on this state themselves
-    fed.backend.end_experience(i, {k: v.detach().clone() for k, v in strategy.communicated_state().items()})
+    fed.backend.end_experience(i, strategy.communicated_state())
     strategy.after_experience(info)
     record.federation["wall_s"] += time.perf_counter() - tic
     if p.device.type == "cuda":
@@ -281,12 +281,3 @@ def seen_accuracy(session: Session, i: int) -> float:
         total += len(data)
     strategy.train()
     return correct / total
-
-
-def check_trains(session: Session) -> None:
-    """A strategy that never trains has nothing to federate: a one-line error at the start."""
-    if not session.strategy.trains:
-        raise FederationError(
-            f"strategy '{session.plan.cfg.strategy}' trains nothing: there is nothing to federate "
-            "(drop the [federation] table)"
-        )
