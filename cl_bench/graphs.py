@@ -22,6 +22,15 @@ graph allocates outlives its replay except its loss and its gradients, which the
 After a replay the parameters' ``.grad`` point at that graph's gradient buffers, as after an
 eager ``backward``.
 
+A strategy whose key changes every few steps (LISA: a new set of trained blocks every K steps,
+never seen again) would hold one graph per key for the whole run and warm each one up eagerly.
+Two knobs serve it (:attr:`cl_bench.strategy.Strategy.graph_cache_size` and
+``graph_rewarmup_steps``): ``max_graphs`` keeps only the most recently used graphs (the oldest is
+reset and its buffers freed back into the shared pool before a new capture), and ``rewarmup_steps``
+is the number of eager steps of a *new key* at an input shape this runner has captured before: the
+lazy initialisation the warm-up exists for (cuBLAS workspaces, cached casts) was done by the first
+key, so such a key may be captured at its first step (0), and its capture replaces an eager step.
+
 A runner may span experiences (``Strategy.graphs_span_experiences``; the loop's ``step_graphs``
 decides): it is kept when the next experience trains the same parameters (the same objects, in
 the same order) and its step reads the same other tensors (``reads``: the loop's static
@@ -71,19 +80,30 @@ class StepGraphs:
         device: torch.device,
         *,
         reads: Sequence[torch.Tensor] | None = None,
+        max_graphs: int | None = None,
+        rewarmup_steps: int = WARMUP_STEPS,
     ) -> None:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
+        if (max_graphs is not None and max_graphs < 1) or rewarmup_steps < 0:
+            raise ValueError(
+                f"max_graphs must be >= 1 (or None) and rewarmup_steps >= 0, "
+                f"got {max_graphs} and {rewarmup_steps}"
+            )
+        self.max_graphs = max_graphs
+        self.rewarmup_steps = rewarmup_steps
         self.body = body
         self.params = params
         self.device = device
         self.reads = None if reads is None else tuple(reads)  # held: their identities stay unique
         self._graphs: dict[Hashable, _Captured] = {}
         self._warmups: dict[Hashable, int] = {}  # eager steps run so far per key and shape
+        self._shapes: set[Hashable] = set()  # input shapes some key has been captured at
         self._pool: Any = None  # the memory pool handle of the first capture, shared by the others
         self.n_replays = 0
         self.n_eager = 0
         self.n_captures = 0  # graphs captured over the runner's life (n_captured: those held now)
+        self.n_evictions = 0  # graphs dropped to stay within max_graphs
 
     @property
     def n_captured(self) -> int:
@@ -111,20 +131,28 @@ class StepGraphs:
             captured.graph.reset()
         self._graphs.clear()
         self._warmups.clear()
+        self._shapes.clear()
         self._pool = None
 
     def __call__(self, key: Hashable | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward + loss + backward of one step; returns the detached loss."""
         if key is None:
             return self._eager(x, y)
-        full_key = (key, tuple(x.shape), x.dtype, tuple(y.shape))
-        captured = self._graphs.get(full_key)
+        shape = (tuple(x.shape), x.dtype, tuple(y.shape))
+        full_key = (key, *shape)
+        captured = self._graphs.pop(full_key, None)  # put back last: the dict's order is LRU
         if captured is None:
             done = self._warmups.get(full_key, 0)
-            if done < WARMUP_STEPS:  # warm up eagerly (real steps)
-                self._warmups[full_key] = done + 1
+            if done < (self.rewarmup_steps if shape in self._shapes else WARMUP_STEPS):
+                self._warmups[full_key] = done + 1  # warm up eagerly (real steps)
                 return self._eager(x, y)
-            captured = self._graphs[full_key] = self._capture(x, y)
+            self._warmups.pop(full_key, None)
+            if self.max_graphs is not None:
+                while len(self._graphs) >= self.max_graphs:
+                    self._evict(next(iter(self._graphs)))
+            captured = self._capture(x, y)
+            self._shapes.add(shape)
+        self._graphs[full_key] = captured
         captured.x.copy_(x)
         captured.y.copy_(y)
         captured.graph.replay()
@@ -132,6 +160,17 @@ class StepGraphs:
             p.grad = grad
         self.n_replays += 1
         return captured.loss
+
+    def _evict(self, full_key: Hashable) -> None:
+        """Drop the graph of ``full_key``: reset it and free its static buffers and gradients (a
+        parameter whose ``.grad`` is one of them loses it: the optimizer has already stepped)."""
+        captured = self._graphs.pop(full_key)
+        buffers = {id(g) for g in captured.grads if g is not None}
+        for p in self.params:
+            if p.grad is not None and id(p.grad) in buffers:
+                p.grad = None
+        captured.graph.reset()
+        self.n_evictions += 1
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.n_eager += 1

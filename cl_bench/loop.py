@@ -827,7 +827,14 @@ def step_graphs(
             previous.body = body  # eager and newly captured steps see this experience
             return previous
         previous.release()
-    return StepGraphs(body, params, device, reads=reads)
+    return StepGraphs(
+        body,
+        params,
+        device,
+        reads=reads,
+        max_graphs=strategy.graph_cache_size,
+        rewarmup_steps=strategy.graph_rewarmup_steps,
+    )
 
 
 def graph_parameters(strategy: Strategy) -> list[torch.nn.Parameter]:

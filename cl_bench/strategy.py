@@ -144,6 +144,11 @@ class Strategy:
     graph_safe: ClassVar[bool] = False  # True: forward/backward may be replayed from CUDA graphs
     # True: a graph captured in one experience may be replayed in later ones (see graph_key)
     graphs_span_experiences: ClassVar[bool] = False
+    # graphs held at once by the step's runner (None: one per key and shape, for the runner's life)
+    # and eager steps of a new key at an input shape already captured (cl_bench.graphs): a strategy
+    # whose key changes often and never recurs (LISA) keeps few graphs and captures new keys at once
+    graph_cache_size: ClassVar[int | None] = None
+    graph_rewarmup_steps: ClassVar[int] = 2
     # False: nothing to federate; communicated_state raises FederationError (zero-shot)
     federable: ClassVar[bool] = True
 

@@ -35,6 +35,13 @@ Choices where the paper, the official code (LMFlow ``lisa_trainer.py``) and CL l
   since the embedding always trains, the gradient flows back through every frozen block, whose
   activations would otherwise stay alive. Recomputing them costs one extra forward of the frozen
   blocks and changes no number (the same operations run again).
+- CUDA graphs (issue 21): the step's forward and backward are replayed from a graph keyed by
+  the active blocks (:meth:`LISA.graph_key`): which parameters get gradients and which blocks run
+  under checkpointing is decided in Python, so each interval is a new key, captured at its first
+  step (``graph_rewarmup_steps = 0``: the runner's first key did the warm-up) and replayed for the
+  rest of the interval; a key rarely recurs (C(12, 2)^2 sets for ViT-B/16's two towers), so the
+  runner keeps only the two most recent graphs (``graph_cache_size``: the full and the short
+  batch). A capture costs about one eager step, once per K steps.
 - Optimizer: ``torch.optim.AdamW`` (LMFlow's HF Trainer builds torch's AdamW, ``adamw_torch``,
   since transformers 4.x): per step ``p *= 1 - lr wd`` first, then the Adam update with eps = 1e-8
   added *after* the bias correction. Weight decay in HF Trainer's groups: no decay for any norm
@@ -123,6 +130,9 @@ class LISA(Strategy):
         "Model Fine-Tuning (arXiv 2403.17919)"
     )
     default_lr = 1e-5  # full-parameter training, as the finetune baseline
+    graph_safe = True
+    graph_cache_size = 2
+    graph_rewarmup_steps = 0
 
     def __init__(self, cfg: LISAConfig, backbone: Backbone, head: Head, ctx: StrategyContext) -> None:
         super().__init__(cfg, backbone, head, ctx)
@@ -258,6 +268,11 @@ class LISA(Strategy):
             self.events.append([step, tower, chosen])
             for i in chosen:
                 self.counts[tower][i] += 1
+
+    def graph_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The active blocks per tower: they decide which parameters get gradients and which
+        blocks are checkpointed, so each sampled set is its own graph (module docstring)."""
+        return tuple((tower, tuple(self.active.get(tower, ()))) for tower in self.towers)
 
     # -- figures ------------------------------------------------------------------------------
     def report(self) -> dict[str, float | int]:

@@ -13,7 +13,10 @@ from tests.helpers import head_for, tiny_backbone, tiny_context
 
 GRAPH_SAFE = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n).graph_safe)
 # Graph-safe strategies whose graphs must not span experiences (Strategy.graph_key), and why.
-NOT_SPANNING = {"mora": "adds a block of parameters at every experience and builds class masks from it"}
+NOT_SPANNING = {
+    "mora": "adds a block of parameters at every experience and builds class masks from it",
+    "lisa": "a new key every K steps that rarely recurs: nothing worth keeping across experiences",
+}
 
 
 def build(name: str, device: torch.device, args: dict | None = None):
@@ -42,18 +45,34 @@ def training_info(device: torch.device) -> ExperienceInfo:
     )
 
 
-def test_only_lisa_and_zero_shot_run_eagerly() -> None:
-    """LISA flips requires_grad every K steps (a new set of gradients): it stays eager."""
-    assert set(STRATEGIES.names()) - set(GRAPH_SAFE) == {"lisa", "zero-shot"}
-    lisa = build("lisa", torch.device("cpu"))
-    lisa.before_step(0)
-    assert lisa.graph_key() is None
+def test_only_zero_shot_runs_eagerly() -> None:
+    """Zero-shot trains nothing; LISA is keyed by its active blocks (a new key every K steps)."""
+    assert set(STRATEGIES.names()) - set(GRAPH_SAFE) == {"zero-shot"}
     assert build("lora", torch.device("cpu")).graph_key() == ()
+
+
+def test_lisa_keys_its_graph_by_the_active_blocks_of_each_tower() -> None:
+    """Same key within an interval, a new one when the blocks are resampled, equal to the active
+    sets: the parameters that get gradients and the checkpointed blocks are the key's."""
+    lisa = build("lisa", torch.device("cpu"), {"gamma": 1, "interval_steps": 3})
+    keys = []
+    for step in range(12):
+        lisa.before_step(step)
+        key = lisa.graph_key()
+        assert key == tuple((tower, tuple(lisa.active[tower])) for tower in lisa.towers)
+        keys.append(key)
+    assert all(keys[i] == keys[i - i % 3] for i in range(12))
+    assert len(set(keys)) > 1
+    trained = {id(p) for p in lisa.trainable_parameters() if p.requires_grad}
+    for tower, chosen in keys[-1]:
+        for i, params in enumerate(lisa.block_params[tower]):
+            assert all((id(p) in trained) == (i in chosen) for p in params)
+    assert (type(lisa).graph_cache_size, type(lisa).graph_rewarmup_steps) == (2, 0)
 
 
 def test_graphs_span_experiences_for_the_strategies_whose_step_reads_no_experience_state() -> None:
     """Every graph-safe strategy keeps its captured graphs across experiences but those of
-    NOT_SPANNING (MoRA); LISA and zero-shot run eagerly. A new graph-safe strategy that does not
+    NOT_SPANNING (MoRA and LISA); zero-shot runs eagerly. A new graph-safe strategy that does not
     declare ``graphs_span_experiences`` must say why in NOT_SPANNING."""
     spanning = {n for n in STRATEGIES.names() if STRATEGIES.get(n).graphs_span_experiences}
     assert spanning == set(GRAPH_SAFE) - set(NOT_SPANNING)
@@ -234,6 +253,36 @@ def test_a_spanning_runner_replays_the_short_batch_from_its_second_experience(mo
     assert param.grad is None
 
 
+def test_a_bounded_runner_keeps_the_newest_graphs_and_captures_new_keys_at_once(monkeypatch) -> None:
+    """LISA's runner (max_graphs 2, rewarmup 0): the first key warms up twice; a later key at a
+    shape already captured is captured at its first step; the least recently used graph is reset
+    and dropped (its gradient off the parameter) before a capture beyond the limit; a new shape
+    still warms up."""
+    monkeypatch.setattr(StepGraphs, "_capture", _fake_capture)
+    param = torch.nn.Parameter(torch.ones(3))
+
+    def body(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = (param * x.sum()).sum()
+        loss.backward()
+        return loss
+
+    runner = StepGraphs(body, [param], FAKE_CUDA, max_graphs=2, rewarmup_steps=0)
+    full, short = torch.ones(8), torch.ones(2)
+    for key in ("a", "a", "a", "b", "a", "c"):
+        runner(key, full, full)
+    assert (runner.n_eager, runner.n_captures, runner.n_replays, runner.n_evictions) == (2, 3, 4, 1)
+    held = list(runner._graphs)
+    assert [k[0] for k in held] == ["a", "c"]  # "b" was the least recently used
+    first_grad = param.grad
+    runner("d", full, full)  # evicts "a", whose gradient the parameter holds no more
+    assert [k[0] for k in runner._graphs] == ["c", "d"]
+    assert param.grad is not first_grad
+    runner("d", short, short)  # a new shape warms up as the first key did
+    assert runner.n_eager == 3
+    with pytest.raises(ValueError, match="max_graphs"):
+        StepGraphs(body, [param], FAKE_CUDA, max_graphs=0)
+
+
 def test_cuda_graphs_is_a_typed_run_key() -> None:
     assert config.resolve([{"cuda_graphs": False}]).cuda_graphs is False
     with pytest.raises(config.ConfigError, match="true or false"):
@@ -259,6 +308,26 @@ def _train(strategy, device: torch.device, *, graphs: bool, n_steps: int = 24):
         )
     strategy.after_experience(info)
     return losses, runner
+
+
+@pytest.mark.gpu
+def test_lisa_graphs_train_exactly_as_eager_across_resampled_blocks() -> None:
+    """LISA resampling one block per tower every 4 steps: 6 keys over 24 steps, each captured at its
+    first step, the same losses and weights as eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    args = {"gamma": 1, "interval_steps": 4}
+    eager, graphed = build("lisa", device, args), build("lisa", device, args)
+    eager_losses, _ = _train(eager, device, graphs=False)
+    graph_losses, runner = _train(graphed, device, graphs=True)
+    assert runner is not None
+    assert (runner.n_eager, runner.n_replays) == (2, 22)
+    assert runner.n_captured <= 2
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
+    for p, q in zip(eager.trainable_parameters(), graphed.trainable_parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
