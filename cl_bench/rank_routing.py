@@ -16,7 +16,9 @@ from torch import nn
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """0/1 mask (``scores``' dtype, no gradient) of the ``k`` largest entries along the last dim.
 
-    Fixed shapes and no host sync (a CUDA graph can replay it); ties follow ``torch.topk``."""
+    Fixed shapes and no host sync (a CUDA graph can replay it); ties follow ``torch.topk``. The
+    torch gates' selection (the CPU path); on CUDA the gate kernels of :mod:`cl_bench.rank_gates`
+    select instead, the lowest index first among ties."""
     scores = scores.detach()
     return torch.zeros_like(scores).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
 
@@ -49,6 +51,15 @@ class RankUsage(nn.Module):
         self.tokens[mode].add_(mask.shape[0])
         if training and torch.is_grad_enabled():
             self.step.add_(counts)
+
+    def targets(self, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Where a gate kernel adds one forward's selections itself (:mod:`cl_bench.rank_gates`), by
+        the rule of :meth:`record`: ``usage[mode]`` [r], ``tokens[mode]`` [1] and ``step`` [r], the
+        last only for a training forward with gradients on (else None). Views of the buffers, read
+        at the call (gradient mode included)."""
+        mode = 0 if training else 1
+        step = self.step if training and torch.is_grad_enabled() else None
+        return self.usage[mode], self.tokens[mode : mode + 1], step
 
     def reset(self) -> None:
         self.step.zero_()

@@ -63,9 +63,13 @@ client, the mean of the products B_k A is (mean B_k) A, and the routed update is
 ``dropout`` > 0 the layer draws its dropout masks from the global RNG.
 
 Compute: z and m * z for all r ranks (the mask zeroes the others), two GEMMs (on CUDA the q, k, v
-layers of an attention as one group on the fused path of :mod:`cl_bench.routed`); fixed shapes and
-in-place device counters only (no host sync), so a training step can be replayed from a CUDA
-graph. Figures (``report`` / ``final_report``): selected ranks per token, the per-layer load of
+layers of an attention as one group on the fused path of :mod:`cl_bench.routed`). On CUDA the gate
+of one adapter (score, top-k, m * z and the counters) runs as one Triton kernel forward and one
+backward (:mod:`cl_bench.rank_gates`, maths in :mod:`cl_bench.rank_kernels`), selecting the lowest
+rank among equal scores (``torch.topk``'s choice in the torch code, which the CPU runs); the mean
+of several branches (a ``branches`` merge) keeps the torch code of :func:`routed_delta`. Fixed
+shapes and in-place device counters only (no host sync), so a training step can be replayed from a
+CUDA graph. Figures (``report`` / ``final_report``): selected ranks per token, the per-layer load of
 each experience (max/mean, min/mean, fraction of ranks never selected), the Jaccard overlap of each
 experience's k most used ranks with earlier ones, the drift of d, and how A was seeded per
 experience; the record's scalars name the CL mode, the A seeding and the merge rule.
@@ -83,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_bench import rank_gates
 from cl_bench.adapter_set import AdapterSet
 from cl_bench.adapters import AdaptedLinear
 from cl_bench.backbones.base import Backbone
@@ -223,9 +228,25 @@ class FlyLoRALinear(AdaptedLinear):
         if self.detach_input:
             x2 = x2.detach()
         A, B, d = self._adapter()
-        out, mask = routed_delta(x2, A, B, d, self.k, self.scaling, signed=self.signed)
-        self.usage.record(mask, self.training)
+        if A.shape[0] == 1 and rank_gates.kernels_enabled(x2):  # one adapter: the gate kernels (route)
+            out = F.linear(self.route(F.linear(x2, A[0]), d[0]), B[0]) * self.scaling
+        else:
+            out, mask = routed_delta(x2, A, B, d, self.k, self.scaling, signed=self.signed)
+            self.usage.record(mask, self.training)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def route(self, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """One adapter's masked ranks ``m * z`` [N, r] (z's dtype) with balancing bias ``d`` [r];
+        counts the selections. On CUDA one Triton kernel each way
+        (:func:`cl_bench.rank_gates.flylora_gate`); elsewhere, and for what the kernels do not
+        take, this torch code (that of :func:`routed_delta` at T = 1), the reference. Several
+        branches (a ``branches`` merge) always take :func:`routed_delta`."""
+        if rank_gates.flylora_serves(z, d):
+            return rank_gates.flylora_gate(z, d, self.k, self.signed, self.usage, self.training)
+        score = z.to(torch.promote_types(z.dtype, d.dtype)) + d
+        mask = topk_mask(score if self.signed else score.abs(), self.k)
+        self.usage.record(mask, self.training)
+        return z * mask.to(z.dtype)
 
     def routed(self, x: torch.Tensor) -> RoutedUpdate | None:
         """The fused path's view of this layer (:mod:`cl_bench.routed`): one adapter (training,
@@ -239,10 +260,7 @@ class FlyLoRALinear(AdaptedLinear):
         bias = d[0]
 
         def route(z: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
-            score = z.to(torch.promote_types(z.dtype, bias.dtype)) + bias
-            mask = topk_mask(score if self.signed else score.abs(), self.k)
-            self.usage.record(mask, self.training)
-            return z * mask.to(z.dtype)
+            return self.route(z, bias)
 
         return RoutedUpdate(A[0], None, B[0], self.scaling, route)
 

@@ -45,9 +45,13 @@ Compute: the official TVM kernels gather the k selected rows of A and columns of
 takes the code's ``dense_compute`` route (one GEMM for [A; W_r] x, the gates applied to all r
 entries, 0 off S, one GEMM with B), whose values and gradients are the same: ranks outside S get
 exact-zero gradients. On CUDA the q, k, v layers of an attention run as one group on the fused
-path of :mod:`cl_bench.routed` (base and update GEMMs shared, the update accumulated in place).
-Routing uses fixed shapes and in-place device counters only (no host sync), so a training step can
-be replayed from a CUDA graph.
+path of :mod:`cl_bench.routed` (base and update GEMMs shared, the update accumulated in place),
+and the gate (sigmoid, bias, top-k, normalisation, h = g * z and the counters) runs as one Triton
+kernel forward and one backward in closed form (:mod:`cl_bench.rank_gates`, maths in
+:mod:`cl_bench.rank_kernels`) instead of ~25 small torch kernels; among equal scores it selects the
+lowest rank (``torch.topk``'s choice in the torch code, which the CPU runs). Routing uses fixed
+shapes and in-place device counters only (no host sync), so a training step can be replayed from a
+CUDA graph.
 
 Federation (issue 19), only what training moves: A, B and the router of every layer (AdamW) and
 the balancing bias beta (``"<adapter>.A"``, ``.B``, ``.router``, ``.balance_bias``), plus a linear
@@ -74,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_bench import rank_gates
 from cl_bench.adapter_set import AdapterSet
 from cl_bench.adapters import AdaptedLinear
 from cl_bench.backbones.base import Backbone
@@ -136,8 +141,15 @@ class SMoRALinear(AdaptedLinear):
         return w / w.sum(dim=-1, keepdim=True) * self.k, mask
 
     def route(self, z: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        """The gated ranks ``g(l) * z`` [N, r] in z's dtype; counts the selections."""
+        """The gated ranks ``g(l) * z`` [N, r] in z's dtype; counts the selections. On CUDA one
+        Triton kernel each way (:func:`cl_bench.rank_gates.smora_gate`); elsewhere, and for what
+        the kernels do not take, this torch code (:meth:`gates`), the reference."""
         assert logits is not None
+        beta = self.balance_bias
+        if rank_gates.smora_serves(z, logits, beta, self.partition):
+            return rank_gates.smora_gate(
+                z, logits, beta, self.k, self.partition, self.include_bias, self.usage, self.training
+            )
         g, mask = self.gates(logits)
         self.usage.record(mask, self.training)
         return z * g.to(z.dtype)

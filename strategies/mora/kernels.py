@@ -2,71 +2,17 @@
 
 Imported only on first CUDA use: importing this module imports Triton.
 
-The selection works on integer order keys (:func:`strategies.mora.routing.order_keys` is the torch
-twin of :func:`_order_keys`): one key per entry, unique in its row, whose integer order is the
-selection's order (larger value first, the lowest column among equal values). The top K of a row
-is then every entry whose key is >= the K-th largest key: the forward finds that key by integer
-reductions only (one per round, below) and saves it, one integer per row; the backward rebuilds
-the mask from z with one compare per entry, without any reduction for the selection.
-
-Rounds: after the largest key (a max-reduction), each round finds the largest key below the last
-one, ``next = last - 1 - min_j (last - 1 - key_j)``, the differences taken as unsigned integers:
-keys at or above ``last`` give "negative" differences, i.e. huge unsigned ones, which the min
-skips. That is one add per entry (``~key_j`` is precomputed) and one unsigned min-reduction per
-round (a single warp-wide ``redux`` for 32-bit keys), instead of a float max plus an index min.
-It needs every difference to fit in the signed range, i.e. all keys of a row, padding included,
-within 2**31 of each other: int32 keys of 16-bit z lie in [-(2**30) - 1, 2**30) (16 bits of value
-times 2**15 columns, hence at most 32768 columns), int64 keys of float32 z within +-2**46.
+The selection works on the integer order keys of :mod:`cl_bench.topk_kernels` (shared with the
+rank-1 mixtures' kernels; :func:`strategies.mora.routing.order_keys` is their torch twin): the top
+K of a row is every entry of z whose key is >= the K-th largest key. The forward finds that key by
+integer reductions only and saves it, one integer per row; the backward rebuilds the mask from z
+with one compare per entry, without any reduction for the selection.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _order_keys(z_raw, cols, valid, KEY64: tl.constexpr):
-    """The order keys of a tile of z in its own dtype: ``value * 2**15 + (32767 - col)``.
-
-    ``value`` is the sign-magnitude bit pattern of z read as a two's-complement integer (monotone
-    in the float value), with -0.0 mapped to +0.0 so that the two tie as in a float compare. 16-bit
-    z (bf16/fp16) gives int32 keys in [-(2**30), 2**30), float32 z int64 keys (KEY64). Padding
-    entries get a key below every real one, so they are never selected (K < R).
-    """
-    if KEY64:
-        bits = z_raw.to(tl.int32, bitcast=True).to(tl.int64)
-        value = tl.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
-        padding = -(2**46) - 1
-    else:
-        bits = z_raw.to(tl.int16, bitcast=True).to(tl.int32)
-        value = tl.where(bits < 0, -(bits & 0x7FFF), bits)
-        padding = -(2**30) - 1
-    keys = value * 32768 + (32767 - cols)[None, :]
-    return tl.where(valid, keys, padding)
-
-
-@triton.jit
-def _key_value(key, z_raw, KEY64: tl.constexpr):
-    """The value (as float32) of the entry of z (tile ``z_raw``, for its dtype) whose order key is
-    ``key`` (one per row): inverts _order_keys."""
-    value = key >> 15
-    if KEY64:
-        bits = tl.where(value < 0, (-value) | 0x80000000, value).to(tl.int32)
-    else:
-        bits = tl.where(value < 0, (-value) | 0x8000, value).to(tl.int16)
-    return bits.to(z_raw.dtype, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _top_and_kth(keys, K: tl.constexpr, KEY64: tl.constexpr):
-    """The largest and the K-th largest key of each row: one max-reduction, then K - 1 rounds of
-    one unsigned min-reduction (module docstring)."""
-    top = tl.max(keys, axis=1)
-    unsigned: tl.constexpr = tl.uint64 if KEY64 else tl.uint32
-    below = (~keys).to(unsigned, bitcast=True)  # -1 - key_j
-    last = top.to(unsigned, bitcast=True)
-    for _ in tl.static_range(K - 1):
-        last = last - 1 - tl.min(below + last[:, None], axis=1)
-    return top, last.to(keys.dtype, bitcast=True)
+from cl_bench.topk_kernels import key_value, order_keys, top_and_kth
 
 
 @triton.jit
@@ -101,11 +47,11 @@ def forward_kernel(
     z = z_raw.to(tl.float32)
     norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
     if SELECT:
-        keys = _order_keys(z_raw, cols, valid, KEY64)
-        top, kth = _top_and_kth(keys, K, KEY64)
+        keys = order_keys(z_raw, cols, valid, KEY64)
+        top, kth = top_and_kth(keys, K, KEY64)
         tl.store(kth_ptr + rows, kth, mask=in_rows)
         selected = keys >= kth[:, None]  # padding keys are below any kth of a real row
-        w = _weights(z, inv_tau / norm, selected, _key_value(top, z_raw, KEY64))
+        w = _weights(z, inv_tau / norm, selected, key_value(top, z_raw, KEY64))
     else:
         w = _weights(z, inv_tau / norm, valid, None)
     if GATE:
@@ -143,11 +89,11 @@ def backward_kernel(
     norm = tl.maximum(raw_norm, 1e-12)
     scale = inv_tau / norm
     if SELECT:
-        keys = _order_keys(z_raw, cols, valid, KEY64)
+        keys = order_keys(z_raw, cols, valid, KEY64)
         kth = tl.load(kth_ptr + rows, mask=in_rows, other=0)
         selected = keys >= kth[:, None]
         # the row's largest z is selected: one integer max-reduction (a warp-wide redux for int32)
-        w = _weights(z, scale, selected, _key_value(tl.max(keys, axis=1), z_raw, KEY64))
+        w = _weights(z, scale, selected, key_value(tl.max(keys, axis=1), z_raw, KEY64))
     else:
         selected = valid
         w = _weights(z, scale, selected, None)
