@@ -110,6 +110,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
+def _forward_buffers(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A gate forward's rows of ``z`` [N, r] (:func:`_rows`), its output h [N, r] in z's dtype and
+    the k-th order key per row it saves for the backward (None when k = r: every rank selected)."""
+    z2 = _rows(z)
+    n, r = z2.shape
+    h = torch.empty((n, r), dtype=z.dtype, device=z.device)
+    return z2, h, (torch.empty(n, dtype=torch.int64, device=z.device) if k < r else None)
+
+
 def _launch(n: int, r: int, tiles: int = 1) -> tuple[int, int, int]:
     """(grid, BLOCK_N, BLOCK_R) of ``n`` rows of ``r`` ranks, ``tiles`` tiles per program."""
     import triton
@@ -145,10 +154,9 @@ class _SMoRAGate(torch.autograd.Function):
         targets: Targets,
     ) -> torch.Tensor:
         kernels = _kernels()
-        z2, l2 = _rows(z), _rows(logits)
+        z2, h, kth = _forward_buffers(z, k)
+        l2 = _rows(logits)
         n, r = z2.shape
-        h = torch.empty((n, r), dtype=z.dtype, device=z.device)
-        kth = torch.empty(n, dtype=torch.int64, device=z.device) if k < r else None
         if n:
             grid, block_n, block_r = _launch(n, r, TILES)
             with _device(z):
@@ -193,10 +201,8 @@ class _FlyLoRAGate(torch.autograd.Function):
         ctx: Any, z: torch.Tensor, d: torch.Tensor, k: int, signed: bool, targets: Targets
     ) -> torch.Tensor:
         kernels = _kernels()
-        z2 = _rows(z)
+        z2, h, kth = _forward_buffers(z, k)
         n, r = z2.shape
-        h = torch.empty((n, r), dtype=z.dtype, device=z.device)
-        kth = torch.empty(n, dtype=torch.int64, device=z.device) if k < r else None
         if n:
             grid, block_n, block_r = _launch(n, r, TILES)
             with _device(z):
