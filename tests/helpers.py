@@ -115,3 +115,26 @@ def crash_before_steps(monkeypatch: Any, steps: set[int]) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", train_step)
+
+
+def run_interpreted(script: str, *args: str) -> Any:
+    """Run ``script`` (with ``args``) in a fresh Python with Triton's interpreter on, so its kernels
+    run on the CPU (CI has no GPU); the JSON of its last output line. Skips without Triton."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

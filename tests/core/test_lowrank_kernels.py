@@ -4,16 +4,13 @@ twin (``factor_grads(..., fused=False)``): in Triton's interpreter on the CPU, a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cl_bench import lowrank as adapters
 from cl_bench.lowrank import LowRank, factor_grads, lora_linears
+from tests.helpers import run_interpreted
 
 # (d_out, d_in, r): tiles split unevenly, one rank, ranks that are not a power of two, many tiles
 SHAPES = [(40, 24, 3), (64, 48, 8), (700, 33, 1), (3000, 520, 16)]
@@ -56,18 +53,7 @@ def test_the_kernel_equals_the_torch_twin_in_the_interpreter() -> None:
     """Every combination of row scale, gate (fixed or trained), rank mask and scaling, for bf16 and
     fp32 blocks: grad_A and grad_B bitwise equal (the same products in the same order), the gate's
     gradient within float32 summation order."""
-    pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, json.dumps(SHAPES)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(INTERPRETED, json.dumps(SHAPES))
     assert len(results) == len(SHAPES) * 2 * 2 * 3 * 2 * 2  # gate: none, fixed, trained
     for result in results:
         assert result["A"], result["case"]

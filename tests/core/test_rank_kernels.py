@@ -5,11 +5,7 @@ code): in Triton's interpreter on the CPU, and on a GPU."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from torch import nn
 from cl_bench import rank_gates, routed
 from strategies.flylora import FlyLoRALinear
 from strategies.smora import SMoRALinear
+from tests.helpers import run_interpreted
 
 # SMoRA (r, k, P, gate_bias, N): P = 1 and 2, include and exclude, r not a power of 2, k = r (no
 # selection); N not a multiple of the rows per tile (r = 64: 16 rows, r = 24: 32) nor of the tiles
@@ -207,19 +204,8 @@ print(json.dumps(out))
 
 
 def interpret(script: str, *args: str) -> list[dict]:
-    """Run ``script`` in a fresh interpreter with Triton's interpreter on (kernels on the CPU)."""
-    pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", ROUND_BF16 + script, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result: list[dict] = json.loads(done.stdout.strip().splitlines()[-1])
+    """Run ``script`` under Triton's interpreter (:func:`tests.helpers.run_interpreted`)."""
+    result: list[dict] = run_interpreted(ROUND_BF16 + script, *args)
     return result
 
 

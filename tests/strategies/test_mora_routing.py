@@ -4,10 +4,6 @@ CPU, and the Triton kernels against the torch reference on a GPU."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +20,7 @@ from strategies.mora.routing import (
     selection_mask,
     use_triton,
 )
+from tests.helpers import run_interpreted
 
 SHAPES = [(64, 16, 16), (300, 48, 16), (1000, 160, 16), (50, 300, 2), (7, 5, 16)]  # (N, R, k)
 
@@ -229,20 +226,8 @@ print(json.dumps(out))
 
 
 def interpret(script: str, *args: str) -> list[dict]:
-    """Run ``script`` in a fresh interpreter with Triton's interpreter on (kernels on the CPU)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result: list[dict] = json.loads(done.stdout.strip().splitlines()[-1])
+    """Run ``script`` under Triton's interpreter (:func:`tests.helpers.run_interpreted`)."""
+    result: list[dict] = run_interpreted(script, *args)
     return result
 
 
