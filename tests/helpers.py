@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,33 @@ def run_interpreted(script: str, *args: str) -> Any:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+CUT_PROMPTS = ("a cat.", "a photo of a small bird, a type of animal.")  # ends: token 3 and 13 of 16
+
+
+def assert_cut_tokens_encode_as_full_rows(
+    backbone: Backbone, full: torch.Tensor, reference: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """``backbone.tokenize(CUT_PROMPTS)`` is ``full`` (the tokenizer's 16-token rows of them) cut
+    after the longest prompt's end token, and in float64 ``backbone.encode_text`` on it gives
+    ``reference(full)``'s features and every text parameter's gradient (a backbone in float64)."""
+    tokens = backbone.tokenize(list(CUT_PROMPTS))
+    assert full.shape == (2, 16)
+    assert tokens.shape == (2, 14)
+    assert torch.equal(tokens, full[:, :14])
+    assert (full[:, 14:] == 0).all()
+
+    def features_and_grads(
+        encode: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor
+    ) -> list[torch.Tensor]:
+        backbone.model.zero_grad()
+        out = encode(ids)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in backbone.text_parameters() if p.grad is not None]
+
+    cut = features_and_grads(backbone.encode_text, tokens)
+    whole = features_and_grads(reference, full)
+    assert len(cut) == len(whole) > 10
+    for a, b in zip(cut, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

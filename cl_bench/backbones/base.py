@@ -186,3 +186,14 @@ class Backbone(nn.Module):
                 "head_dim": {t: self.blocks_of(t)[0].head_dim for t in self.towers()},
             },
         )
+
+
+def trim_padding(tokens: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``tokens`` [N, context] cut after the largest of ``ends`` (each row's pooled position).
+
+    Exact for a causal text tower that pools one position per row: no pooled output sees a later
+    position, so columns that are padding in every row never change a text feature.
+    """
+    if tokens.shape[0] == 0:
+        return tokens
+    return tokens[:, : int(ends.max()) + 1].contiguous()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_bench.backbones.base import Backbone, Block, Tower, error_summary
+from cl_bench.backbones.base import Backbone, Block, Tower, error_summary, trim_padding
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
 
@@ -126,7 +126,13 @@ class HFCLIPBackbone(Backbone):
         return self.model.get_text_features(input_ids=tokens).pooler_output
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self._tokenize(list(texts))
+        """Token ids [N, L], cut after the longest prompt's pooled end token (exact: the text
+        tower is causal; see :func:`~cl_bench.backbones.base.trim_padding`)."""
+        tokens = self._tokenize(list(texts))
+        eos_id = self.model.config.text_config.eos_token_id
+        # CLIPTextTransformer's pooling: the largest id for the legacy eos_token_id 2, else the first eos
+        ends = tokens.argmax(dim=-1) if eos_id == 2 else (tokens == eos_id).int().argmax(dim=-1)
+        return trim_padding(tokens, ends)
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Models are created by name, with weights from a local file (``.pt``/``.bin``/``.safetensors``) or
 ``local-dir:<dir>``; nothing is downloaded. Every ``nn.MultiheadAttention`` is replaced by an
 equivalent :class:`~cl_bench.backbones.attention.UnfusedAttention` so strategies adapt plain linears, and
-the patch embedding runs as one GEMM (:class:`PatchConv2d`).
+the patch embedding runs as one GEMM (:class:`PatchConv2d`). Prompts are tokenized only up to the
+longest prompt's end token (:func:`trim_padding`), which the causal text tower makes exact.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.backbones.attention import UnfusedAttention
-from cl_bench.backbones.base import Backbone, Block, Tower, error_summary
+from cl_bench.backbones.base import Backbone, Block, Tower, error_summary, trim_padding
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
 
@@ -54,8 +55,9 @@ class OpenCLIPBackbone(Backbone):
     ) -> None:
         if not hasattr(model, "transformer") or not hasattr(model.visual, "transformer"):
             raise ConfigError(f"{source}: only open_clip CLIP models with ViT towers are supported")
+        causal = getattr(model, "attn_mask", None) is not None
         unfuse_attention(model.visual.transformer.resblocks, causal=False)
-        unfuse_attention(model.transformer.resblocks, causal=True)
+        unfuse_attention(model.transformer.resblocks, causal=causal)
         model.visual.conv1 = PatchConv2d.from_conv(model.visual.conv1)
         use_autocast_layer_norms(model)
         blocks = [
@@ -101,16 +103,53 @@ class OpenCLIPBackbone(Backbone):
             ),
         )
         self.tokenizer = tokenizer
+        # the pooled position's output sees only the positions before it, so the padding after the
+        # longest prompt's end token can be left out exactly
+        self.trims_text = causal and model.text_pool_type in ("argmax", "eos")
         model.logit_scale.requires_grad_(False)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+        """open_clip's ``CLIP.encode_text`` for token rows of any length up to the context.
+
+        The same steps as open_clip's (embedding, positions, the transformer, ``ln_final``, the
+        pooled token, the projection), except that the positional embedding and the causal mask
+        are cut to ``tokens.shape[1]``: open_clip adds all ``context_length`` positions and so
+        accepts only full-length rows.
+        """
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        n = tokens.shape[1]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)
+        mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
+        x = m.ln_final(m.transformer(x, attn_mask=mask))
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
+        """Token ids [N, L]: the context cut after the longest prompt's end token when exact.
+
+        CLIP pads every prompt to 77 tokens while "a photo of a {}." ends by token ~10, and the text
+        tower's cost grows with the row length (its attention with its square). With a causal mask
+        and an end-token pool (OpenAI CLIP's), the pooled feature never sees the positions after the
+        end token, so dropping the padding that every row has changes no result.
+        """
+        tokens = self.tokenizer(list(texts))
+        if not self.trims_text:
+            return tokens
+        eos_id = getattr(self.model, "text_eos_id", None)
+        ends = (
+            tokens.argmax(dim=-1)
+            if self.model.text_pool_type == "argmax"
+            else (tokens == eos_id).int().argmax(-1)
+        )
+        return trim_padding(tokens, ends)
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from cl_bench.backbones.hf import build_clip_from_config, build_vit_from_config
 from cl_bench.errors import ConfigError, WeightsError
 from cl_bench.registry import BACKBONES
+from tests.helpers import CUT_PROMPTS, assert_cut_tokens_encode_as_full_rows
 
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -70,7 +71,7 @@ def test_hf_clip_loads_model_and_tokenizer_from_a_directory(tmp_path) -> None:
     assert backbone.kind == "clip"
     assert len(backbone.blocks) == 4
     tokens = backbone.tokenize(["a photo of a cat."])
-    assert tokens.shape == (1, 16)
+    assert tokens.shape == (1, 8)  # start, 6 tokens, end: the padding after it is cut
     assert tokens[0, 0].item() == 49406  # start of text, as open_clip's tokenizer
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -202,3 +203,14 @@ def test_a_run_on_partly_matching_weights_fails_before_it_starts_and_leaves_no_r
     with pytest.raises(WeightsError, match="1 missing key"):
         quick_run(tmp_path, "zero-shot", backbone={"name": "hf-clip", "path": str(weights)})
     assert not (tmp_path / "runs" / "zero-shot-test" / results.RESULT_FILE).exists()
+
+
+def test_hf_clip_tokens_end_at_the_longest_prompt_and_encode_as_the_full_context() -> None:
+    """Cutting the padding that every row has is exact in the causal text tower: float64 features
+    and every text parameter's gradient equal the full 16-token rows'."""
+    backbone = BACKBONES.get("tiny-hf-clip")().build().double()
+    assert_cut_tokens_encode_as_full_rows(
+        backbone,
+        backbone._tokenize(list(CUT_PROMPTS)),
+        lambda ids: backbone.model.get_text_features(input_ids=ids).pooler_output,
+    )

@@ -10,10 +10,10 @@ import torch
 
 from cl_bench import config
 from cl_bench.backbones.attention import UnfusedAttention
-from cl_bench.backbones.open_clip import AutocastLayerNorm, PatchConv2d, unfuse_attention
+from cl_bench.backbones.open_clip import AutocastLayerNorm, OpenCLIPBackbone, PatchConv2d, unfuse_attention
 from cl_bench.errors import WeightsError
 from cl_bench.registry import BACKBONES
-from tests.helpers import tiny_backbone
+from tests.helpers import CUT_PROMPTS, assert_cut_tokens_encode_as_full_rows, tiny_backbone
 
 
 def raw_model(name: str = "tiny-clip"):
@@ -241,3 +241,35 @@ def test_on_cuda_the_autocast_layer_norm_runs_the_bf16_kernel() -> None:
         got, want = ours(x), theirs(x)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_tokens_end_at_the_longest_prompt_and_encode_as_open_clips_full_context() -> None:
+    """Prompts are cut after the longest one's end token, exactly: in float64 the text features and
+    every text parameter's gradient equal open_clip's ``encode_text`` on the full 16-token rows."""
+    backbone = tiny_backbone("tiny-clip")
+    backbone.model.double()
+    assert_cut_tokens_encode_as_full_rows(
+        backbone, backbone.tokenizer(list(CUT_PROMPTS)), backbone.model.encode_text
+    )
+
+
+def test_a_text_tower_without_a_causal_mask_keeps_full_rows_and_bidirectional_attention() -> None:
+    """Cutting is exact only for a causal tower pooling its end token: a model built without the
+    causal mask (open_clip's ``no_causal_mask``, pooled at the last position) keeps every token,
+    and its unfused attention is not made causal."""
+    import open_clip
+
+    model = raw_model()
+    model.attn_mask = None
+    model.text_pool_type = "last"
+    backbone = OpenCLIPBackbone(
+        name="x",
+        model=model,
+        tokenizer=open_clip.tokenizer.SimpleTokenizer(context_length=16),
+        source="test",
+        pretrained=False,
+        weights=None,
+    )
+    assert not backbone.trims_text
+    assert backbone.tokenize(["a cat."]).shape == (1, 16)
+    assert not any(b.attn.causal for b in model.transformer.resblocks)
