@@ -51,6 +51,8 @@ Choices where the paper, the official code and continual learning leave room:
 - Importance is computed in ``after_backward`` (after clipping, before ``optimizer.step``, as in
   the official trainer) for every prunable block, on the device, with no host synchronisation;
   the non-finite skip uses ``torch.where`` instead of the official ``isnan(...).sum()`` check.
+  Layers of one shape and group position are scored by one batched product
+  (:class:`ImportancePlan`): on ViT-B/16 a step issues 318 top-level ops for it instead of 2,402.
 - LoRA dropout is 0 (the official default is 0.05); all six roles are adapted (every layer of a
   pruning group needs its LoRA gradients).
 
@@ -72,7 +74,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,16 +147,6 @@ class MaskedLoRALinear(LoRALinear):
         """The LoRA factors and the mask buffer."""
         return super().added_tensors() + ([] if self.mask is None else [self.mask])
 
-    def importance(self) -> torch.Tensor | None:
-        """``|G_hat * (W0 + s B A)|`` (Eq. 1-2) from the current gradients; None without gradients."""
-        gA, gB = self.A.grad, self.B.grad
-        if gA is None or gB is None:
-            return None
-        A, B = self.A.detach(), self.B.detach()
-        g_hat = torch.cat([gB, B - gB], dim=1) @ torch.cat([A, gA], dim=0)  # dB A + (B - dB) dA
-        merged = torch.addmm(self.base.weight.detach().to(A.dtype), B, A, alpha=self.scaling)
-        return (g_hat * merged).abs()
-
     def folded(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (LoRA merged, mask folded into rows)."""
         base = self.base
@@ -194,17 +186,10 @@ class PruneGroup:
     mask: torch.Tensor  # group mask [n], 1 = kept
     n_pruned: int = 0
 
-    def step_importance(self) -> torch.Tensor | None:
-        """Sum over the group's layers of the per-layer L2-normalised group importance."""
-        total = None
-        for layer, dim in [*((m, 1) for m in self.fan_out), (self.fan_in, 0)]:
-            score = layer.importance()
-            if score is None:
-                continue
-            per_group = score.sum(dim).view(self.n, self.size).sum(1)
-            per_group = per_group / (torch.linalg.vector_norm(per_group) + 1e-8)
-            total = per_group if total is None else total + per_group
-        return total
+    def scored_layers(self) -> list[tuple[MaskedLoRALinear, int]]:
+        """The group's layers in the order their importance is summed, each with the weight
+        dimension its units lie along (0: output rows, q/k/v/fc1; 1: input columns, out/fc2)."""
+        return [*((m, 0) for m in self.fan_out), (self.fan_in, 1)]
 
     def prune_to(self, ratio: float) -> None:
         """Zero the ``floor(ratio n)`` lowest-importance groups; pruned groups stay pruned."""
@@ -226,6 +211,115 @@ class PruneGroup:
         units = self.n_pruned * self.size
         removed = sum(units * (m.in_features + (m.bias is not None)) for m in self.fan_out)
         return removed + units * self.fan_in.out_features
+
+
+# At most this many weight elements per batched importance product (2**25 fp32: 128 MiB each of
+# the three transient tensors), so a large model's layers of one shape are scored in chunks.
+_SCORE_CHUNK = 2**25
+
+
+def layer_scores(layers: Sequence[MaskedLoRALinear], along: int) -> torch.Tensor:
+    """``|G_hat * (W0 + s B A)|`` (Eq. 1-2) of same-shaped layers, summed onto the units ``along``
+    (0: a sum per output row; 1: per input column): [len(layers), units].
+
+    One batched product for all the layers instead of ~10 kernels each: the importance runs in
+    the eager part of every step, after the graph's backward, and ~120 layers' worth of small
+    kernels launched from Python (2,400 on ViT-B/16) made LoRAPrune's step wait for the host.
+    ``G_hat = dB A + (B - dB) dA`` is one GEMM of rank 2r (Eq. 1).
+    """
+    A = torch.stack([m.A for m in layers])  # under no_grad (the caller's): no detach ops needed
+    B = torch.stack([m.B for m in layers])
+    gA = torch.stack([m.A.grad for m in layers])  # type: ignore[misc]  # the caller checked: not None
+    gB = torch.stack([m.B.grad for m in layers])  # type: ignore[misc]
+    g_hat = torch.cat([gB, B - gB], dim=2).bmm(torch.cat([A, gA], dim=1))
+    merged = torch.stack([m.base.weight for m in layers]).to(A.dtype)
+    merged.baddbmm_(B, A, alpha=layers[0].scaling)
+    return g_hat.mul_(merged).abs_().sum(dim=2 - along)
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Layers of one shape, one position in their groups (q, k, v or out ...) and one group size,
+    scored together; ``rows`` are their groups' rows in the family's totals."""
+
+    layers: tuple[MaskedLoRALinear, ...]
+    along: int
+    n: int
+    size: int
+    family: int
+    rows: torch.Tensor
+
+
+class ImportancePlan:
+    """The batched form of the per-group importance of one step (Eq. 1-3's inputs).
+
+    For each group: the sum over its layers, in the order of :meth:`PruneGroup.scored_layers`, of
+    each layer's unit importance reduced per group and L2-normalised (``||.|| + 1e-8``). Layers are
+    batched by shape and position in their group; a group's sum accumulates its positions in order,
+    as the per-layer loop would. Built for one set of layers with gradients (the index tensors live
+    on the device, so a step uploads nothing) and rebuilt when that set changes.
+    """
+
+    def __init__(self, groups: Sequence[PruneGroup], live: Sequence[Sequence[bool]]) -> None:
+        families: dict[tuple[int, int, torch.device], list[int]] = {}
+        for gi, g in enumerate(groups):
+            if any(live[gi]):
+                families.setdefault((g.n, g.size, g.importance.device), []).append(gi)
+        self.families = list(families.values())
+        where = {gi: (f, r) for f, members in enumerate(self.families) for r, gi in enumerate(members)}
+        grouped: dict[tuple[Any, ...], list[tuple[MaskedLoRALinear, int]]] = {}
+        for gi, g in enumerate(groups):
+            for position, ((layer, along), has_grad) in enumerate(
+                zip(g.scored_layers(), live[gi], strict=True)
+            ):
+                if not has_grad:
+                    continue
+                key = (
+                    position,
+                    along,
+                    g.n,
+                    g.size,
+                    where[gi][0],
+                    layer.scaling,
+                    tuple(layer.base.weight.shape),
+                    layer.A.dtype,
+                    layer.base.weight.dtype,
+                )
+                grouped.setdefault(key, []).append((layer, where[gi][1]))
+        self.buckets: list[_Bucket] = []
+        for key in sorted(grouped, key=lambda k: k[0]):  # positions in order: the per-group sum order
+            position, along, n, size, family = key[:5]
+            members = grouped[key]
+            per_layer = members[0][0].base.weight.numel()
+            step = max(1, _SCORE_CHUNK // per_layer)
+            device = members[0][0].A.device
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                self.buckets.append(
+                    _Bucket(
+                        layers=tuple(m for m, _ in chunk),
+                        along=along,
+                        n=n,
+                        size=size,
+                        family=family,
+                        rows=torch.tensor([r for _, r in chunk], device=device),
+                    )
+                )
+
+    def totals(self) -> list[torch.Tensor]:
+        """Per family, the step's importance of its groups [groups, n] (rows as ``families``)."""
+        out: list[torch.Tensor | None] = [None] * len(self.families)
+        for b in self.buckets:
+            per_group = layer_scores(b.layers, b.along).view(len(b.layers), b.n, b.size).sum(2)
+            per_group = per_group / (torch.linalg.vector_norm(per_group, dim=1, keepdim=True) + 1e-8)
+            acc = out[b.family]
+            if acc is None:
+                acc = out[b.family] = per_group.new_zeros(len(self.families[b.family]), b.n)
+            if b.rows.numel() == acc.shape[0]:  # every group of the family, in order (the usual case)
+                acc.add_(per_group)
+            else:
+                acc.index_add_(0, b.rows, per_group)
+        return [t for t in out if t is not None]
 
 
 @dataclass(frozen=True)
@@ -349,6 +443,8 @@ class LoRAPrune(Strategy):
                     )
                 )
         self.towers = towers
+        self._plan: ImportancePlan | None = None  # built at the first step with gradients
+        self._plan_live: tuple[tuple[bool, ...], ...] = ()
         self.total_steps = ctx.total_steps
         self.prune_events: list[list[float]] = []  # [step, ratio]
         self.last_target = 0.0  # scheduled sparsity at the last step trained
@@ -370,6 +466,7 @@ class LoRAPrune(Strategy):
         for g in self.groups:
             g.importance = g.importance.to(device)
             g.mask = g.mask.to(device)
+        self._plan = None  # its index tensors and families were on the old device
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore LoRA and the layer masks, and rebuild the group masks from them."""
@@ -442,14 +539,26 @@ class LoRAPrune(Strategy):
 
     @torch.no_grad()
     def update_importance(self) -> None:
-        """EMA of the group importance (Eq. 3); the whole update is skipped if any value is not finite."""
-        fresh = [(g, s) for g in self.groups if (s := g.step_importance()) is not None]
-        if not fresh:
+        """EMA of the group importance (Eq. 3); the whole update is skipped if any value is not finite.
+
+        Groups none of whose layers has gradients keep their average. The step's importance is
+        batched (:class:`ImportancePlan`, ~13 kernels per layer shape instead of ~10 per layer)."""
+        live = tuple(
+            tuple(layer.A.grad is not None and layer.B.grad is not None for layer, _ in g.scored_layers())
+            for g in self.groups
+        )
+        if not any(any(row) for row in live):
             return
-        finite = torch.stack([torch.isfinite(s).all() for _, s in fresh]).all()
+        if self._plan is None or self._plan_live != live:
+            self._plan, self._plan_live = ImportancePlan(self.groups, live), live
+        totals = self._plan.totals()
+        finite = torch.stack([torch.isfinite(t).all() for t in totals]).all()
         beta = self.cfg.ema
-        for g, s in fresh:
-            g.importance.copy_(torch.where(finite, beta * g.importance + (1.0 - beta) * s, g.importance))
+        for members, fresh in zip(self._plan.families, totals, strict=True):
+            old = torch.stack([self.groups[gi].importance for gi in members])
+            new = torch.where(finite, beta * old + (1.0 - beta) * fresh, old)
+            for gi, row in zip(members, new.unbind(0), strict=True):
+                self.groups[gi].importance.copy_(row)
 
     def after_backward(self, step: int) -> None:
         """Importance from this step's LoRA gradients, then a pruning round every ``prune_every`` steps."""

@@ -18,6 +18,7 @@ from cl_bench.backbones.base import Backbone
 from cl_bench.backbones.open_clip import load_open_clip
 from cl_bench.errors import ConfigError
 from cl_bench.registry import STRATEGIES
+from strategies import loraprune
 from strategies.loraprune import LoRAPrune, MaskedLoRALinear, prunable_blocks, sparsity_schedule
 from tests.helpers import experience_info, head_for, tiny_backbone, tiny_context
 
@@ -62,11 +63,14 @@ def eval_logits(strategy: LoRAPrune, x: torch.Tensor) -> torch.Tensor:
 
 
 def expected_group_importance(strategy: LoRAPrune, group: Any) -> torch.Tensor:
-    """Eq. 7-8 evaluated in float64 from the autograd gradients, reduced as the official code."""
+    """Eq. 7-8 evaluated in float64 from the autograd gradients, reduced as the official code
+    (layers without gradients contribute nothing)."""
     fan_out, fan_in = ROLE_GROUPS[group.kind]
     total = torch.zeros(group.n, dtype=torch.float64)
     for role in (*fan_out, fan_in):
         layer = strategy.adapters()[f"{group.block.name}.{role}"]
+        if layer.A.grad is None:
+            continue
         A, B = layer.A.detach().double(), layer.B.detach().double()
         gA, gB = layer.A.grad.double(), layer.B.grad.double()
         g_hat = gB @ A + B @ gA - gB @ gA
@@ -75,6 +79,17 @@ def expected_group_importance(strategy: LoRAPrune, group: Any) -> torch.Tensor:
         per_group = per_unit.reshape(group.n, group.size).sum(1)
         total += per_group / (per_group.norm() + 1e-8)
     return total
+
+
+def backward_once() -> LoRAPrune:
+    """A LoRAPrune with random B after one training forward and backward (gradients in place)."""
+    strategy = make()
+    randomize_lora(strategy)
+    info = experience_info(0, (0, 1), N_CLASSES)
+    x, y = batch()
+    strategy.train()
+    strategy.loss(strategy.forward(x, info), y, info).backward()
+    return strategy
 
 
 def test_registered_with_the_paper() -> None:
@@ -110,13 +125,38 @@ def test_importance_equals_the_formula_from_autograd_gradients() -> None:
         assert bool((g.mask == 1).all())
 
 
+@pytest.mark.parametrize("chunk", [2**25, 1])
+def test_batched_importance_with_missing_gradients_and_chunks_equals_the_formula(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batched importance (layers of one shape scored together, in chunks when large) equals
+    the per-layer formula when some layers have no gradient (their group sums the others), and a
+    group none of whose layers has one keeps its average; chunk 1 scores every layer alone
+    (the index path of partial buckets)."""
+    monkeypatch.setattr(loraprune, "_SCORE_CHUNK", chunk)
+    strategy = backward_once()
+    adapters = strategy.adapters()
+    adapters["vision.1.k"].A.grad = adapters["vision.1.k"].B.grad = None
+    for role in ("fc1", "fc2"):  # the whole MLP group of text block 2
+        adapters[f"text.2.{role}"].A.grad = adapters[f"text.2.{role}"].B.grad = None
+    silent = next(g for g in strategy.groups if g.name == "text.2.mlp")
+    silent.importance.fill_(0.5)
+    expected = {g.name: expected_group_importance(strategy, g) for g in strategy.groups}
+    strategy.after_backward(0)
+    assert strategy._plan is not None
+    # tiny-clip's towers have equal widths: a position's layers of both towers share one bucket (q, k,
+    # v, out, fc1, fc2); one at a time, the 36 layers less the 3 without gradients
+    assert len(strategy._plan.buckets) == (33 if chunk == 1 else 6)
+    for g in strategy.groups:
+        if g is silent:
+            assert torch.equal(g.importance, torch.full_like(g.importance, 0.5))
+        else:
+            torch.testing.assert_close(g.importance.double(), 0.1 * expected[g.name], rtol=1e-4, atol=1e-9)
+            assert g.importance.abs().sum() > 0
+
+
 def test_a_non_finite_importance_skips_the_whole_update() -> None:
-    strategy = make()
-    randomize_lora(strategy)
-    info = experience_info(0, (0, 1), N_CLASSES)
-    x, y = batch()
-    strategy.train()
-    strategy.loss(strategy.forward(x, info), y, info).backward()
+    strategy = backward_once()
     strategy.after_backward(0)
     before = [g.importance.clone() for g in strategy.groups]
     strategy.adapters()["text.2.fc2"].A.grad[0, 0] = float("nan")
