@@ -6,7 +6,7 @@
 #   bash benchmarks/device_session.sh [PART ...]
 # PARTs, run in the order given (default: tests speed federated flower, about 9 minutes):
 #   tests        the gpu tests of the Triton gate kernels and of the graph runner (LISA's graphs)
-#   speed        cl-bench bench rows of lora, smora, flylora, lisa and finetune (issues 20, 21)
+#   speed        cl-bench bench rows of lora, smora, flylora, lisa, finetune, loraprune (issues 20, 21)
 #   speed-all    the whole cl-bench bench table (issue 21; longer than one call's 10 minutes
 #                together with other parts)
 #   federated    federated lora vs finetune, sequential backend, K=10, R=5 (issue 19)
@@ -56,7 +56,7 @@ for part in "${parts[@]}"; do
     tests) run_part tests 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
       tests/core/test_rank_kernels.py tests/core/test_graphs.py ;;
     speed) run_part speed 240 python3 -m benchmarks.speed --no-eager-rows \
-      --only lora smora flylora lisa finetune --out "$out/bench.json" ;;
+      --only lora smora flylora lisa finetune loraprune --out "$out/bench.json" ;;
     speed-all) run_part speed-all 580 python3 -m benchmarks.speed --no-eager-rows --out "$out/bench-all.json" ;;
     federated) run_part federated 170 python3 -m benchmarks.federated --device cuda \
       --runs lora/sequential finetune/sequential ;;
