@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -492,18 +492,47 @@ class Row:
     peak_bytes: int
 
 
+def experience_logits(
+    session: Session, j: int, on_batch: Callable[[int], None] | None = None
+) -> torch.Tensor:
+    """Logits over every class of test experience ``j`` (the strategy already in eval mode)."""
+    all_classes = torch.arange(session.scenario.n_classes, device=session.plan.device)
+    return test_logits(
+        session.strategy,
+        session.test_data[j],
+        session.info(j, all_classes, training=False),
+        session.preprocess,
+        session.plan.cfg.eval_batch_size,
+        session.plan.precision,
+        on_batch=on_batch,
+    )
+
+
+def cell_correct(session: Session, row: int, j: int, logits: torch.Tensor) -> int:
+    """Correct predictions among test experience ``j``'s ``logits`` in row ``row``'s label space."""
+    scenario = session.scenario
+    allowed = allowed_classes(
+        scenario.n_classes,
+        scenario.classes_per_experience,
+        row,
+        j,
+        label_space=session.plan.cfg.label_space,
+        protocol=scenario.protocol,
+        device=session.plan.device,
+    )
+    return n_correct(logits, session.test_data[j].targets, allowed)
+
+
 def evaluate_row(session: Session, row: int, mode: progress_.Mode = "off", cached: Row | None = None) -> Row:
     """Row ``row`` of the accuracy matrix (-1: row b): every test experience, future ones included.
 
     ``cached``: a row whose logits are reused (a strategy that never trains has one model).
     """
-    cfg, device, precision = session.plan.cfg, session.plan.device, session.plan.precision
-    strategy, scenario = session.strategy, session.scenario
-    strategy.eval()
+    device, scenario = session.plan.device, session.scenario
+    session.strategy.eval()
     session.head.invalidate()
     memory.reset_peak(device)
     tic = time.perf_counter()
-    all_classes = torch.arange(scenario.n_classes, device=device)
     if cached is not None:
         logits = cached.logits
     else:
@@ -511,16 +540,7 @@ def evaluate_row(session: Session, row: int, mode: progress_.Mode = "off", cache
         shown = progress_.Phase(mode, total=sum(session.n_test), desc=desc, unit="image", leave=False)
         try:
             logits = [
-                test_logits(
-                    strategy,
-                    data,
-                    session.info(j, all_classes, training=False),
-                    session.preprocess,
-                    cfg.eval_batch_size,
-                    precision,
-                    on_batch=shown.update,
-                )
-                for j, data in enumerate(session.test_data)
+                experience_logits(session, j, on_batch=shown.update) for j in range(len(session.test_data))
             ]
         finally:
             shown.close()
@@ -530,22 +550,7 @@ def evaluate_row(session: Session, row: int, mode: progress_.Mode = "off", cache
                 f"non-finite logits (NaN or +inf) in the evaluation {after}: the weights diverged; "
                 "lower lr, enable max_grad_norm, or use precision=fp32"
             )
-    correct = [
-        n_correct(
-            logits[j],
-            data.targets,
-            allowed_classes(
-                scenario.n_classes,
-                scenario.classes_per_experience,
-                row,
-                j,
-                label_space=cfg.label_space,
-                protocol=scenario.protocol,
-                device=device,
-            ),
-        )
-        for j, data in enumerate(session.test_data)
-    ]
+    correct = [cell_correct(session, row, j, logits[j]) for j in range(len(session.test_data))]
     return Row(row, correct, logits, time.perf_counter() - tic, memory.peak_bytes(device))
 
 

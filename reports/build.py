@@ -49,7 +49,6 @@ from reports.output import output_refusal, remove_stale_temps
 from reports.validate import record_problem
 
 TEMPLATES = Path(__file__).parent / "templates"
-MIB = 2**20
 DASH = "—"
 
 
@@ -71,13 +70,8 @@ def fmt_int(value: Any) -> str:
 
 
 def fmt_bytes(value: Any) -> str:
-    """A byte count in binary units."""
-    if not _is_num(value):
-        return DASH
-    for unit, size in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:,.1f} {unit}"
-    return f"{round(value)} B"
+    """A byte count in binary units (the plots' format), a dash when there is none."""
+    return plots.human_bytes(value) if _is_num(value) else DASH
 
 
 def fmt_rate(value: Any) -> str:

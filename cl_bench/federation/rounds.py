@@ -29,7 +29,6 @@ import torch
 from cl_bench import progress as progress_
 from cl_bench import tracking
 from cl_bench.config import to_dict
-from cl_bench.evaluate import allowed_classes, n_correct, test_logits
 from cl_bench.federation.aggregate import state_bytes
 from cl_bench.federation.client import ClientResult, ClientTask, train_client
 from cl_bench.federation.config import FederationConfig
@@ -252,32 +251,11 @@ def _record_round(
 def seen_accuracy(session: Session, i: int) -> float:
     """Accuracy of the global model on test experiences 0..``i`` (row ``i``'s label space): the
     per-round curve. After the last round it is the accuracy matrix's ``seen[i]``."""
-    cfg, scenario, device = session.plan.cfg, session.scenario, session.plan.device
-    strategy = session.strategy
-    strategy.eval()
+    from cl_bench.loop import cell_correct, experience_logits
+
+    session.strategy.eval()
     session.head.invalidate()
-    all_classes = torch.arange(scenario.n_classes, device=device)
-    correct = total = 0
-    for j in range(i + 1):
-        data = session.test_data[j]
-        logits = test_logits(
-            strategy,
-            data,
-            session.info(j, all_classes, training=False),
-            session.preprocess,
-            cfg.eval_batch_size,
-            session.plan.precision,
-        )
-        allowed = allowed_classes(
-            scenario.n_classes,
-            scenario.classes_per_experience,
-            i,
-            j,
-            label_space=cfg.label_space,
-            protocol=scenario.protocol,
-            device=device,
-        )
-        correct += n_correct(logits, data.targets, allowed)
-        total += len(data)
-    strategy.train()
+    correct = sum(cell_correct(session, i, j, experience_logits(session, j)) for j in range(i + 1))
+    total = sum(len(session.test_data[j]) for j in range(i + 1))
+    session.strategy.train()
     return correct / total
