@@ -13,6 +13,8 @@ layout, then times, in one process:
 
 The domains are registered for this process only, under the names ``Bench<Domain>``: the images
 are smooth noise (so JPEG sizes and decode costs are those of photos), not the real datasets.
+The prompts use each real domain's X-TAIL template, and the longest class names are as long in
+tokens as the real ones (:func:`class_name`): the text tower's cost follows the longest prompt.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def _write_chunk(args: tuple[str, list[tuple[int, str]], int]) -> None:
         Image.fromarray(pixels).convert(mode).save(path, quality=90)
 
 
+def class_name(domain: str, label: int) -> str:
+    """A class name as long as the real ones in tokens, where that matters: the text tower's cost
+    follows the longest prompt (tokens are cut after it), which in X-TAIL is a car model's
+    ("Chevrolet Silverado 1500 Hybrid Crew Cab 2012": 20 tokens with its template)."""
+    if domain == "StanfordCars":
+        return f"{2000 + label % 13} model {label} extended crew cab hybrid convertible"
+    return f"class {label}"
+
+
 def write_full_fixture(root: Path, scale: float, workers: int, shots: int = SHOTS) -> dict[str, int]:
     """Every domain under ``root/<domain>/`` (images/ and split.json); returns image counts."""
     counts = {}
@@ -79,7 +90,7 @@ def write_full_fixture(root: Path, scale: float, workers: int, shots: int = SHOT
         for split, n in (("train", classes * shots), ("test", n_test)):
             for i in range(n):
                 label = i % classes
-                items[split].append([f"c{label:03d}/{split}_{i:05d}.jpg", label, f"class {label}"])
+                items[split].append([f"c{label:03d}/{split}_{i:05d}.jpg", label, class_name(domain, label)])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "split.json").write_text(json.dumps(items))
         flat = [(i, it[0]) for split in ("train", "test") for i, it in enumerate(items[split])]
@@ -89,6 +100,15 @@ def write_full_fixture(root: Path, scale: float, workers: int, shots: int = SHOT
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_chunk, jobs))
     return counts
+
+
+def real_template(domain: str) -> str:
+    """The X-TAIL template of the real domain (its prompts' length), ``a photo of a {}.`` if none."""
+    import scenarios.domains.all  # noqa: F401  (registers the real domains)
+    from scenarios.domains import base
+
+    spec = base.DOMAINS.get(domain)
+    return spec.xtail_template if spec is not None and spec.xtail_template else "a photo of a {}."
 
 
 def register_domains() -> list[str]:
@@ -122,7 +142,7 @@ def register_domains() -> list[str]:
                     aliases=(),
                     benchmarks=("x-tail",),
                     layouts=("generated",),
-                    xtail_template="a photo of a {}.",
+                    xtail_template=real_template(domain),
                     mtil_train_template="",
                     mtil_eval_templates=(),
                     sizes={"x-tail": Sizes(classes * SHOTS, n_test)},
