@@ -260,7 +260,8 @@ class ImportancePlan:
     on the device, so a step uploads nothing) and rebuilt when that set changes.
     """
 
-    def __init__(self, groups: Sequence[PruneGroup], live: Sequence[Sequence[bool]]) -> None:
+    def __init__(self, groups: Sequence[PruneGroup], live: tuple[tuple[bool, ...], ...]) -> None:
+        self.live = live  # per group, per scored layer: has gradients
         families: dict[tuple[int, int, torch.device], list[int]] = {}
         for gi, g in enumerate(groups):
             if any(live[gi]):
@@ -277,8 +278,6 @@ class ImportancePlan:
                 key = (
                     position,
                     along,
-                    g.n,
-                    g.size,
                     where[gi][0],
                     layer.scaling,
                     tuple(layer.base.weight.shape),
@@ -288,7 +287,8 @@ class ImportancePlan:
                 grouped.setdefault(key, []).append((layer, where[gi][1]))
         self.buckets: list[_Bucket] = []
         for key in sorted(grouped, key=lambda k: k[0]):  # positions in order: the per-group sum order
-            position, along, n, size, family = key[:5]
+            _, along, family = key[:3]
+            first = groups[self.families[family][0]]  # a family's groups share n and size
             members = grouped[key]
             per_layer = members[0][0].base.weight.numel()
             step = max(1, _SCORE_CHUNK // per_layer)
@@ -299,8 +299,8 @@ class ImportancePlan:
                     _Bucket(
                         layers=tuple(m for m, _ in chunk),
                         along=along,
-                        n=n,
-                        size=size,
+                        n=first.n,
+                        size=first.size,
                         family=family,
                         rows=torch.tensor([r for _, r in chunk], device=device),
                     )
@@ -444,7 +444,6 @@ class LoRAPrune(Strategy):
                 )
         self.towers = towers
         self._plan: ImportancePlan | None = None  # built at the first step with gradients
-        self._plan_live: tuple[tuple[bool, ...], ...] = ()
         self.total_steps = ctx.total_steps
         self.prune_events: list[list[float]] = []  # [step, ratio]
         self.last_target = 0.0  # scheduled sparsity at the last step trained
@@ -549,8 +548,8 @@ class LoRAPrune(Strategy):
         )
         if not any(any(row) for row in live):
             return
-        if self._plan is None or self._plan_live != live:
-            self._plan, self._plan_live = ImportancePlan(self.groups, live), live
+        if self._plan is None or self._plan.live != live:
+            self._plan = ImportancePlan(self.groups, live)
         totals = self._plan.totals()
         finite = torch.stack([torch.isfinite(t).all() for t in totals]).all()
         beta = self.cfg.ema

@@ -188,12 +188,14 @@ class Backbone(nn.Module):
         )
 
 
-def trim_padding(tokens: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """``tokens`` [N, context] cut after the largest of ``ends`` (each row's pooled position).
+def trim_padding(tokens: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """``tokens`` [N, context] cut after the last row's pooled end token: the first ``eos_id`` of
+    each row, or with ``None`` its largest id (OpenAI CLIP's end token is the largest of the vocabulary).
 
-    Exact for a causal text tower that pools one position per row: no pooled output sees a later
+    Exact for a causal text tower that pools that position: no pooled output sees a later
     position, so columns that are padding in every row never change a text feature.
     """
     if tokens.shape[0] == 0:
         return tokens
+    ends = tokens.argmax(dim=-1) if eos_id is None else (tokens == eos_id).int().argmax(dim=-1)
     return tokens[:, : int(ends.max()) + 1].contiguous()

@@ -128,11 +128,9 @@ class HFCLIPBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids [N, L], cut after the longest prompt's pooled end token (exact: the text
         tower is causal; see :func:`~cl_bench.backbones.base.trim_padding`)."""
-        tokens = self._tokenize(list(texts))
         eos_id = self.model.config.text_config.eos_token_id
         # CLIPTextTransformer's pooling: the largest id for the legacy eos_token_id 2, else the first eos
-        ends = tokens.argmax(dim=-1) if eos_id == 2 else (tokens == eos_id).int().argmax(dim=-1)
-        return trim_padding(tokens, ends)
+        return trim_padding(self._tokenize(list(texts)), None if eos_id == 2 else eos_id)
 
     @property
     def logit_scale(self) -> torch.Tensor:

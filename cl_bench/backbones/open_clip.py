@@ -143,13 +143,8 @@ class OpenCLIPBackbone(Backbone):
         tokens = self.tokenizer(list(texts))
         if not self.trims_text:
             return tokens
-        eos_id = getattr(self.model, "text_eos_id", None)
-        ends = (
-            tokens.argmax(dim=-1)
-            if self.model.text_pool_type == "argmax"
-            else (tokens == eos_id).int().argmax(-1)
-        )
-        return trim_padding(tokens, ends)
+        argmax = self.model.text_pool_type == "argmax"
+        return trim_padding(tokens, None if argmax else self.model.text_eos_id)
 
     @property
     def logit_scale(self) -> torch.Tensor:
