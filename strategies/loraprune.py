@@ -52,7 +52,7 @@ Choices where the paper, the official code and continual learning leave room:
   the official trainer) for every prunable block, on the device, with no host synchronisation;
   the non-finite skip uses ``torch.where`` instead of the official ``isnan(...).sum()`` check.
   Layers of one shape and group position are scored by one batched product
-  (:class:`ImportancePlan`): on ViT-B/16 a step issues 318 top-level ops for it instead of 2,402.
+  (:class:`ImportancePlan`): on ViT-B/16 a step issues 282 top-level ops for it instead of 2,402.
 - LoRA dropout is 0 (the official default is 0.05); all six roles are adapted (every layer of a
   pruning group needs its LoRA gradients).
 
@@ -541,7 +541,8 @@ class LoRAPrune(Strategy):
         """EMA of the group importance (Eq. 3); the whole update is skipped if any value is not finite.
 
         Groups none of whose layers has gradients keep their average. The step's importance is
-        batched (:class:`ImportancePlan`, ~13 kernels per layer shape instead of ~10 per layer)."""
+        batched (:class:`ImportancePlan`, ~13 kernels per layer shape instead of ~10 per layer), and
+        each family's EMA is written back by one multi-tensor copy instead of one copy per group."""
         live = tuple(
             tuple(layer.A.grad is not None and layer.B.grad is not None for layer, _ in g.scored_layers())
             for g in self.groups
@@ -556,8 +557,7 @@ class LoRAPrune(Strategy):
         for members, fresh in zip(self._plan.families, totals, strict=True):
             old = torch.stack([self.groups[gi].importance for gi in members])
             new = torch.where(finite, beta * old + (1.0 - beta) * fresh, old)
-            for gi, row in zip(members, new.unbind(0), strict=True):
-                self.groups[gi].importance.copy_(row)
+            torch._foreach_copy_([self.groups[gi].importance for gi in members], list(new.unbind(0)))
 
     def after_backward(self, step: int) -> None:
         """Importance from this step's LoRA gradients, then a pruning round every ``prune_every`` steps."""
