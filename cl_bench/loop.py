@@ -426,6 +426,8 @@ def build_session(p: Plan) -> Session:
         train_images=sum(steps) * cfg.batch_size if p.strategy_cls.trains else 0,
     )
     strategy = p.strategy_cls(p.strategy_cfg, backbone, head, ctx)
+    if p.federation is not None:
+        strategy.check_aggregation(p.federation.aggregation)
     place(strategy, device, precision, compile_towers=cfg.compile)
     augment = scenario.augmentations if cfg.augment else ()
     preprocess = Preprocess(backbone.image_size, backbone.mean, backbone.std, device, augment)

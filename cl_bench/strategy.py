@@ -324,6 +324,13 @@ class Strategy:
             raise FederationError(f"{type(self).__name__} cannot be federated")
         return {name: t.detach() for name, t in self.federated_tensors().items()}
 
+    def client_upload(self) -> dict[str, torch.Tensor]:
+        """What a client uploads after its local round: :meth:`communicated_state` by default. A
+        strategy whose clients train only part of it in a round (LISA's sampled blocks) sends that
+        part; :func:`~cl_bench.federation.aggregate.fedavg` averages each key over the clients that
+        sent it, so a tensor one client trained is not shrunk by the others' untouched copies."""
+        return self.communicated_state()
+
     @torch.no_grad()
     def load_communicated_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into the model *in place* (``t.data.copy_``: the same parameter objects, so
@@ -390,18 +397,23 @@ class Strategy:
         low-rank pairs fails fast in product mode (:class:`FederationError`).
         """
         self.aggregation_residuals = {}
+        self.check_aggregation(mode)
         if mode == "fedavg":
             return fedavg(states, weights)
-        if mode == "product":
-            pairs = self.lowrank_pairs()
-            if not pairs:
-                raise FederationError(
-                    f"aggregation = 'product' averages low-rank products B @ A, and "
-                    f"{type(self).__name__} communicates no such pairs (use aggregation = 'fedavg')"
-                )
-            state, self.aggregation_residuals = product_average(states, weights, pairs)
-            return state
-        raise FederationError(f"unknown aggregation {mode!r} (one of fedavg, product)")
+        state, self.aggregation_residuals = product_average(states, weights, self.lowrank_pairs())
+        return state
+
+    def check_aggregation(self, mode: str) -> None:
+        """A :class:`FederationError` unless :meth:`aggregate` can run ``mode`` for this strategy;
+        the session calls it when it builds the strategy, so a bad pairing fails before any client
+        trains."""
+        if mode not in ("fedavg", "product"):
+            raise FederationError(f"unknown aggregation {mode!r} (one of fedavg, product)")
+        if mode == "product" and not self.lowrank_pairs():
+            raise FederationError(
+                f"aggregation = 'product' averages low-rank products B @ A, and "
+                f"{type(self).__name__} communicates no such pairs (use aggregation = 'fedavg')"
+            )
 
     def lowrank_pairs(self) -> list[tuple[str, str]]:
         """(B name, A name) pairs of :meth:`communicated_state` whose product ``B @ A`` is the

@@ -48,14 +48,17 @@ Choices where the paper, the official code (LMFlow ``lisa_trainer.py``) and CL l
   layer's weight and bias (``ln_pre``, ``ln_1``, ``ln_2``, ``ln_final``, ``ln_post``) or for any
   parameter named ``*bias*``; every other parameter decays, the class and positional embeddings
   included (:mod:`cl_bench.optim`, docs/optimizers.md).
-- Federation (issue 19): a client sends every tensor LISA may train, under its state_dict name:
-  the embedding and head parameters (always trained) and every block of the chosen towers,
-  sampled in its round or not (:meth:`Strategy.federated_tensors` over
-  :meth:`LISA.trainable_parameters`). The keys are the same for every client and round, whatever
-  each sampled, and a block no client sampled comes back bit for bit (FedAvg of equal tensors);
-  this is federated full fine-tuning (FLoRA's baseline, arXiv 2404.15182), so a round costs two
-  full trainable models per client. The block sampler is the strategy's random stream
-  (:meth:`LISA.random_streams`), reseeded per client: clients sample different blocks.
+- Federation (issue 19): the server broadcasts every tensor LISA may train, under its
+  state_dict name (:meth:`Strategy.federated_tensors` over :meth:`LISA.trainable_parameters`):
+  the embedding and head parameters and every block of the chosen towers. A client uploads what
+  it trained in its round (:meth:`LISA.client_upload`): the embedding and head, and the blocks it
+  had active at any step of the round, so a block is averaged over the clients that trained it
+  (:func:`~cl_bench.federation.aggregate.fedavg` renormalises per key) instead of being shrunk by
+  the untouched copies of the others, and a block no client sampled keeps its global value. This is
+  federated full fine-tuning of the sampled blocks (FLoRA's baseline, arXiv 2404.15182). The block
+  sampler is the strategy's random stream (:meth:`LISA.random_streams`), reseeded per client:
+  clients sample different blocks. Every client starts its round with no active block (the
+  server's model never trains), so it samples at its first step: an interval never spans rounds.
 """
 
 from __future__ import annotations
@@ -170,6 +173,7 @@ class LISA(Strategy):
         self.counts = {tower: [0] * len(blocks) for tower, blocks in self.block_params.items()}
         self.n_intervals = 0
         self._optimizer: torch.optim.Optimizer | None = None
+        self._trained_blocks: set[tuple[str, int]] = set()  # active since the last download
         if cfg.checkpoint_frozen:
             for tower in self.towers:
                 for i, block in enumerate(self.backbone.blocks_of(tower)):
@@ -197,6 +201,20 @@ class LISA(Strategy):
         """torch AdamW over every candidate, without decay for norms and biases (HF Trainer's groups)."""
         self._optimizer = super().make_optimizer(lr, weight_decay)
         return self._optimizer
+
+    # -- federation ---------------------------------------------------------------------------
+    def load_communicated_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The base load; a client's round starts here, so the blocks trained in it start over
+        from those active now."""
+        super().load_communicated_state(state)
+        self._trained_blocks = {(tower, i) for tower, chosen in self.active.items() for i in chosen}
+
+    def client_upload(self) -> dict[str, torch.Tensor]:
+        """The embedding and head, and every block active at some step since the download."""
+        sent = {id(p) for p in self.always}
+        for tower, i in self._trained_blocks:
+            sent.update(id(p) for p in self.block_params[tower][i])
+        return {name: t.detach() for name, t in self.trained_by_name().items() if id(t) in sent}
 
     # -- checkpoints --------------------------------------------------------------------------
     def changes_frozen_weights(self) -> bool:
@@ -265,6 +283,7 @@ class LISA(Strategy):
                     for p in blocks[i]:
                         self._optimizer.state.pop(p, None)
             self.active[tower] = chosen
+            self._trained_blocks.update((tower, i) for i in chosen)
             self.events.append([step, tower, chosen])
             for i in chosen:
                 self.counts[tower][i] += 1

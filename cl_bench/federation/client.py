@@ -48,7 +48,7 @@ class ClientResult:
     """What one client's round produced: the upload and its figures."""
 
     client: int
-    state: dict[str, torch.Tensor]  # communicated_state() after local training: the upload
+    state: dict[str, torch.Tensor]  # client_upload() after local training: the upload
     n_samples: int  # the aggregation weight
     losses: list[float] = field(default_factory=list)  # mean loss of each window of log_every steps
     seconds: float = 0.0
@@ -160,7 +160,7 @@ def train_client(
             losses.append(_check_finite(window.item() / n, task.experience, step + 1 - n, step + 1))
             window.zero_()
             window_start = k + 1
-    upload = {name: t.detach().clone() for name, t in strategy.communicated_state().items()}
+    upload = {name: t.detach().clone() for name, t in strategy.client_upload().items()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - tic

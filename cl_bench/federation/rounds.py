@@ -204,7 +204,7 @@ def train_experience(
         peak = max(peak, *(res.peak_bytes for res in done))
         session.step = first + (r + 1) * L
         seen = seen_accuracy(session, i)
-        _record_round(record, i, r, download, done, seen)
+        _record_round(record, i, r, download, done, seen, strategy.aggregation_residuals)
         tracker.log_losses(session.step, i, round_loss, 0.0)
         bar.update(L, loss=f"{round_loss:.4f}", seen=f"{seen:.3f}")
     # the replicas of the Flower backend replay after_experience on this state themselves
@@ -223,7 +223,11 @@ def _record_round(
     download: dict[str, torch.Tensor],
     done: list[ClientResult],
     seen: float,
+    residuals: dict[str, float],
 ) -> None:
+    """One round's entry; with ``aggregation = "product"`` also the relative residual the rank-r
+    refactoring discarded (largest and mean over the adapters; 0 when the clients' products
+    averaged to rank r)."""
     fed = record.federation
     assert fed is not None
     down = state_bytes(download)
@@ -242,6 +246,9 @@ def _record_round(
             "loss_mean": [float(np.mean(res.losses)) for res in done],
         }
     )
+    if residuals:
+        fed["rounds"][-1]["product_residual_max"] = max(residuals.values())
+        fed["rounds"][-1]["product_residual_mean"] = float(np.mean(list(residuals.values())))
     fed["upload_bytes_total"] += sum(up)
     fed["download_bytes_total"] += down * len(done)
     fed["communication_bytes"] = fed["upload_bytes_total"] + fed["download_bytes_total"]

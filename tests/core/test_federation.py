@@ -125,6 +125,27 @@ def test_zero_shot_cannot_be_federated(tmp_path: Path) -> None:
         quick_run(tmp_path, "zero-shot", federation={"clients": 2})
 
 
+def test_product_aggregation_without_lowrank_pairs_fails_before_any_client_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("a client trained")
+
+    monkeypatch.setattr("cl_bench.federation.rounds.train_client", no_training)
+    with pytest.raises(FederationError, match="SoRA communicates no such pairs"):
+        quick_run(tmp_path, "sora", federation={"clients": 2, "aggregation": "product"})
+    assert not (tmp_path / "runs" / "sora-test" / "result.json").exists()
+
+
+def test_product_aggregation_records_the_discarded_residual(tmp_path: Path) -> None:
+    record = quick_run(tmp_path, "lora", federation={**FED, "aggregation": "product"})
+    rounds = record.federation["rounds"]
+    assert all(0.0 <= r["product_residual_mean"] <= r["product_residual_max"] <= 1.0 for r in rounds)
+    assert any(r["product_residual_max"] > 0.0 for r in rounds[1:])  # clients' products differ
+    plain = quick_run(tmp_path / "b", "lora", federation=FED)
+    assert all("product_residual_max" not in r for r in plain.federation["rounds"])
+
+
 def test_cli_bad_federation_is_one_line(tmp_path: Path) -> None:
     sets = ["--set", "federation.clients=3", "--set", "federation.alpha=0", "--out", str(tmp_path)]
     out = subprocess.run(
@@ -285,6 +306,44 @@ def test_only_communicated_tensors_change_in_a_round(tmp_path: Path) -> None:
     for k in changed:
         assert any(v.shape == after[k].shape and torch.equal(v, after[k]) for v in aggregated.values())
     assert state_bytes(done[0].state) == sum(t.numel() * t.element_size() for t in done[0].state.values())
+
+
+def test_lisa_clients_upload_the_blocks_they_trained_and_fedavg_does_not_shrink_them(tmp_path: Path) -> None:
+    """Each LISA client sends the embedding, the head and the blocks it sampled in its round (not
+    every block: those it never trained are the server's copy); a block only one client trained
+    comes out of the aggregation as that client's tensor exactly, and a block no client sampled
+    keeps its global value."""
+    session = _session(tmp_path, "lisa", {"clients": 3, "local_steps": 2})
+    info = loop.training_info(session, 0)
+    strategy = session.strategy
+    strategy.train()
+    strategy.before_experience(info)
+    state = {k: v.clone() for k, v in strategy.communicated_state().items()}
+    done = [
+        client_.train_client(session, _task(session, c, state), info, restore=True, graphs_ready=True)
+        for c in range(3)
+    ]
+    block_keys = {k for k in state if ".resblocks." in k}
+    assert block_keys  # blocks
+    assert set(state) - block_keys  # and the embedding/head
+    sent_blocks = []
+    for res in done:
+        sent = set(res.state) - (set(state) - block_keys)
+        assert set(state) - block_keys <= set(res.state)  # embedding and head always travel
+        assert sent  # some blocks
+        assert sent < block_keys  # never all of them
+        sent_blocks.append(sent)
+    weights = [float(res.n_samples) for res in done]
+    aggregated = strategy.aggregate([res.state for res in done], weights, "fedavg")
+    for key in block_keys:
+        senders = [i for i, keys in enumerate(sent_blocks) if key in keys]
+        if not senders:
+            assert key not in aggregated
+        elif len(senders) == 1:
+            assert torch.equal(aggregated[key], done[senders[0]].state[key])
+    strategy.load_communicated_state(aggregated)
+    unsampled = block_keys - set().union(*sent_blocks)
+    assert all(torch.equal(strategy.communicated_state()[k], state[k]) for k in unsampled)
 
 
 def test_federated_lora_learns(tmp_path: Path) -> None:
