@@ -141,6 +141,11 @@ def start_record(session: Session, record: RunResult) -> None:
             "bytes_per_round": 0.0,
             "backend": fed.cfg.backend,
             "wall_s": 0.0,
+            # the strategy's own figures (report(), final_report()) come from the server's model:
+            # with K > 1 every client's strategy state is restored after its round (a known gap)
+            "strategy_figures": "clients"
+            if fed.cfg.clients == 1
+            else "server model (clients' not collected)",
         }
 
 

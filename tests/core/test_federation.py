@@ -170,6 +170,7 @@ def test_one_client_one_round_is_the_centralised_run(tmp_path: Path, strategy: s
     assert [e.loss_last for e in fed.experiences] == [e.loss_last for e in plain.experiences]
     assert fed.federation is not None
     assert len(fed.federation["rounds"]) == 2
+    assert fed.federation["strategy_figures"] == "clients"  # K = 1: the only client's model
 
 
 def test_rounds_record_and_bytes(tmp_path: Path) -> None:
@@ -194,6 +195,7 @@ def test_rounds_record_and_bytes(tmp_path: Path) -> None:
     last = [r["seen_accuracy"] for r in fed["rounds"] if r["round"] == 1]
     assert last == pytest.approx(record.accuracy["seen"], abs=0)
     assert record.experiences[0].steps == 2 * 2  # the hooks' clock: rounds x local steps
+    assert fed["strategy_figures"] == "server model (clients' not collected)"  # K > 1: the known gap
 
 
 def _partitions(record) -> list[list[np.ndarray]]:
