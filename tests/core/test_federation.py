@@ -290,28 +290,26 @@ def test_clients_are_independent_of_their_order(tmp_path: Path, strategy: str) -
 
 
 def _three_clients(
-    tmp_path: Path, name: str, before: dict[str, torch.Tensor] | None = None
-) -> tuple[Any, dict[str, torch.Tensor], list[client_.ClientResult]]:
-    """(strategy, download, results) of one round of three clients of experience 0; ``before``
-    receives the strategy's state_dict before the round."""
+    tmp_path: Path, name: str
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor], list[client_.ClientResult]]:
+    """(strategy, its state_dict before the round, the download, the results) of one round of three
+    clients of experience 0."""
     session = _session(tmp_path, name, {"clients": 3, "local_steps": 2})
     info = loop.training_info(session, 0)
     strategy = session.strategy
     strategy.train()
     strategy.before_experience(info)
-    if before is not None:
-        before.update({k: v.clone() for k, v in strategy.state_dict().items()})
+    before = {k: v.clone() for k, v in strategy.state_dict().items()}
     state = {k: v.clone() for k, v in strategy.communicated_state().items()}
     done = [
         client_.train_client(session, _task(session, c, state), info, restore=True, graphs_ready=True)
         for c in range(3)
     ]
-    return strategy, state, done
+    return strategy, before, state, done
 
 
 def test_only_communicated_tensors_change_in_a_round(tmp_path: Path) -> None:
-    before: dict[str, torch.Tensor] = {}
-    strategy, _, done = _three_clients(tmp_path, "lora", before)
+    strategy, before, _, done = _three_clients(tmp_path, "lora")
     aggregated = strategy.aggregate([d.state for d in done], [1.0, 1.0, 1.0], "fedavg")
     strategy.load_communicated_state(aggregated)
     after = strategy.state_dict()
@@ -327,7 +325,7 @@ def test_lisa_clients_upload_the_blocks_they_trained_and_fedavg_does_not_shrink_
     every block: those it never trained are the server's copy); a block only one client trained
     comes out of the aggregation as that client's tensor exactly, and a block no client sampled
     keeps its global value."""
-    strategy, state, done = _three_clients(tmp_path, "lisa")
+    strategy, _, state, done = _three_clients(tmp_path, "lisa")
     block_keys = {k for k in state if ".resblocks." in k}
     assert block_keys  # blocks
     assert set(state) - block_keys  # and the embedding/head
